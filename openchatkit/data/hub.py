@@ -1,0 +1,232 @@
+"""Hub downloads for the `data/*/prepare.py` scripts: list a dataset repo's files, download the
+ones matching a glob (resumable, with a progress bar), decompress `.gz`, and put each file under
+its final name only when it is whole.
+
+Layout under `dest`: the final files (`unified_chip2.jsonl`, ...) and `.download/`, where
+`huggingface_hub` keeps partial downloads (`*.incomplete`) so an interrupted run resumes. A final
+file that exists is complete (it appeared by rename), so a rerun skips it without asking the hub.
+An offline or unreachable hub fails within `HUB_TIMEOUT_S` with one line, and a gated repo says
+that its terms must be accepted and a token set.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from loguru import logger
+
+from openchatkit.errors import UserError
+from openchatkit.fileio import atomic_file
+
+# The hub's HTTP client waits forever by default; a metadata call gets this long.
+HUB_TIMEOUT_S = 30.0
+DOWNLOAD_SUBDIR = ".download"
+_COPY_BLOCK = 16 << 20  # bytes per read while decompressing
+
+T = TypeVar("T")
+
+
+def hub_is_offline() -> bool:
+    """True when HF_HUB_OFFLINE asks the hub libraries not to use the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_error_message(err: BaseException, repo_id: str | None = None) -> str:
+    """One line saying what went wrong with the hub and what to do about it."""
+    from huggingface_hub import errors
+
+    name = f"dataset {repo_id}" if repo_id else "the dataset"
+    if isinstance(err, errors.GatedRepoError):
+        return (
+            f"{name} is gated: accept its terms at https://huggingface.co/datasets/{repo_id} "
+            "and set a token (`hf auth login` or HF_TOKEN)"
+        )
+    if isinstance(err, errors.RepositoryNotFoundError):
+        return (
+            f"{name} was not found on the hub (check the name; a private or gated dataset "
+            "needs a token: `hf auth login` or HF_TOKEN)"
+        )
+    if isinstance(err, errors.OfflineModeIsEnabled) or hub_is_offline():
+        return "HF_HUB_OFFLINE=1 is set; unset it to download"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status in (401, 403):
+        return (
+            f"the hub refused access to {name} (HTTP {status}): accept its terms on the "
+            "dataset page and set a token (`hf auth login` or HF_TOKEN)"
+        )
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if isinstance(err, (ConnectionError, TimeoutError, errors.LocalEntryNotFoundError)) or (
+        type(err).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests"}
+    ):
+        return (
+            f"cannot reach the Hugging Face hub ({type(err).__name__}: {first}); check the network"
+        )
+    return f"{type(err).__name__}: {first}"
+
+
+def _is_hub_failure(err: BaseException) -> bool:
+    from huggingface_hub import errors
+
+    return isinstance(
+        err, (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, OSError, TimeoutError)
+    ) or type(err).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests"}
+
+
+def call_with_deadline(fn: Callable[[], T], seconds: float, what: str) -> T:
+    """Run `fn` in a daemon thread; UserError if it has not answered after `seconds`.
+
+    The hub client has no timeout of its own, so a black-holed connection would hang forever.
+    """
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # handed to the caller's thread below
+            box["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise UserError(
+            f"cannot reach the Hugging Face hub: no answer within {seconds:.0f} s while {what}; "
+            "check the network (or set HF_HUB_OFFLINE=1 to work offline)"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def list_dataset_files(repo_id: str, revision: str | None = None) -> list[str]:
+    """All file paths of a hub dataset repo (network)."""
+    from huggingface_hub import HfApi
+
+    return sorted(HfApi().list_repo_files(repo_id, repo_type="dataset", revision=revision))
+
+
+def final_name(repo_path: str) -> str:
+    """Where a repo file lands under `dest`: its path with any `.gz` dropped."""
+    return repo_path[: -len(".gz")] if repo_path.endswith(".gz") else repo_path
+
+
+def decompress_gz(src: Path, dest: Path) -> None:
+    """Decompress `src` into `dest` atomically, with a progress bar over compressed bytes."""
+    from tqdm.auto import tqdm
+
+    total = src.stat().st_size
+    with (
+        open(src, "rb") as raw,
+        gzip.GzipFile(fileobj=raw) as gz,
+        atomic_file(dest, "wb") as out,
+        tqdm(total=total, unit="B", unit_scale=True, desc=f"decompress {src.name}") as bar,
+    ):
+        done = 0
+        while block := gz.read(_COPY_BLOCK):
+            out.write(block)
+            bar.update(raw.tell() - done)
+            done = raw.tell()
+
+
+def download_dataset(
+    repo_id: str,
+    dest: str | os.PathLike,
+    pattern: str = "*",
+    revision: str | None = None,
+    keep_compressed: bool = False,
+    timeout_s: float = HUB_TIMEOUT_S,
+) -> list[Path]:
+    """Download the files of hub dataset `repo_id` matching `pattern` into `dest`.
+
+    `.gz` files are decompressed (the compressed copy is deleted unless `keep_compressed`).
+    Files already complete under `dest` are skipped. Returns the final paths, in repo order.
+    Every hub failure becomes a one-line UserError.
+    """
+    import huggingface_hub
+
+    dest = Path(dest)
+    if hub_is_offline():
+        raise UserError(
+            f"cannot download dataset {repo_id}: HF_HUB_OFFLINE=1 is set; unset it to download"
+        )
+    try:
+        names = call_with_deadline(
+            lambda: list_dataset_files(repo_id, revision),
+            timeout_s,
+            f"listing dataset {repo_id}",
+        )
+    except UserError:
+        raise
+    except Exception as err:
+        if not _is_hub_failure(err):
+            raise
+        raise UserError(
+            f"cannot list dataset {repo_id}: {hub_error_message(err, repo_id)}"
+        ) from None
+    # The glob matches the file name or its path in the repo (`unified_chip2*`, `data/*.gz`).
+    chosen = [
+        n for n in names if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(Path(n).name, pattern)
+    ]
+    if not chosen:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise UserError(f"--files {pattern!r} matches no file of dataset {repo_id} ({shown})")
+    done: list[Path] = []
+    download_dir = dest / DOWNLOAD_SUBDIR
+    for name in chosen:
+        target = dest / final_name(name)
+        if target.is_file():
+            logger.info(f"{target} is already complete; skipping")
+            done.append(target)
+            continue
+        try:
+            # Resumes a partial `.incomplete` file under download_dir/.cache and shows progress.
+            local = Path(
+                huggingface_hub.hf_hub_download(
+                    repo_id,
+                    name,
+                    repo_type="dataset",
+                    revision=revision,
+                    local_dir=download_dir,
+                )
+            )
+        except Exception as err:
+            if not _is_hub_failure(err):
+                raise
+            raise UserError(f"cannot download {name}: {hub_error_message(err, repo_id)}") from None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".gz"):
+            try:
+                decompress_gz(local, target)
+            except (OSError, EOFError) as err:
+                # A corrupt download: remove it so the next run fetches it again.
+                local.unlink(missing_ok=True)
+                raise UserError(
+                    f"{name} is not a valid .gz file ({err}); run again to re-download"
+                ) from None
+            if not keep_compressed:
+                local.unlink(missing_ok=True)
+        else:
+            os.replace(local, target)  # same filesystem: an atomic rename
+        logger.info(f"wrote {target}")
+        done.append(target)
+    if (
+        not keep_compressed
+        and download_dir.exists()
+        and not any(
+            p.is_file() and not p.name.endswith(".lock") for p in _plain_files(download_dir)
+        )
+    ):
+        shutil.rmtree(download_dir, ignore_errors=True)
+    return done
+
+
+def _plain_files(folder: Path) -> list[Path]:
+    """Files under `folder` except huggingface_hub's own metadata."""
+    return [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".metadata")]

@@ -1,0 +1,129 @@
+"""Task specs: what `--task-name` means.
+
+A spec is comma-separated entries `NAME[:WEIGHT]`. NAME is a `.jsonl`, `.jsonl.gz` or `.parquet`
+file, a folder holding such files (searched recursively), a glob of such files, or a hub dataset id
+`owner/name` (streamed). WEIGHT defaults to 1.0; weights are normalised to sum to one.
+
+Parsing touches the local filesystem only (existence, emptiness); it never contacts the hub.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openchatkit.errors import UserError
+
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+# `owner/name`, the shape of a hub dataset id (no further slashes, no data-file suffix).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One entry of a task spec.
+
+    `weight` is the user's weight; `probability` is the normalised one (weights summed to 1).
+    `kind` is "files" (local, `files` lists them in reading order) or "hub" (`name` is the id).
+    """
+
+    name: str
+    weight: float
+    probability: float = 0.0
+    kind: str = "files"
+    files: tuple[Path, ...] = field(default_factory=tuple)
+
+
+def is_data_file(path: Path) -> bool:
+    """True for the file types the loader reads."""
+    return path.name.endswith(DATA_SUFFIXES)
+
+
+def _split_entry(entry: str) -> tuple[str, float]:
+    name, weight = entry, 1.0
+    if ":" in entry:
+        name, _, raw = entry.rpartition(":")
+        try:
+            weight = float(raw)
+        except ValueError:
+            raise UserError(
+                f"--task-name entry {entry!r}: weight {raw!r} is not a number "
+                "(write NAME or NAME:WEIGHT, e.g. data/OIG-sample/train.jsonl:0.5)"
+            ) from None
+    name = name.strip()
+    if not name:
+        raise UserError(f"--task-name entry {entry!r} has no file, folder or dataset name")
+    if not math.isfinite(weight) or weight < 0:
+        raise UserError(f"--task-name entry {entry!r}: weight must be a finite number >= 0")
+    return name, weight
+
+
+def resolve_files(name: str) -> tuple[Path, ...]:
+    """The data files a local NAME stands for, in reading order (sorted paths).
+
+    Raises UserError when NAME exists but holds no usable data, or is an empty file.
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        if not is_data_file(path):
+            raise UserError(f"--task-name: {name} is not a .jsonl, .jsonl.gz or .parquet file")
+        files = (path,)
+    elif path.is_dir():
+        files = tuple(sorted(p for p in path.rglob("*") if p.is_file() and is_data_file(p)))
+        if not files:
+            raise UserError(
+                f"--task-name: folder {name} holds no .jsonl, .jsonl.gz or .parquet file"
+            )
+    elif glob.has_magic(name):
+        files = tuple(sorted(Path(p) for p in glob.glob(str(path)) if is_data_file(Path(p))))
+        if not files:
+            raise UserError(f"--task-name: no .jsonl, .jsonl.gz or .parquet file matches {name}")
+    else:
+        raise UserError(f"--task-name: no such file or folder: {name}")
+    for f in files:
+        if f.stat().st_size == 0:
+            raise UserError(f"--task-name: data file {f} is empty")
+    return files
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    if not _HUB_ID.match(name) or name.endswith(DATA_SUFFIXES) or name.startswith("."):
+        return False
+    # `data/missing` would also have the `owner/name` shape: when its first part is a local
+    # folder the user meant a local path, so report the missing path instead of going online.
+    return not Path(name.split("/", 1)[0]).exists()
+
+
+def parse_task_spec(spec: str) -> list[TaskEntry]:
+    """Parse `--task-name`: entries `NAME[:WEIGHT]` separated by commas, weights normalised.
+
+    Raises UserError naming the entry for an unparsable or negative weight, a zero weight sum,
+    or a missing/empty file.
+    """
+    raw_entries = [e.strip() for e in (spec or "").split(",")]
+    if not any(raw_entries):
+        raise UserError("--task-name is empty: give at least one file, folder or dataset id")
+    parsed: list[tuple[str, float, str, tuple[Path, ...]]] = []
+    for entry in raw_entries:
+        if not entry:
+            raise UserError(f"--task-name {spec!r} has an empty entry (stray comma?)")
+        name, weight = _split_entry(entry)
+        local = Path(name).expanduser()
+        if local.exists() or glob.has_magic(name) or not _looks_like_hub_id(name):
+            parsed.append((name, weight, "files", resolve_files(name)))
+        else:
+            parsed.append((name, weight, "hub", ()))
+    total = sum(w for _, w, _, _ in parsed)
+    if total <= 0:
+        raise UserError(f"--task-name {spec!r}: the weights sum to zero; give a positive weight")
+    return [
+        TaskEntry(name=n, weight=w, probability=w / total, kind=k, files=f) for n, w, k, f in parsed
+    ]
+
+
+def normalised_weights(entries: list[TaskEntry]) -> list[float]:
+    """The probabilities of `entries`, summing to one."""
+    return [e.probability for e in entries]
