@@ -1,0 +1,162 @@
+"""What every architecture module (`gptneox.py`, `gptj.py`, `llama.py`) provides, and the registry.
+
+An `Architecture` pairs a declarative key map (HF checkpoint key <-> our layer-sharded key, with a
+small named transform per entry) with builders for the three kinds of module a pipeline stage
+holds: the token embedding, one transformer layer (the transformers class itself, so the numerics
+are HF's), and the head (final norm + LM head). A new architecture is one new file of that shape.
+
+Our keys are relative to their file: `embeddings.safetensors`, `layer_XXXXX.safetensors` or
+`head.safetensors` (see `openchatkit/models/sharded.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from openchatkit.errors import UserError
+
+PARTS = ("embed", "layer", "head")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A named, invertible change applied to a tensor while converting (split, merge, permute)."""
+
+    name: str
+    to_ours: Callable[[torch.Tensor, Any], torch.Tensor]
+    to_hf: Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+# The three architectures below use the transformers modules themselves, so their tensors are
+# stored as HF stores them; the transform slot is there for layouts that differ (fused QKV, ...).
+IDENTITY = Transform("identity", lambda t, config: t, lambda t, config: t)
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """One tensor: `hf` is the HF checkpoint key (`{i}` = global layer index), `ours` the key
+    inside the part's file."""
+
+    part: str
+    hf: str
+    ours: str
+    transform: Transform = IDENTITY
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """An architecture's key map and module builders (see the module docstring)."""
+
+    name: str  # our name: gptneox | gptj | llama (also the converter script suffix)
+    model_type: str  # HF `config.model_type`
+    rules: tuple[KeyRule, ...]
+    # HF keys that are recomputed buffers in old checkpoints (rotary inv_freq, causal-mask
+    # `bias`), matched as regular expressions; everything else unmapped is an error.
+    ignored_hf: tuple[str, ...]
+    embed_weight: str  # key in embeddings.safetensors of the token embedding (tied weight)
+    lm_head_weight: str  # key in head.safetensors of the LM head weight
+    build_embedding: Callable[[Any], nn.Module]
+    build_layer: Callable[[Any, int], nn.Module]
+    build_head: Callable[[Any], nn.Module]
+    build_rotary: Callable[[Any], nn.Module | None]
+    # (layer, hidden (B,S,H), mask, position_ids (1|B,S), position_embeddings) -> hidden (B,S,H)
+    forward_layer: Callable[..., torch.Tensor]
+    # Recompute non-persistent buffers of a layer built on the meta device.
+    materialize_buffers: Callable[[nn.Module, torch.device], None]
+    attn_implementation: str = "sdpa"  # when the config names none
+    _compiled: list = field(default_factory=list, compare=False, repr=False)
+
+    def _patterns(self) -> list[tuple[re.Pattern, KeyRule]]:
+        if not self._compiled:
+            for rule in self.rules:
+                pattern = re.escape(rule.hf).replace(re.escape("{i}"), r"(\d+)")
+                self._compiled.append((re.compile(f"^{pattern}$"), rule))
+        return self._compiled
+
+    def lookup_hf(self, hf_key: str) -> tuple[KeyRule, int | None] | None:
+        """The rule and layer index for an HF key; None if the key is an ignored buffer.
+
+        Raises UserError naming the key when it is neither mapped nor ignored.
+        """
+        for pattern, rule in self._patterns():
+            m = pattern.match(hf_key)
+            if m:
+                return rule, (int(m.group(1)) if rule.part == "layer" else None)
+        if any(re.search(p, hf_key) for p in self.ignored_hf):
+            return None
+        raise UserError(
+            f"unknown {self.model_type} checkpoint key {hf_key!r}: not in the {self.name} key map "
+            f"(wrong architecture, or a variant this converter does not support)"
+        )
+
+    def hf_key(self, part: str, our_key: str, layer: int | None = None) -> tuple[str, Transform]:
+        """The HF key (and transform) for one of our keys; UserError naming it if unmapped."""
+        for rule in self.rules:
+            if rule.part == part and rule.ours == our_key:
+                return rule.hf.replace("{i}", str(layer)), rule.transform
+        raise UserError(f"unknown {self.name} {part} key {our_key!r}: not in the key map")
+
+    def expected_keys(self, config: Any) -> dict[str, list[str]]:
+        """Keys each part's file must hold for this config, from modules built on the meta
+        device (so optional biases follow the config); the LM head weight is absent from the
+        head when embeddings are tied. Every key must be in the key map."""
+        config = prepare_config(config, self)
+        with torch.device("meta"):
+            keys = {
+                "embed": list(self.build_embedding(config).state_dict()),
+                "layer": list(self.build_layer(config, 0).state_dict()),
+                "head": list(self.build_head(config).state_dict()),
+            }
+        if is_tied(config):
+            keys["head"].remove(self.lm_head_weight)
+        for part, names in keys.items():
+            for name in names:
+                self.hf_key(part, name, 0)  # raises if the map lacks a key the module has
+        return keys
+
+    def expected_hf_keys(self, config: Any) -> list[str]:
+        """Every HF key a complete checkpoint for this config holds."""
+        out = []
+        for part, names in self.expected_keys(config).items():
+            layers = range(config.num_hidden_layers) if part == "layer" else [None]
+            out += [self.hf_key(part, k, i)[0] for i in layers for k in names]
+        return out
+
+
+def is_tied(config: Any) -> bool:
+    """Whether the LM head reuses the input embedding matrix."""
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def architecture_names() -> list[str]:
+    return ["gptneox", "gptj", "llama"]
+
+
+def get_architecture(name_or_model_type: str) -> Architecture:
+    """The architecture for our name (`gptneox`) or an HF model type (`gpt_neox`)."""
+    from openchatkit.models import gptj, gptneox, llama
+
+    for module in (gptneox, gptj, llama):
+        arch = module.ARCHITECTURE
+        if name_or_model_type in (arch.name, arch.model_type):
+            return arch
+    raise UserError(
+        f"unsupported architecture {name_or_model_type!r}: supported are gpt_neox, gptj, llama"
+    )
+
+
+def prepare_config(config: Any, arch: Architecture) -> Any:
+    """A copy of an HF config with an attention implementation chosen (SDPA where transformers
+    offers it, so a causal mask is never materialised; eager for GPT-J, which has no SDPA)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    if getattr(config, "_attn_implementation", None) is None:
+        config._attn_implementation = arch.attn_implementation
+    return config

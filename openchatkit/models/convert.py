@@ -1,0 +1,376 @@
+"""Conversion between HF folders and the layer-sharded format, in both directions.
+
+Both directions stream one tensor (HF -> sharded: one layer file) at a time, so a 20B model never
+needs its full size in memory, and both write into a temporary folder renamed at the end: a
+failure leaves nothing half-written. Every key goes through the architecture's declarative key
+map (`openchatkit/models/{gptneox,gptj,llama}.py`); an unknown or missing key is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+
+from openchatkit.errors import UserError
+from openchatkit.fileio import atomic_dir
+from openchatkit.models import sharded
+from openchatkit.models.arch import Architecture, get_architecture, is_tied
+from openchatkit.models.hf_weights import HFWeights, plan_shards, write_hf_shards
+
+# The OpenChatKit turn format: "<human>: ...\n<bot>: ...\n"; generation continues after "<bot>:".
+OPENCHATKIT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<human>: ' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<bot>: ' + message['content'] + '\\n' }}"
+    "{% else %}{{ message['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<bot>:' }}{% endif %}"
+)
+CHAT_FORMATS = ("openchatkit",)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """An existing, non-empty output folder is refused unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output folder {out} exists and is not empty (pass --overwrite)")
+
+
+def _load_config(source: str | os.PathLike) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read a model config from {source}: {first}") from None
+
+
+def _check_arch(arch: Architecture, model_type: str, what: str, direction: str) -> None:
+    if model_type != arch.model_type:
+        try:
+            right = get_architecture(model_type).name
+            hint = f"; use tools/convert_{direction}_{right}.py"
+        except UserError:
+            hint = ""
+        raise UserError(f"{what} is a {model_type!r} model, not {arch.model_type!r}{hint}")
+
+
+# -- HF -> layer-sharded ------------------------------------------------------------------------
+
+
+def convert_hf_to_sharded(
+    hf_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    architecture: str,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    chat_format: str | None = None,
+    source_name: str | None = None,
+) -> Path:
+    """Convert a local HF folder into a layer-sharded folder at `out`; returns `out`."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    arch = get_architecture(architecture)
+    config = _load_config(hf_dir)
+    _check_arch(arch, config.model_type, str(hf_dir), "from_hf")
+    check_output_dir(out, overwrite)
+    weights = HFWeights(hf_dir)
+    num_layers = config.num_hidden_layers
+    tied = is_tied(config)
+    expected = arch.expected_keys(config)
+
+    # Route every HF key to (file, our key, transform) before writing anything.
+    plan: dict[str, dict[str, tuple[str, Any]]] = {}
+    redundant_head = None  # an LM head stored although tied: checked equal, not duplicated
+    for hf_key in weights.keys():
+        found = arch.lookup_hf(hf_key)
+        if found is None:
+            continue
+        rule, layer = found
+        if rule.part == "layer" and layer >= num_layers:
+            raise UserError(
+                f"{hf_dir}: key {hf_key!r} is beyond the {num_layers} layers of config.json"
+            )
+        if rule.part == "head" and tied and rule.ours == arch.lm_head_weight:
+            redundant_head = hf_key
+            continue
+        name = {"embed": sharded.EMBEDDINGS_FILE, "head": sharded.HEAD_FILE}.get(rule.part)
+        name = name or sharded.layer_file(layer)
+        plan.setdefault(name, {})[rule.ours] = (hf_key, rule.transform)
+    for name in sharded.part_files(num_layers):
+        part = (
+            "embed"
+            if name == sharded.EMBEDDINGS_FILE
+            else "head"
+            if name == sharded.HEAD_FILE
+            else "layer"
+        )
+        for key in expected[part]:
+            if key not in plan.get(name, {}):
+                hf_key = arch.hf_key(part, key, _layer_of(name))[0]
+                raise UserError(f"{hf_dir}: missing checkpoint key {hf_key!r}")
+
+    target = (
+        sharded.parse_dtype(dtype) or weights.get(arch.hf_key("embed", arch.embed_weight)[0]).dtype
+    )
+    if redundant_head is not None:
+        emb = weights.get(arch.hf_key("embed", arch.embed_weight)[0])
+        if not torch.equal(weights.get(redundant_head), emb):
+            raise UserError(
+                f"{hf_dir}: config ties the embeddings but {redundant_head!r} differs from them"
+            )
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for name in sharded.part_files(num_layers):
+            tensors = {
+                ours: transform.to_ours(weights.get(hf_key), config).to(target)
+                for ours, (hf_key, transform) in plan[name].items()
+            }
+            sharded.save_tensors(tmp / name, tensors)
+            logger.debug("wrote {}", name)
+        shutil.copyfile(hf_dir / "config.json", tmp / "config.json")
+        sharded.copy_tokenizer_files(hf_dir, tmp)
+        extra = {"source": source_name or hf_dir.name, "hidden_size": config.hidden_size}
+        manifest = sharded.Manifest(
+            architecture=arch.name,
+            num_layers=num_layers,
+            dtype=sharded.dtype_name(target),
+            tie_word_embeddings=tied,
+            chat_format=_check_chat_format(chat_format),
+            extra=extra,
+        )
+        sharded.write_manifest(tmp, manifest)
+    return out
+
+
+def _layer_of(name: str) -> int | None:
+    return int(name[len("layer_") : -len(".safetensors")]) if name.startswith("layer_") else None
+
+
+def _check_chat_format(chat_format: str | None) -> str | None:
+    if chat_format is not None and chat_format not in CHAT_FORMATS:
+        raise UserError(
+            f"unknown chat format {chat_format!r}: use one of {', '.join(CHAT_FORMATS)}"
+        )
+    return chat_format
+
+
+# -- layer-sharded (or trainer checkpoint) -> HF ------------------------------------------------
+
+
+@dataclass
+class ShardedSource:
+    """A resolved CKPT: the folder holding the layer files, its manifest and its config."""
+
+    folder: Path
+    manifest: sharded.Manifest
+    config: Any
+
+
+def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
+    """The folder holding layer files: CKPT itself, or the checkpoint a `latest` file (or link)
+    inside CKPT names (a folder name or a step number)."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise UserError(f"--ckpt-path {ckpt} is not a folder")
+    latest = ckpt / "latest"
+    if not sharded.is_sharded_folder(ckpt) and (latest.is_file() or latest.is_dir()):
+        if latest.is_dir():
+            return latest.resolve()
+        name = latest.read_text().strip()
+        for candidate in (ckpt / name, ckpt / f"checkpoint_{name}"):
+            if name and candidate.is_dir():
+                return candidate
+        raise UserError(f"{latest} names {name!r}, which is not a checkpoint folder in {ckpt}")
+    return ckpt
+
+
+def open_sharded_source(ckpt: str | os.PathLike, config_name: str | None = None) -> ShardedSource:
+    """Resolve CKPT and read its manifest and config (`config_name` overrides config.json)."""
+    folder = resolve_checkpoint(ckpt)
+    if sharded.is_sharded_folder(folder):
+        manifest = sharded.read_manifest(folder)
+    elif (folder / sharded.layer_file(0)).is_file() and (
+        config_name or (folder / "config.json").is_file()
+    ):
+        # Per-layer files without a manifest: describe them from the config.
+        config = _load_config(config_name or folder)
+        manifest = sharded.Manifest(
+            architecture=get_architecture(config.model_type).name,
+            num_layers=config.num_hidden_layers,
+            dtype="",
+            tie_word_embeddings=is_tied(config),
+        )
+    else:
+        raise UserError(
+            f"--ckpt-path {ckpt} is neither a layer-sharded folder (manifest.json) nor a trainer "
+            f"checkpoint (checkpoint_<step>/ or a folder with `latest`)"
+        )
+    meta = folder / "meta.json"
+    if manifest.chat_format is None and meta.is_file():
+        try:
+            manifest.chat_format = json.loads(meta.read_text()).get("chat_format")
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"cannot read {meta}") from None
+    config = _load_config(config_name or folder)
+    if config.num_hidden_layers != manifest.num_layers:
+        raise UserError(
+            f"config {config_name or folder} has {config.num_hidden_layers} layers, "
+            f"the checkpoint {manifest.num_layers}"
+        )
+    return ShardedSource(folder, manifest, config)
+
+
+def check_stage_layout(
+    num_layers: int, num_stages: int | None, layers_per_stage: int | None
+) -> tuple[int, int]:
+    """Infer P and L when omitted; check P x L == number of layers when both are given."""
+    if num_stages is not None and num_stages < 1:
+        raise UserError(f"--n-stages must be >= 1, got {num_stages}")
+    if layers_per_stage is not None and layers_per_stage < 1:
+        raise UserError(f"--n-layer-per-stage must be >= 1, got {layers_per_stage}")
+    if num_stages is not None and layers_per_stage is not None:
+        if num_stages * layers_per_stage != num_layers:
+            raise UserError(
+                f"--n-stages {num_stages} x --n-layer-per-stage {layers_per_stage} = "
+                f"{num_stages * layers_per_stage}, but the checkpoint has {num_layers} layers"
+            )
+    elif num_stages is not None:
+        if num_layers % num_stages:
+            raise UserError(f"--n-stages {num_stages} does not divide the {num_layers} layers")
+        layers_per_stage = num_layers // num_stages
+    elif layers_per_stage is not None:
+        if num_layers % layers_per_stage:
+            raise UserError(
+                f"--n-layer-per-stage {layers_per_stage} does not divide {num_layers} layers"
+            )
+        num_stages = num_layers // layers_per_stage
+    else:
+        num_stages, layers_per_stage = 1, num_layers
+    return num_stages, layers_per_stage
+
+
+def convert_sharded_to_hf(
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    architecture: str,
+    num_stages: int | None = None,
+    layers_per_stage: int | None = None,
+    config_name: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    chat_format: str | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Convert a layer-sharded folder or trainer checkpoint into an HF folder at `out`."""
+    from safetensors import safe_open
+
+    out = Path(out)
+    arch = get_architecture(architecture)
+    src = open_sharded_source(ckpt, config_name)
+    _check_arch(arch, src.config.model_type, f"--ckpt-path {ckpt}", "to_hf")
+    if src.manifest.architecture != arch.name:
+        raise UserError(
+            f"--ckpt-path {ckpt} holds a {src.manifest.architecture} model, not {arch.name}"
+        )
+    check_stage_layout(src.manifest.num_layers, num_stages, layers_per_stage)
+    check_output_dir(out, overwrite)
+    sharded.check_files(src.folder, src.manifest)
+    config, num_layers = src.config, src.manifest.num_layers
+    expected = arch.expected_keys(config)
+
+    # (hf key, file, our key, transform, bytes) for every tensor, checked against the key map.
+    entries = []
+    target = sharded.parse_dtype(dtype)
+    for name in sharded.part_files(num_layers):
+        part = (
+            "embed"
+            if name == sharded.EMBEDDINGS_FILE
+            else "head"
+            if name == sharded.HEAD_FILE
+            else "layer"
+        )
+        path = src.folder / name
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            for key in expected[part]:
+                if key not in keys:
+                    raise UserError(f"{path} lacks tensor {key!r}")
+            for key in keys:
+                if key not in expected[part]:
+                    raise UserError(f"{path} has unknown tensor {key!r}")
+                hf_key, transform = arch.hf_key(part, key, _layer_of(name))
+                view = f.get_slice(key)
+                numel = 1
+                for dim in view.get_shape():
+                    numel *= dim
+                size = (
+                    target.itemsize if target else _safetensors_itemsize(view.get_dtype())
+                ) * numel
+                entries.append((hf_key, path, key, transform, size))
+                if target is None and name == sharded.EMBEDDINGS_FILE and key == arch.embed_weight:
+                    embed_dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
+    out_dtype = target or embed_dtype
+    shards = plan_shards([(e[0], e[4]) for e in entries], max_shard_bytes or _default_shard_bytes())
+
+    def produce():
+        for hf_key, path, key, transform, _ in entries:
+            tensor = sharded.load_tensors(path, [key])[key]
+            yield hf_key, transform.to_hf(tensor, config).to(out_dtype)
+
+    chat_format = _check_chat_format(chat_format) or src.manifest.chat_format
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_hf_shards(tmp, shards, produce())
+        config.dtype = out_dtype
+        config.save_pretrained(tmp)
+        _write_tokenizer(src.folder, config_name, tmp, chat_format)
+    return out
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _safetensors_itemsize(name: str) -> int:
+    if name not in _SAFETENSORS_DTYPES:
+        raise UserError(f"unsupported tensor dtype {name} in checkpoint")
+    return _SAFETENSORS_DTYPES[name].itemsize
+
+
+def _default_shard_bytes() -> int:
+    from openchatkit.models.hf_weights import MAX_SHARD_BYTES
+
+    return int(os.environ.get("OPENCHATKIT_MAX_SHARD_BYTES", MAX_SHARD_BYTES))
+
+
+def _write_tokenizer(
+    folder: Path, config_name: str | None, out: Path, chat_format: str | None
+) -> None:
+    """Copy the tokenizer (from the checkpoint, else from --config-name) and generation config;
+    with the OpenChatKit chat format, set its <human>/<bot> chat template."""
+    copied = sharded.copy_tokenizer_files(folder, out)
+    tokenizer_files = [n for n in copied if n != "generation_config.json"]
+    if not tokenizer_files and config_name is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            AutoTokenizer.from_pretrained(config_name).save_pretrained(out)
+            tokenizer_files = ["tokenizer"]
+        except (OSError, ValueError) as err:
+            logger.warning("no tokenizer written: {}", str(err).splitlines()[0])
+    if not tokenizer_files:
+        logger.warning("{} has no tokenizer files; the HF folder carries none", folder)
+        return
+    if chat_format == "openchatkit":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        tokenizer.chat_template = OPENCHATKIT_CHAT_TEMPLATE
+        (out / "chat_template.jinja").unlink(missing_ok=True)
+        tokenizer.save_pretrained(out)

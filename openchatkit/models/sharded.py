@@ -1,0 +1,213 @@
+"""The layer-sharded model format: one safetensors file per transformer layer.
+
+A folder holds `config.json`, the tokenizer files, `generation_config.json` if any,
+`embeddings.safetensors`, `layer_00000.safetensors` ... (global layer index), `head.safetensors`
+(final norm + LM head; no LM head tensor when embeddings are tied) and `manifest.json`:
+
+    {"format": "openchatkit-layer-sharded", "version": 1, "architecture": "llama",
+     "num_layers": 30, "dtype": "float32", "tie_word_embeddings": true, ...}
+
+A pipeline stage reads only the files of its layers, so loading memory and time scale with the
+stage, not the model. A trainer checkpoint (`checkpoint_<step>/`) is the same folder plus
+optimizer state and `meta.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from openchatkit.errors import UserError
+from openchatkit.fileio import write_json
+
+FORMAT = "openchatkit-layer-sharded"
+VERSION = 1
+MANIFEST = "manifest.json"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+HEAD_FILE = "head.safetensors"
+# Everything a tokenizer or generation setup may need, copied along with the weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def layer_file(index: int) -> str:
+    """File name of the global layer `index`."""
+    return f"layer_{index:05d}.safetensors"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported dtype {dtype}")
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """`fp16`, `float16`, `torch.float16` ... -> torch dtype; None stays None."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    key = str(name).removeprefix("torch.")
+    key = aliases.get(key, key)
+    if key not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}: use one of float32, float16, bfloat16")
+    return DTYPES[key]
+
+
+@dataclass
+class Manifest:
+    """The contents of `manifest.json`; unknown extra fields are kept in `extra`."""
+
+    architecture: str
+    num_layers: int
+    dtype: str
+    tie_word_embeddings: bool
+    chat_format: str | None = None  # "openchatkit" when fine-tuned on <human>/<bot> turns
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"format": FORMAT, "version": VERSION}
+        out.update({k: v for k, v in asdict(self).items() if k != "extra"})
+        if out["chat_format"] is None:
+            del out["chat_format"]
+        out.update(self.extra)
+        return out
+
+
+def is_sharded_folder(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    """Read and check `manifest.json`; UserError naming the file on anything wrong."""
+    path = Path(folder) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{folder} is not a layer-sharded model folder (no {MANIFEST})") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"{path} is not an {FORMAT} manifest")
+    if data.get("version") != VERSION:
+        raise UserError(f"{path}: format version {data.get('version')} (this code reads {VERSION})")
+    known = {"architecture", "num_layers", "dtype", "tie_word_embeddings", "chat_format"}
+    try:
+        manifest = Manifest(
+            architecture=str(data["architecture"]),
+            num_layers=int(data["num_layers"]),
+            dtype=str(data["dtype"]),
+            tie_word_embeddings=bool(data["tie_word_embeddings"]),
+            chat_format=data.get("chat_format"),
+            extra={k: v for k, v in data.items() if k not in known | {"format", "version"}},
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path}: missing or bad field {err}") from None
+    parse_dtype(manifest.dtype)
+    return manifest
+
+
+def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:
+    write_json(Path(folder) / MANIFEST, manifest.to_json())
+
+
+def part_files(num_layers: int, layer_range: range | None = None, first=True, last=True) -> list:
+    """The weight files of a stage (all of them by default), in load order."""
+    layers = range(num_layers) if layer_range is None else layer_range
+    files = [EMBEDDINGS_FILE] if first else []
+    files += [layer_file(i) for i in layers]
+    return files + ([HEAD_FILE] if last else [])
+
+
+def check_files(folder: str | os.PathLike, manifest: Manifest) -> None:
+    """Every weight file is present and has a readable safetensors header."""
+    from safetensors import safe_open
+
+    for name in part_files(manifest.num_layers):
+        path = Path(folder) / name
+        if not path.is_file():
+            raise UserError(f"missing weight file {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error types for bad headers
+            raise UserError(f"unreadable weight file {path} (truncated?): {err}") from None
+
+
+def load_tensors(
+    path: str | os.PathLike,
+    keys: list[str] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read tensors (all, or `keys`) from one safetensors file; UserError naming the file if it
+    is missing, truncated or lacks a key."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing weight file {path}")
+    target = "cpu" if device is None else str(device)
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt", device=target) as f:
+            names = list(f.keys()) if keys is None else keys
+            for name in names:
+                if name not in f.keys():
+                    raise UserError(f"{path} lacks tensor {name!r}")
+                tensor = f.get_tensor(name)
+                out[name] = tensor if dtype is None else tensor.to(dtype)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"unreadable weight file {path} (truncated?): {err}") from None
+    return out
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Write one safetensors file atomically (temp name beside it, then rename)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            tmp,
+            metadata={"format": "pt"},
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer and generation-config files `src` has into `dest`; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = Path(src) / name
+        if path.is_file():
+            shutil.copyfile(path, Path(dest) / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,311 @@
+"""Pipeline stages: a contiguous range of transformer layers, plus the embedding on the first stage
+and the final norm + LM head on the last, loaded from and saved to the layer-sharded format.
+
+Parameter names do not depend on the layout: `embed.*`, `layers.<global index>.*`, `head.*`, and
+the keys inside `embeddings.safetensors` / `layer_XXXXX.safetensors` / `head.safetensors` are
+those names minus the prefix, so a stage's state_dict maps 1:1 onto its files. Chaining the stages
+of any split gives the logits of HF `AutoModelForCausalLM` for the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+from torch import nn
+
+from openchatkit.errors import UserError
+from openchatkit.models import sharded
+from openchatkit.models.arch import get_architecture, is_tied, prepare_config
+
+
+def split_layers(num_layers: int, num_stages: int) -> list[range]:
+    """Split `num_layers` layers into `num_stages` contiguous ranges, as even as possible
+    (the first `num_layers % num_stages` stages get one layer more).
+
+    >>> split_layers(5, 2)
+    [range(0, 3), range(3, 5)]
+    """
+    if not isinstance(num_layers, int) or not isinstance(num_stages, int):
+        raise ValueError("num_layers and num_stages must be integers")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    if num_stages > num_layers:
+        raise ValueError(f"cannot split {num_layers} layers into {num_stages} stages")
+    base, extra = divmod(num_layers, num_stages)
+    ranges, start = [], 0
+    for stage in range(num_stages):
+        size = base + (1 if stage < extra else 0)
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
+class StageModel(nn.Module):
+    """One pipeline stage of a gpt_neox / gptj / llama causal LM.
+
+    `forward(x, position_ids=None)`: the first stage takes input_ids (B, S), the others hidden
+    states (B, S, H); returns hidden (B, S, H), or logits (B, S, V) on the last stage. Attention
+    is causal over the whole row (packed data, no padding). No loss inside.
+
+    Tied embeddings: on a single stage the LM head uses the embedding Parameter itself. Across
+    several stages the last stage holds its own copy `head.lm_head.weight` (initialised from the
+    embedding); then `tied_embed_param` (first stage) and `tied_head_param` (last stage) name the
+    two copies so the trainer can sum their gradients. Both are None when there is nothing to sync.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        layer_range: range,
+        is_first: bool,
+        is_last: bool,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        init_weights: bool = True,
+    ):
+        super().__init__()
+        self.arch = get_architecture(config.model_type)
+        self.config = prepare_config(config, self.arch)
+        num_layers = self.config.num_hidden_layers
+        if layer_range.step != 1 or layer_range.start < 0 or layer_range.stop > num_layers:
+            raise ValueError(f"layer_range {layer_range} is not a slice of {num_layers} layers")
+        self.layer_range = layer_range
+        self.is_first, self.is_last = bool(is_first), bool(is_last)
+        self.tie_word_embeddings = is_tied(self.config)
+        self.source_folder: Path | None = None  # set by from_sharded; tokenizer files live there
+        device = torch.device(device) if device is not None else torch.device("cpu")
+
+        # Built in fp32 and cast after init, so a random init draws the same numbers whatever
+        # the dtype; with device="meta" nothing is allocated (from_sharded assigns loaded tensors).
+        with torch.device(device):
+            self.embed = self.arch.build_embedding(self.config) if self.is_first else None
+            self.layers = nn.ModuleDict(
+                {str(i): self.arch.build_layer(self.config, i) for i in layer_range}
+            )
+            self.head = self.arch.build_head(self.config) if self.is_last else None
+        self.rotary = None
+        if device.type != "meta":
+            self._materialize_buffers(device)
+            if init_weights:
+                self.init_weights()
+            if dtype is not None:
+                self._cast_params(dtype)
+        self._tie()
+
+    # -- names the trainer uses -------------------------------------------------------------
+    @property
+    def tied_embed_param(self) -> str | None:
+        """Name of the embedding copy whose gradient must be summed with the head's copy."""
+        if self.tie_word_embeddings and self.is_first and not self.is_last:
+            return f"embed.{self.arch.embed_weight}"
+        return None
+
+    @property
+    def tied_head_param(self) -> str | None:
+        """Name of the LM head copy of the tied embedding on a last stage that is not first."""
+        if self.tie_word_embeddings and self.is_last and not self.is_first:
+            return f"head.{self.arch.lm_head_weight}"
+        return None
+
+    def _shares_tied_weight(self) -> bool:
+        return self.tie_word_embeddings and self.is_first and self.is_last
+
+    def _tie(self) -> None:
+        if self._shares_tied_weight():
+            self.head.lm_head.weight = self.embed.get_submodule(
+                self.arch.embed_weight.rsplit(".", 1)[0]
+            ).weight
+
+    def _materialize_buffers(self, device: torch.device) -> None:
+        # Rotary tables are non-persistent buffers computed from the config, in fp32 like HF.
+        self.rotary = self.arch.build_rotary(self.config)
+        if self.rotary is not None:
+            self.rotary.to(device)
+        for layer in self.layers.values():
+            self.arch.materialize_buffers(layer, device)
+
+    def _cast_params(self, dtype: torch.dtype) -> None:
+        for module in [self.embed, *self.layers.values(), self.head]:
+            if module is not None:
+                for param in module.parameters(recurse=True):
+                    param.data = param.data.to(dtype)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random init as HF's `_init_weights`: normal(0, initializer_range) for linear and
+        embedding weights, zero biases, unit norms."""
+        std = getattr(self.config, "initializer_range", 0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif type(module).__name__.endswith("RMSNorm"):
+                module.weight.fill_(1.0)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        hidden = self.embed(x) if self.is_first else x  # (B, S, H)
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        # The mask HF builds for a batch without padding: None under SDPA (its is_causal path),
+        # an additive (B, 1, S, S) mask under eager. position_ids=None: packed rows attend
+        # causally across documents, as the trainer's data expects.
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=None,
+        )
+        position_embeddings = self.rotary(hidden, position_ids) if self.rotary else None
+        for layer in self.layers.values():
+            hidden = self.arch.forward_layer(layer, hidden, mask, position_ids, position_embeddings)
+        return self.head(hidden) if self.is_last else hidden
+
+    # -- loading and saving -----------------------------------------------------------------
+    @classmethod
+    def from_sharded(
+        cls,
+        folder: str | os.PathLike,
+        layer_range: range,
+        is_first: bool,
+        is_last: bool,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+    ) -> StageModel:
+        """Build a stage from a layer-sharded folder, reading only this stage's files (and, for
+        a last stage with tied embeddings, the embedding tensor it copies)."""
+        from transformers import AutoConfig
+
+        folder = Path(folder)
+        manifest = sharded.read_manifest(folder)
+        config = AutoConfig.from_pretrained(folder)
+        if config.num_hidden_layers != manifest.num_layers:
+            raise UserError(
+                f"{folder}: config.json has {config.num_hidden_layers} layers, "
+                f"manifest.json {manifest.num_layers}"
+            )
+        if is_tied(config) != manifest.tie_word_embeddings:
+            raise UserError(f"{folder}: config.json and manifest.json disagree on tied embeddings")
+        dtype = sharded.parse_dtype(dtype) or sharded.parse_dtype(manifest.dtype)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        stage = cls(config, layer_range, is_first, is_last, device="meta", init_weights=False)
+        arch = stage.arch
+        expected = arch.expected_keys(stage.config)
+
+        def load(name: str, part: str, keys: list[str] | None = None) -> dict:
+            tensors = sharded.load_tensors(folder / name, keys, dtype=dtype, device=device)
+            wanted = keys if keys is not None else expected[part]
+            missing = [k for k in wanted if k not in tensors]
+            unknown = [k for k in tensors if k not in wanted]
+            if missing or unknown:
+                what = f"lacks {missing[0]!r}" if missing else f"has unknown tensor {unknown[0]!r}"
+                raise UserError(f"{folder / name} {what}")
+            return tensors
+
+        state = {}
+        if is_first:
+            state.update(
+                {f"embed.{k}": v for k, v in load(sharded.EMBEDDINGS_FILE, "embed").items()}
+            )
+        for i in layer_range:
+            state.update(
+                {f"layers.{i}.{k}": v for k, v in load(sharded.layer_file(i), "layer").items()}
+            )
+        if is_last:
+            state.update({f"head.{k}": v for k, v in load(sharded.HEAD_FILE, "head").items()})
+            if stage.tie_word_embeddings and not is_first:
+                # This stage's own copy of the tied matrix (see the class docstring).
+                emb = load(sharded.EMBEDDINGS_FILE, "embed", [arch.embed_weight])
+                state[f"head.{arch.lm_head_weight}"] = emb[arch.embed_weight]
+        # The shared tied weight arrives once, under its embedding name.
+        result = stage.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in result.missing_keys if not stage._is_shared_head_key(k)]
+        if missing or result.unexpected_keys:
+            raise UserError(f"{folder}: stage weights do not match the config: {missing[:3]}")
+        stage._tie()
+        stage._materialize_buffers(device)
+        stage.source_folder = folder
+        logger.debug("loaded layers {} of {} from {}", layer_range, manifest.num_layers, folder)
+        return stage
+
+    def _is_shared_head_key(self, key: str) -> bool:
+        return self._shares_tied_weight() and key == f"head.{self.arch.lm_head_weight}"
+
+    def part_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """This stage's tensors grouped by file name (the tied LM head copy is never written:
+        the embedding is the one stored copy)."""
+        out = {}
+        if self.is_first:
+            out[sharded.EMBEDDINGS_FILE] = self.embed.state_dict()
+        for i, layer in self.layers.items():
+            out[sharded.layer_file(int(i))] = layer.state_dict()
+        if self.is_last:
+            head = self.head.state_dict()
+            if self.tie_word_embeddings:
+                head.pop(self.arch.lm_head_weight)
+            out[sharded.HEAD_FILE] = head
+        return out
+
+
+def save_stage(
+    stage: StageModel,
+    folder: str | os.PathLike,
+    write_metadata: bool | None = None,
+    chat_format: str | None = None,
+    tokenizer_from: str | os.PathLike | None = None,
+) -> list[str]:
+    """Write this stage's own files into `folder`, each atomically (temp name, then rename).
+
+    With `write_metadata` (default: on the first stage) also config.json, manifest.json and the
+    tokenizer files (from `tokenizer_from`, else the folder the stage was loaded from). Returns
+    the names written. The caller makes the folder as a whole appear atomically.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    dtype = None
+    for name, tensors in stage.part_state_dicts().items():
+        sharded.save_tensors(folder / name, tensors)
+        written.append(name)
+        dtype = dtype or next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+    if write_metadata is None:
+        write_metadata = stage.is_first
+    if write_metadata:
+        config = stage.config
+        dtype = dtype or torch.float32
+        config.dtype = dtype
+        config.save_pretrained(folder)
+        written.append("config.json")
+        src = tokenizer_from or stage.source_folder
+        if src is not None:
+            written += sharded.copy_tokenizer_files(src, folder)
+        if chat_format is None and stage.source_folder is not None:
+            chat_format = sharded.read_manifest(stage.source_folder).chat_format
+        manifest = sharded.Manifest(
+            architecture=stage.arch.name,
+            num_layers=config.num_hidden_layers,
+            dtype=sharded.dtype_name(dtype),
+            tie_word_embeddings=stage.tie_word_embeddings,
+            chat_format=chat_format,
+        )
+        sharded.write_manifest(folder, manifest)
+        written.append(sharded.MANIFEST)
+    return written
