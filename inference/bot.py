@@ -1,0 +1,151 @@
+"""Chat with a model in the terminal: the OpenChatKit bot.
+
+Run (the embedded SmolLM2-135M-Instruct by default; nothing is downloaded):
+    python inference/bot.py                                   # CPU or the first GPU
+    python inference/bot.py --prompt "What is the capital of France?" --no-sample
+    printf 'Hello\n/quit\n' | python inference/bot.py         # one line per turn
+One GPU:
+    python inference/bot.py --model togethercomputer/RedPajama-INCITE-Chat-3B-v1 --gpu-id 0
+Big models across GPUs with CPU offload:
+    python inference/bot.py --model togethercomputer/GPT-NeoXT-Chat-Base-20B -g 0:10 1:12 -r 64
+Type /help in the session for the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from openchatkit.cli import run_main
+from openchatkit.errors import UserError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bot.py",
+        description="Chat with a causal language model (default: the embedded SmolLM2-135M-Instruct).",
+    )
+    p.add_argument("--model", default=None, help="local HF folder or hub id (default: embedded)")
+    p.add_argument("--gpu-id", type=int, default=0, help="CUDA device index (default 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens per answer (128)")
+    p.add_argument(
+        "--sample",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sample (default) or, with --no-sample, decode greedily",
+    )
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
+    p.add_argument("--no-stream", action="store_true", help="print each answer when complete")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system message")
+    p.add_argument("--prompt", default=None, metavar="TEXT", help="answer TEXT once, then exit")
+    p.add_argument(
+        "-g",
+        "--gpu-vram",
+        nargs="+",
+        metavar="ID:GiB",
+        help="max GPU memory per device, e.g. -g 0:10 1:12 (spreads the model with accelerate)",
+    )
+    p.add_argument(
+        "-r", "--cpu-ram", type=float, metavar="GiB", help="CPU RAM for offloaded layers"
+    )
+    p.add_argument("--load-in-8bit", action="store_true", help="int8 weights (bitsandbytes)")
+    p.add_argument("--retrieval", metavar="INDEX_DIR", help="answer from a FAISS index folder")
+    args = p.parse_args(argv)
+    if args.max_tokens < 1:
+        p.error("--max-tokens must be >= 1")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    if args.top_k < 0:
+        p.error("--top-k must be >= 0")
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
+    return args
+
+
+def read_lines(interactive: bool):
+    """Yield input lines: with readline editing and history on a terminal, plain from a pipe."""
+    if interactive:
+        try:
+            import readline
+
+            history = Path.home() / ".cache" / "openchatkit" / "bot_history"
+            history.parent.mkdir(parents=True, exist_ok=True)
+            if history.exists():
+                readline.read_history_file(history)
+            readline.set_history_length(1000)
+        except (ImportError, OSError):
+            readline, history = None, None
+        try:
+            while True:
+                try:
+                    yield input(">>> ")
+                except KeyboardInterrupt:
+                    print()  # Ctrl-C at the prompt clears the line, like Python's REPL
+                except EOFError:
+                    print()
+                    return
+        finally:
+            if readline is not None:
+                try:
+                    readline.write_history_file(history)
+                except OSError:
+                    pass
+    else:
+        for line in sys.stdin:
+            yield line.rstrip("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.retrieval is not None:
+        raise UserError("--retrieval: not available yet")
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from openchatkit.inference.chat import ChatSession
+    from openchatkit.inference.generation import GenerationSettings
+    from openchatkit.models.loading import load_chat_model
+
+    loaded = load_chat_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        gpu_id=args.gpu_id,
+        gpu_vram=args.gpu_vram,
+        cpu_ram=args.cpu_ram,
+        load_in_8bit=args.load_in_8bit,
+    )
+    settings = GenerationSettings(
+        max_tokens=args.max_tokens,
+        sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    session = ChatSession(loaded, settings, system=args.system, stream=not args.no_stream)
+    if args.prompt is not None:
+        session.say(args.prompt)
+        return 0
+
+    interactive = sys.stdin.isatty()
+    print(
+        f"OpenChatKit bot: {loaded.name} on {loaded.device} ({loaded.dtype}), "
+        f"{session.format.name} format, {loaded.context_window}-token window.\n"
+        "Type /help for commands, /quit or Ctrl-D to leave.",
+        file=sys.stderr,
+    )
+    for line in read_lines(interactive):
+        if not session.handle_line(line):
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, prog="bot.py"))

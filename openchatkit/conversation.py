@@ -1,0 +1,116 @@
+"""The conversation format: messages, prompt rendering and fitting history to the context window.
+
+Two prompt formats:
+- the tokenizer's chat template, when it has one (SmolLM2, Llama-2-chat, RedPajama-chat HF folders);
+- OpenChatKit's own format, used by the original GPT-NeoXT-Chat-Base-20B and by models fine-tuned
+  here on OIG-style data:
+
+      <human>: Hello
+      <bot>: Hi! How can I help?
+      <human>: What is the capital of France?
+      <bot>:
+
+  Generation stops at the next `<human>:`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+HUMAN = "<human>"
+BOT = "<bot>"
+OPENCHATKIT_STOP = f"{HUMAN}:"
+
+# The same format as a Jinja chat template, written into HF folders of models fine-tuned on it
+# (tools/convert_to_hf_*.py), so `apply_chat_template` renders exactly `render_openchatkit`.
+OPENCHATKIT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<human>: ' + message['content'] + '\n' }}"
+    "{% else %}{{ '<bot>: ' + message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<bot>:' }}{% endif %}"
+)
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+def render_openchatkit(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """Render messages in OpenChatKit's `<human>: …\\n<bot>: …` format."""
+    parts = []
+    for m in messages:
+        if m["role"] == "system":
+            parts.append(m["content"] + "\n")
+        elif m["role"] == "user":
+            parts.append(f"{HUMAN}: {m['content']}\n")
+        else:
+            parts.append(f"{BOT}: {m['content']}\n")
+    if add_generation_prompt:
+        parts.append(f"{BOT}:")
+    return "".join(parts)
+
+
+@dataclass
+class PromptFormat:
+    """How a tokenizer's model wants its prompt: chat template, or OpenChatKit's format."""
+
+    tokenizer: object
+    use_chat_template: bool
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> PromptFormat:
+        return cls(tokenizer, bool(getattr(tokenizer, "chat_template", None)))
+
+    @property
+    def name(self) -> str:
+        return "chat template" if self.use_chat_template else "OpenChatKit <human>/<bot>"
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """Text that ends an answer besides EOS. Chat templates end turns with EOS tokens."""
+        return [] if self.use_chat_template else [OPENCHATKIT_STOP]
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        if self.use_chat_template:
+            return self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        return render_openchatkit(messages, add_generation_prompt)
+
+    def count_tokens(self, text: str) -> int:
+        # Templates already hold their special tokens (e.g. <|im_start|>) as text.
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def split_turns(messages: Sequence[Message]) -> tuple[list[Message], list[list[Message]]]:
+    """Split into (leading system messages, turns); a turn is a user message and what follows it."""
+    system: list[Message] = []
+    turns: list[list[Message]] = []
+    for m in messages:
+        if m["role"] == "system" and not turns:
+            system.append(m)
+        elif m["role"] == "user" or not turns:
+            turns.append([m])
+        else:
+            turns[-1].append(m)
+    return system, turns
+
+
+def fit_to_window(
+    messages: Sequence[Message],
+    count_tokens: Callable[[Sequence[Message]], int],
+    budget: int,
+) -> tuple[list[Message], int]:
+    """Drop the oldest whole turns until the rendered prompt fits `budget` tokens.
+
+    The system message and the newest turn are always kept. Returns (kept messages, number of
+    turns dropped). If even system + newest turn exceed the budget, they are returned as they are
+    and the caller decides (the bot refuses with a message).
+    """
+    system, turns = split_turns(messages)
+    dropped = 0
+    while len(turns) > 1 and count_tokens(system + [m for t in turns for m in t]) > budget:
+        turns.pop(0)
+        dropped += 1
+    return system + [m for t in turns for m in t], dropped

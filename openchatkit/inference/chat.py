@@ -1,0 +1,342 @@
+"""The chat session behind `inference/bot.py`: history, commands, and streaming answers.
+
+Kept apart from the REPL loop so tests can drive a session line by line; the script only reads
+lines (readline on a terminal, plain lines from a pipe) and hands them to `ChatSession.handle_line`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from openchatkit.conversation import Message, PromptFormat, fit_to_window
+from openchatkit.fileio import atomic_file
+from openchatkit.inference.generation import GenerationSettings, GenerationStats, stream_text
+from openchatkit.models.loading import LoadedModel
+
+SAVE_FORMAT = "openchatkit-chat"
+
+HELP = """\
+Commands:
+  /help, /?             this list
+  /quit                 leave (Ctrl-D too); Ctrl-C stops an answer, not the session
+  /reset                forget the conversation (keeps the system message and settings)
+  /raw_say TEXT         let the model continue TEXT as is, without the chat format or history
+  /raw_prompt           print the exact prompt the model gets for the conversation so far
+  /hyperparameters      show the generation settings
+  /set NAME VALUE       temperature, top_k, top_p, max_tokens, sample (on/off), seed (N/none),
+                        verbose (on/off)
+  /system TEXT          set the system message (no TEXT: remove it)
+  /save FILE            save messages, settings and model name as JSON
+  /load FILE            load a conversation saved with /save
+Anything else is a message to the model."""
+
+
+def _parse_bool(value: str) -> bool:
+    v = value.lower()
+    if v in ("on", "true", "yes", "1"):
+        return True
+    if v in ("off", "false", "no", "0"):
+        return False
+    raise ValueError("expected on or off")
+
+
+def _parse_seed(value: str) -> int | None:
+    return None if value.lower() == "none" else int(value)
+
+
+def _check(parse, ok, why):
+    def convert(value: str):
+        v = parse(value)
+        if not ok(v):
+            raise ValueError(why)
+        return v
+
+    return convert
+
+
+# /set NAME → parser of VALUE; each raises ValueError with the reason.
+SETTERS = {
+    "temperature": _check(float, lambda v: v >= 0, "must be >= 0"),
+    "top_k": _check(int, lambda v: v >= 0, "must be >= 0 (0 turns it off)"),
+    "top_p": _check(float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "max_tokens": _check(int, lambda v: v >= 1, "must be >= 1"),
+    "sample": _parse_bool,
+    "seed": _parse_seed,
+}
+
+
+class ChatSession:
+    """One conversation with a loaded model."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: GenerationSettings | None = None,
+        system: str | None = None,
+        stream: bool = True,
+        out: TextIO = sys.stdout,
+        err: TextIO = sys.stderr,
+    ):
+        self.loaded = loaded
+        self.settings = settings or GenerationSettings()
+        self.system = system
+        self.stream = stream
+        self.verbose = True
+        self.out, self.err = out, err
+        self.messages: list[Message] = []  # user/assistant turns; the system message is apart
+        self.format = PromptFormat.for_tokenizer(loaded.tokenizer)
+        self.told_dropped = False
+        self.last_stats: GenerationStats | None = None
+
+    # ---- prompt building -------------------------------------------------------------
+    def _with_system(self, messages: list[Message]) -> list[Message]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + messages
+
+    def _count(self, messages) -> int:
+        return self.format.count_tokens(self.format.render(messages))
+
+    def prompt_for(self, messages: list[Message]) -> tuple[str, int]:
+        """The prompt for `messages` (ending with a user turn), cut to the context window.
+        Returns (prompt text, number of old turns dropped)."""
+        budget = self.loaded.context_window - self.settings.max_tokens
+        kept, dropped = fit_to_window(self._with_system(messages), self._count, budget)
+        return self.format.render(kept), dropped
+
+    def eos_token_ids(self) -> list[int]:
+        ids: set[int] = set()
+        for source in (
+            getattr(self.loaded.model, "generation_config", None),
+            self.loaded.tokenizer,
+        ):
+            eos = getattr(source, "eos_token_id", None)
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        return sorted(ids)
+
+    # ---- generation --------------------------------------------------------------------
+    def generate(self, prompt: str, stop_strings: list[str]) -> str:
+        """Stream an answer to `prompt` onto `out`; Ctrl-C stops it and keeps what was shown."""
+        tok = self.loaded.tokenizer
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = ids.to(self.loaded.device if self.loaded.device != "auto" else "cpu")
+        stats = GenerationStats()
+        pieces: list[str] = []
+        try:
+            for piece in stream_text(
+                self.loaded.model,
+                tok,
+                ids,
+                self.settings,
+                self.eos_token_ids(),
+                stop_strings,
+                stats,
+            ):
+                if not pieces:
+                    piece = piece.lstrip()
+                    if not piece:
+                        continue
+                pieces.append(piece)
+                if self.stream:
+                    self.out.write(piece)
+                    self.out.flush()
+        except KeyboardInterrupt:
+            stats.stop_reason = "interrupted"
+        answer = "".join(pieces).strip()
+        if not self.stream:
+            self.out.write(answer)
+        self.out.write("\n")
+        self.out.flush()
+        if stats.stop_reason == "interrupted":
+            self.err.write("(stopped)\n")
+        self.last_stats = stats
+        if self.verbose:
+            self.err.write(
+                f"[prompt {stats.prompt_tokens} tokens, generated {stats.generated_tokens} "
+                f"tokens, {stats.tokens_per_s:.1f} tokens/s]\n"
+            )
+        self.err.flush()
+        return answer
+
+    def say(self, text: str) -> str | None:
+        """A user turn: add it, answer it, keep the answer in the history."""
+        messages = self.messages + [{"role": "user", "content": text}]
+        prompt, dropped = self.prompt_for(messages)
+        if dropped and not self.told_dropped:
+            self.err.write(
+                f"(the oldest turns no longer fit the {self.loaded.context_window}-token "
+                "context window and are left out of the prompt)\n"
+            )
+            self.told_dropped = True
+        if self.format.count_tokens(prompt) > self.loaded.context_window - self.settings.max_tokens:
+            self.err.write(
+                "message too long for the context window; shorten it or lower max_tokens\n"
+            )
+            return None
+        answer = self.generate(prompt, self.format.stop_strings)
+        self.messages = messages + [{"role": "assistant", "content": answer}]
+        return answer
+
+    # ---- commands ----------------------------------------------------------------------
+    def handle_line(self, line: str) -> bool:
+        """Handle one input line; False means the session should end."""
+        line = line.strip()
+        if not line:
+            return True
+        if not line.startswith("/"):
+            try:
+                self.say(line)
+            except KeyboardInterrupt:  # before the answer started: the turn is dropped
+                self.err.write("(stopped)\n")
+            return True
+        name, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        handler = getattr(self, f"cmd_{name}", None) if name.isidentifier() else None
+        if name == "?":
+            handler = self.cmd_help
+        if handler is None:
+            self.err.write(f"unknown command /{name}; type /help for the list\n")
+            return True
+        return handler(arg) is not False
+
+    def cmd_help(self, arg: str) -> None:
+        self.out.write(HELP + "\n")
+
+    def cmd_quit(self, arg: str) -> bool:
+        return False
+
+    cmd_exit = cmd_quit
+
+    def cmd_reset(self, arg: str) -> None:
+        self.messages = []
+        self.told_dropped = False
+        self.err.write("(conversation cleared)\n")
+
+    def cmd_raw_say(self, arg: str) -> None:
+        if not arg:
+            self.err.write("/raw_say needs TEXT\n")
+            return
+        self.generate(arg, [])
+
+    def cmd_raw_prompt(self, arg: str) -> None:
+        messages = self._with_system(self.messages)
+        if not messages:
+            self.err.write("(the conversation is empty)\n")
+            return
+        self.out.write(self.format.render(messages, add_generation_prompt=False) + "\n")
+
+    def cmd_hyperparameters(self, arg: str) -> None:
+        for key, value in self.settings.as_dict().items():
+            self.out.write(f"{key} = {value}\n")
+        self.out.write(f"verbose = {'on' if self.verbose else 'off'}\n")
+
+    def cmd_set(self, arg: str) -> None:
+        parts = arg.split()
+        if len(parts) != 2:
+            self.err.write("usage: /set NAME VALUE (see /help)\n")
+            return
+        key, value = parts
+        if key == "verbose":
+            setter = _parse_bool
+        elif key in SETTERS:
+            setter = SETTERS[key]
+        else:
+            self.err.write(f"/set: unknown setting '{key}'; one of {', '.join(SETTERS)}, verbose\n")
+            return
+        try:
+            parsed = setter(value)
+        except ValueError as exc:
+            reason = str(exc) if "must" in str(exc) or "expected" in str(exc) else "bad value"
+            self.err.write(f"/set {key}: '{value}' rejected: {reason}\n")
+            return
+        if key == "verbose":
+            self.verbose = parsed
+        else:
+            setattr(self.settings, key, parsed)
+        self.err.write(f"({key} = {parsed})\n")
+
+    def cmd_system(self, arg: str) -> None:
+        self.system = arg or None
+        self.err.write("(system message set)\n" if arg else "(system message removed)\n")
+
+    def cmd_save(self, arg: str) -> None:
+        if not arg:
+            self.err.write("/save needs FILE\n")
+            return
+        path = Path(shlex.split(arg)[0]).expanduser()
+        record = {
+            "format": SAVE_FORMAT,
+            "version": 1,
+            "model": self.loaded.name,
+            "system": self.system,
+            "settings": self.settings.as_dict(),
+            "messages": self.messages,
+        }
+        try:
+            with atomic_file(path) as f:
+                json.dump(record, f, indent=2)
+        except OSError as exc:
+            self.err.write(f"/save {path}: {exc.strerror or exc}\n")
+            return
+        self.err.write(f"(saved {len(self.messages)} messages to {path})\n")
+
+    def cmd_load(self, arg: str) -> None:
+        if not arg:
+            self.err.write("/load needs FILE\n")
+            return
+        path = Path(shlex.split(arg)[0]).expanduser()
+        try:
+            record = json.loads(path.read_text())
+            messages, settings, system = _validate_saved(record)
+        except FileNotFoundError:
+            self.err.write(f"/load {path}: no such file\n")
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            self.err.write(f"/load {path}: cannot read: {exc}\n")
+            return
+        except (json.JSONDecodeError, ValueError) as exc:
+            self.err.write(f"/load {path}: not a saved chat ({exc})\n")
+            return
+        self.messages, self.settings, self.system = messages, settings, system
+        self.told_dropped = False
+        note = ""
+        if record.get("model") and record["model"] != self.loaded.name:
+            note = f"; it was saved with model {record['model']}"
+        self.err.write(f"(loaded {len(messages)} messages from {path}{note})\n")
+
+
+def _validate_saved(record) -> tuple[list[Message], GenerationSettings, str | None]:
+    """Check a /save record; ValueError says what is wrong."""
+    if not isinstance(record, dict) or record.get("format") != SAVE_FORMAT:
+        raise ValueError(f'no "format": "{SAVE_FORMAT}" field')
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        raise ValueError("'messages' is not a list")
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ("user", "assistant")
+            or not isinstance(m.get("content"), str)
+        ):
+            raise ValueError(f"message {i} is not {{role: user|assistant, content: text}}")
+    settings = GenerationSettings()
+    for key, value in (record.get("settings") or {}).items():
+        if key not in SETTERS:
+            raise ValueError(f"unknown setting '{key}'")
+        try:
+            setattr(settings, key, SETTERS[key](str(value) if value is not None else "none"))
+        except ValueError as exc:
+            raise ValueError(f"setting {key}={value!r}: {exc}") from exc
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError("'system' is not text")
+    return messages, settings, system
+
+
+def seed_everything(seed: int | None) -> None:
+    if seed is not None:
+        torch.manual_seed(seed)

@@ -1,0 +1,166 @@
+"""Load a causal LM and its tokenizer for chatting: from a local folder, the hub, or the embedded
+default model, on the device, dtype and memory budget the user asked for."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from openchatkit.errors import UserError
+from openchatkit.hub import check_hub_repo, is_cached
+from openchatkit.models.embedded import EMBEDDED_MODEL_NAME, ensure_embedded_model, is_embedded_name
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    name: str
+    device: str
+    dtype: str
+    context_window: int
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings and per-tensor progress bars while loading."""
+    import transformers.utils.logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that can only mean a local folder: absolute, ./ or ../, ~, or an existing path."""
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name) or name.count("/") > 1
+
+
+def resolve_model(name: str | None) -> tuple[str, str]:
+    """Map `--model` to (what from_pretrained takes, a display name). Raises UserError."""
+    if is_embedded_name(name):
+        return str(ensure_embedded_model()), EMBEDDED_MODEL_NAME
+    assert name is not None
+    if looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise UserError(f"--model: folder {name} does not exist")
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model: {name} has no config.json; is it an HF model folder?")
+        return str(path), path.name
+    if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name):
+        raise UserError(f"--model: '{name}' is neither a folder nor a hub id like org/name")
+    if not is_cached(name):
+        check_hub_repo(name, what="--model")
+    return name, name
+
+
+def parse_gpu_vram(entries: list[str] | None) -> dict[int, str]:
+    """`-g 0:10 1:12` → {0: "10GiB", 1: "12GiB"} for accelerate's max_memory."""
+    out: dict[int, str] = {}
+    for entry in entries or []:
+        m = re.fullmatch(r"(\d+):(\d+(?:\.\d+)?)", entry)
+        if not m:
+            raise UserError(f"-g/--gpu-vram: '{entry}' is not ID:GiB (e.g. 0:10)")
+        out[int(m.group(1))] = f"{m.group(2)}GiB"
+    return out
+
+
+def pick_device(device: str, gpu_id: int) -> str:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+        if gpu_id >= torch.cuda.device_count():
+            raise UserError(
+                f"--gpu-id {gpu_id}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
+        return f"cuda:{gpu_id}"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # On CPU fp32 is the safe default: bf16 matmuls are only faster with AMX, and fp16
+        # kernels on CPU are slow (benchmarks/bench_bot.py measures both).
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def load_chat_model(
+    name: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    gpu_id: int = 0,
+    gpu_vram: list[str] | None = None,
+    cpu_ram: float | None = None,
+    load_in_8bit: bool = False,
+) -> LoadedModel:
+    """Load model and tokenizer, mapping every user-fixable failure to a one-line UserError."""
+    source, display = resolve_model(name)
+    max_gpu = parse_gpu_vram(gpu_vram)
+    dev = pick_device(device, gpu_id)
+    torch_dtype = pick_dtype(dtype, dev)
+    if (max_gpu or cpu_ram) and not dev.startswith("cuda"):
+        raise UserError(
+            "-g/--gpu-vram and -r/--cpu-ram set GPU memory and CPU offload; no GPU here"
+        )
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"dtype": torch_dtype}
+    if max_gpu or cpu_ram:
+        max_memory: dict = dict(max_gpu) if max_gpu else {int(dev.split(":")[1]): None}
+        max_memory = {k: v for k, v in max_memory.items() if v}
+        if cpu_ram:
+            max_memory["cpu"] = f"{cpu_ram}GiB"
+        kwargs.update(device_map="auto", max_memory=max_memory)
+    if load_in_8bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise UserError("--load-in-8bit needs bitsandbytes: pip install bitsandbytes") from err
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        kwargs.setdefault("device_map", {"": dev})
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not Path(source).exists():
+            raise UserError(
+                f"--model: cannot load '{display}': not a local folder, and the hub could not "
+                f"provide it (offline, unknown id, or gated): {first}"
+            ) from err
+        raise UserError(f"--model: cannot load '{display}': {first}") from err
+    if "device_map" not in kwargs:
+        model.to(dev)
+    model.eval()
+    config = model.config
+    window = (
+        getattr(config, "max_position_embeddings", None)
+        or getattr(config, "n_positions", None)
+        or getattr(tokenizer, "model_max_length", 2048)
+    )
+    return LoadedModel(model, tokenizer, display, dev, str(torch_dtype).split(".")[-1], int(window))

@@ -1,0 +1,104 @@
+"""inference/bot.py run the way a user runs it, on the embedded SmolLM2 model (greedy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BOT = str(REPO / "inference" / "bot.py")
+
+
+def run_bot(args, stdin="", env_extra=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, BOT, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, proc.stderr
+
+
+def test_capital_of_france_piped(tmp_path):
+    saved = tmp_path / "chat.json"
+    script = (
+        "What is the capital of France?\n"
+        "\n"
+        f"/save {saved}\n"
+        "/reset\n"
+        "/raw_prompt\n"
+        f"/load {saved}\n"
+        "/raw_prompt\n"
+        "/quit\n"
+        "this line is never read\n"
+    )
+    proc = run_bot(["--no-sample", "--max-tokens", "24"], stdin=script)
+    assert proc.returncode == 0, proc.stderr
+    answer, raw_after_load = proc.stdout.split("<|im_start|>system", 1)
+    assert "Paris" in answer
+    # After /reset the conversation is empty; after /load the saved turn is back.
+    assert "(the conversation is empty)" in proc.stderr
+    assert "What is the capital of France?" in raw_after_load and "Paris" in raw_after_load
+    record = json.loads(saved.read_text())
+    assert record["model"] == "SmolLM2-135M-Instruct"
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+    assert "tokens/s" in proc.stderr and "never read" not in proc.stdout
+
+
+def test_prompt_flag_one_answer_no_stream():
+    proc = run_bot(
+        [
+            "--prompt",
+            "What is the capital of France?",
+            "--no-sample",
+            "--no-stream",
+            "--max-tokens",
+            "16",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, env, needles",
+    [
+        (["--model", "./no/such/folder"], {}, ["--model", "does not exist"]),
+        (
+            ["--model", "someone/unknown-model"],
+            {"HF_HUB_OFFLINE": "1"},
+            ["--model", "HF_HUB_OFFLINE"],
+        ),
+        (["--temperature", "-1"], {}, ["--temperature"]),
+        (["--no-such-flag"], {}, ["--no-such-flag"]),
+        (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, ["--device cuda"]),
+        (["-g", "0-10"], {}, ["-g/--gpu-vram"]),
+        (["--retrieval", "/nonexistent-index"], {}, ["--retrieval"]),
+    ],
+)
+def test_bad_input_exit_2(args, env, needles):
+    proc = run_bot([*args, "--prompt", "hi"], env_extra=env, timeout=120)
+    assert_one_line_error(proc, *needles)
+
+
+def test_model_folder_without_config(tmp_path):
+    proc = run_bot(["--model", str(tmp_path), "--prompt", "hi"], timeout=120)
+    assert_one_line_error(proc, "config.json")
