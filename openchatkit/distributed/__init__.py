@@ -1,0 +1,1 @@
+"""Process layout and process-group plumbing for multi-process training."""

@@ -1,0 +1,105 @@
+"""Where this process sits in the job: rank, world size and rendezvous address.
+
+Given on the command line (`--rank`, `--world-size`, `--dist-url`, upstream style) or by
+torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). When both are
+present they must agree: a mismatch is a one-line UserError before any process group exists.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from openchatkit.errors import UserError
+
+DEFAULT_DIST_URL = "tcp://127.0.0.1:29500"
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """How this process joins the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    init_method: str  # "tcp://host:port" or "env://"
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _parse_tcp(url: str) -> tuple[str, int]:
+    if not url.startswith("tcp://"):
+        raise UserError(f"--dist-url must look like tcp://HOST:PORT, got {url!r}")
+    host, sep, port = url[len("tcp://") :].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UserError(f"--dist-url must look like tcp://HOST:PORT, got {url!r}")
+    return host, int(port)
+
+
+def resolve_rendezvous(
+    rank: int | None,
+    world_size: int | None,
+    dist_url: str | None,
+    expected_world_size: int,
+    env: Mapping[str, str] | None = None,
+) -> Rendezvous:
+    """Merge the flags with torchrun's environment; raise UserError on any contradiction.
+
+    `expected_world_size` is pipeline size x data size; the world size must equal it.
+    """
+    env = os.environ if env is None else env
+    env_rank = _env_int(env, "RANK")
+    env_world = _env_int(env, "WORLD_SIZE")
+    env_local = _env_int(env, "LOCAL_RANK")
+    env_addr, env_port = env.get("MASTER_ADDR"), _env_int(env, "MASTER_PORT")
+
+    if rank is not None and env_rank is not None and rank != env_rank:
+        raise UserError(f"--rank {rank} contradicts the environment's RANK={env_rank}")
+    if world_size is not None and env_world is not None and world_size != env_world:
+        raise UserError(
+            f"--world-size {world_size} contradicts the environment's WORLD_SIZE={env_world}"
+        )
+    rank = rank if rank is not None else env_rank
+    world_size = world_size if world_size is not None else env_world
+    if world_size is None:
+        if expected_world_size != 1:
+            raise UserError(
+                f"--world-size is not given and WORLD_SIZE is not set, but --pipeline-group-size x "
+                f"--data-group-size = {expected_world_size}; start one process per rank with "
+                "training/launch.py or torchrun, or pass --rank/--world-size/--dist-url"
+            )
+        world_size = 1
+    if world_size != expected_world_size:
+        raise UserError(
+            f"--pipeline-group-size x --data-group-size = {expected_world_size}, but the world "
+            f"size is {world_size} (--world-size / WORLD_SIZE); they must be equal"
+        )
+    if rank is None:
+        if world_size != 1:
+            raise UserError("--rank is not given and RANK is not set")
+        rank = 0
+    if not 0 <= rank < world_size:
+        raise UserError(f"--rank must be in [0, {world_size}), got {rank}")
+
+    if dist_url is not None:
+        host, port = _parse_tcp(dist_url)
+        if env_addr is not None and env_addr != host:
+            raise UserError(f"--dist-url host {host} contradicts MASTER_ADDR={env_addr}")
+        if env_port is not None and env_port != port:
+            raise UserError(f"--dist-url port {port} contradicts MASTER_PORT={env_port}")
+        init_method = dist_url
+    elif env_addr is not None and env_port is not None:
+        init_method = f"tcp://{env_addr}:{env_port}"
+    else:
+        init_method = DEFAULT_DIST_URL
+    local_rank = env_local if env_local is not None else rank
+    return Rendezvous(rank, world_size, local_rank, init_method)

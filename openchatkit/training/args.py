@@ -1,0 +1,234 @@
+"""Command-line flags of `training/dist_clm_train.py` and their validation.
+
+Flag names and meanings follow upstream OpenChatKit; a few are added (`--bf16`, `--seed`,
+`--device`, `--evaluation-*`, `--num-checkpoints`, `--loss-on`, ...). Everything here is cheap
+(no torch import) so `--help` and bad-input errors are instant, and every contradiction is
+reported as one UserError before any process group is made.
+
+Batch semantics (upstream's): `--batch-size` is the batch of one data-parallel replica for one
+pipeline pass, split into `--batch-size / --micro-batch-size` micro-batches; one optimizer step
+consumes `--gradient-accumulate-step` such passes on each of the `--data-group-size` replicas, so
+the global batch of a step is batch-size x data-group-size x gradient-accumulate-step sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from openchatkit.errors import UserError
+
+# --model-type name -> HF config.model_type
+MODEL_TYPES = {"gptneox": "gpt_neox", "gptj": "gptj", "llama": "llama"}
+
+
+def _bool_flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dist_clm_train.py",
+        description="Fine-tune a causal LM with a GPipe/1F1B pipeline x data parallel.",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model-name", required=True, help="layer-sharded model folder (prepared)")
+    m.add_argument("--tokenizer-name", default=None, help="default: --model-name")
+    m.add_argument("--model-type", choices=sorted(MODEL_TYPES), default=None)
+    m.add_argument("--num-layers", type=int, default=None, help="layers per pipeline stage")
+    m.add_argument("--embedding-dim", type=int, default=None, help="hidden size (checked)")
+    m.add_argument("--load-pretrained-model", type=_bool_flag, default=True, metavar="true|false")
+
+    d = p.add_argument_group("distributed")
+    d.add_argument("--dist-url", default=None, help="tcp://HOST:PORT (default: MASTER_ADDR/PORT)")
+    d.add_argument("--world-size", type=int, default=None, help="default: WORLD_SIZE")
+    d.add_argument("--rank", type=int, default=None, help="default: RANK")
+    d.add_argument("--cuda-id", type=int, default=None, help="default: LOCAL_RANK")
+    d.add_argument("--pipeline-group-size", type=int, default=1)
+    d.add_argument("--data-group-size", type=int, default=1)
+    d.add_argument("--net-interface", default=None, help="sets GLOO/NCCL_SOCKET_IFNAME")
+    d.add_argument("--dp-backend", choices=["nccl", "gloo"], default=None)
+    d.add_argument("--dp-mode", choices=["allreduce"], default="allreduce")
+    d.add_argument("--pp-mode", choices=["gpipe", "1f1b"], default="gpipe")
+    d.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if any")
+    d.add_argument("--pg-timeout", type=float, default=600.0, help="collective timeout, seconds")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--task-name", required=True, help="data spec: FILE|DIR|HUB_ID[:WEIGHT],...")
+    t.add_argument("--seq-length", type=int, default=2048)
+    t.add_argument("--batch-size", type=int, default=32, help="per data-parallel replica")
+    t.add_argument("--micro-batch-size", type=int, default=1)
+    t.add_argument("--gradient-accumulate-step", type=int, default=1)
+    t.add_argument("--total-steps", type=int, default=1000, help="optimizer steps")
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--lr", type=float, default=1e-5)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    t.add_argument("--optimizer", choices=["adam", "8bit-adam"], default="adam")
+    t.add_argument("--fp16", action="store_true", help="fp16 weights, fp32 master, loss scale")
+    t.add_argument("--bf16", action="store_true", help="bf16 weights, fp32 master")
+    t.add_argument("--initial-loss-scale", type=float, default=2.0**16)
+    t.add_argument("--loss-scale-window", type=int, default=1000)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--loss-on", choices=["all", "bot"], default="all")
+    t.add_argument("--reset-position-ids", action="store_true")
+
+    c = p.add_argument_group("checkpoints, evaluation, logs")
+    c.add_argument("--checkpoint-path", default="model_ckpts/run")
+    c.add_argument("--checkpoint-steps", type=int, default=100, help="0: only at the end")
+    c.add_argument("--num-checkpoints", type=int, default=0, help="keep the newest N; 0: all")
+    c.add_argument("--evaluation-steps", type=int, default=0, help="0: no evaluation")
+    c.add_argument("--evaluation-data", default=None, help="data spec for evaluation")
+    c.add_argument("--evaluation-num-batches", type=int, default=4)
+    c.add_argument("--train-log-backend", choices=["print", "loguru", "wandb"], default="print")
+    c.add_argument("--project-name", default="openchatkit", help="wandb project")
+    c.add_argument(
+        "--profiling", choices=["no-profiling", "tidy_profiling"], default="no-profiling"
+    )
+    c.add_argument("--profile-steps", type=int, default=3, help="steps traced by tidy_profiling")
+    c.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the trainer needs to know about the model before building it (from config.json)."""
+
+    model_type: str  # HF model_type
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+
+
+def read_model_shape(folder: str | Path) -> ModelShape:
+    """Read config.json of a model folder (cheap; no transformers import)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise UserError(f"--model-name {folder}: no config.json there")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"--model-name {folder}: unreadable config.json ({err})") from None
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES.values():
+        raise UserError(
+            f"--model-name {folder}: model_type {model_type!r} is not one of gpt_neox, gptj, llama"
+        )
+    num_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    hidden = cfg.get("hidden_size", cfg.get("n_embd"))
+    tie_default = model_type != "gpt_neox"
+    return ModelShape(
+        model_type=model_type,
+        num_layers=int(num_layers),
+        hidden_size=int(hidden),
+        vocab_size=int(cfg.get("vocab_size", 0)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", tie_default)),
+    )
+
+
+def validate_args(args: argparse.Namespace, shape: ModelShape, cuda_available: bool) -> None:
+    """Check the flags against each other and the model; fill derived values in place."""
+    pp, dp = args.pipeline_group_size, args.data_group_size
+    if pp < 1:
+        raise UserError(f"--pipeline-group-size must be >= 1, got {pp}")
+    if dp < 1:
+        raise UserError(f"--data-group-size must be >= 1, got {dp}")
+    if args.fp16 and args.bf16:
+        raise UserError("--fp16 and --bf16 exclude each other")
+    if args.model_type is not None and MODEL_TYPES[args.model_type] != shape.model_type:
+        raise UserError(
+            f"--model-type {args.model_type} does not match the model's model_type "
+            f"{shape.model_type!r} in {args.model_name}/config.json"
+        )
+    if shape.num_layers % pp != 0 and args.num_layers is None:
+        raise UserError(
+            f"the model has {shape.num_layers} layers, not divisible by --pipeline-group-size {pp}"
+        )
+    if args.num_layers is None:
+        args.num_layers = shape.num_layers // pp
+    if args.num_layers * pp != shape.num_layers:
+        raise UserError(
+            f"--num-layers {args.num_layers} x --pipeline-group-size {pp} = "
+            f"{args.num_layers * pp}, but the model has {shape.num_layers} layers"
+        )
+    if args.embedding_dim is not None and args.embedding_dim != shape.hidden_size:
+        raise UserError(
+            f"--embedding-dim {args.embedding_dim} does not match the model's hidden size "
+            f"{shape.hidden_size}"
+        )
+    args.embedding_dim = shape.hidden_size
+    for flag in ("seq_length", "batch_size", "micro_batch_size", "gradient_accumulate_step"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.batch_size % args.micro_batch_size != 0:
+        raise UserError(
+            f"--batch-size {args.batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size}"
+        )
+    num_micro = args.batch_size // args.micro_batch_size
+    if args.pp_mode == "1f1b" and num_micro < pp:
+        raise UserError(
+            f"--pp-mode 1f1b needs at least --pipeline-group-size ({pp}) micro-batches, but "
+            f"--batch-size / --micro-batch-size = {num_micro}"
+        )
+    if args.total_steps < 1:
+        raise UserError(f"--total-steps must be >= 1, got {args.total_steps}")
+    if not 0 <= args.warmup_steps <= args.total_steps:
+        raise UserError(
+            f"--warmup-steps must be in [0, --total-steps={args.total_steps}], "
+            f"got {args.warmup_steps}"
+        )
+    if args.lr <= 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.checkpoint_steps < 0:
+        raise UserError(f"--checkpoint-steps must be >= 0, got {args.checkpoint_steps}")
+    if args.num_checkpoints < 0:
+        raise UserError(f"--num-checkpoints must be >= 0, got {args.num_checkpoints}")
+    if args.evaluation_steps < 0:
+        raise UserError(f"--evaluation-steps must be >= 0, got {args.evaluation_steps}")
+    if args.evaluation_steps > 0 and not args.evaluation_data:
+        raise UserError("--evaluation-steps needs --evaluation-data")
+    if args.max_grad_norm < 0:
+        raise UserError(f"--max-grad-norm must be >= 0, got {args.max_grad_norm}")
+    if args.initial_loss_scale <= 0:
+        raise UserError(f"--initial-loss-scale must be > 0, got {args.initial_loss_scale}")
+    if args.device is None:
+        args.device = "cuda" if cuda_available else "cpu"
+    if args.device == "cuda" and not cuda_available:
+        raise UserError("--device cuda, but no CUDA device is visible")
+    if args.dp_backend is None:
+        args.dp_backend = "nccl" if args.device == "cuda" else "gloo"
+    if args.dp_backend == "nccl" and args.device != "cuda":
+        raise UserError("--dp-backend nccl needs --device cuda; use --dp-backend gloo on CPU")
+    if args.fp16 and args.device == "cpu":
+        # Allowed (CPU kernels exist for fp16), just slow; tests use it for the loss scale.
+        pass
+    if args.tokenizer_name is None:
+        args.tokenizer_name = args.model_name
+    folder = Path(args.model_name)
+    if args.load_pretrained_model and not (folder / "manifest.json").is_file():
+        raise UserError(
+            f"--model-name {folder}: not a layer-sharded folder (no manifest.json); prepare it "
+            "with pretrained/<Model>/prepare.py or tools/convert_from_hf_*.py"
+        )
+
+
+def derived_summary(args: argparse.Namespace) -> dict[str, Any]:
+    """Values derived from the flags, printed at start and stored in meta.json."""
+    num_micro = args.batch_size // args.micro_batch_size
+    global_batch = args.batch_size * args.data_group_size * args.gradient_accumulate_step
+    return {
+        "num_microbatches": num_micro,
+        "global_batch_sequences": global_batch,
+        "tokens_per_step": global_batch * args.seq_length,
+        "layers_per_stage": args.num_layers,
+    }

@@ -1,0 +1,185 @@
+"""Training checkpoints: `<checkpoint-path>/checkpoint_<step>/`, resumable under any layout.
+
+A checkpoint folder is a layer-sharded model folder (written by `save_stage`, so
+`tools/convert_to_hf_*.py --ckpt-path` reads it directly) plus:
+    optimizer/stage_<pp rank>.pt  optimizer state and fp32 masters keyed by parameter name
+    rng/rank_<rank>.pt            torch / numpy / python RNG states of each rank
+    meta.json                     step, layout, scheduler, loss scale, data-iterator state, flags
+and `<checkpoint-path>/latest` names the newest complete one.
+
+Atomicity: every rank writes into `.checkpoint_<step>.tmp/`; after a barrier rank 0 writes
+meta.json last, renames the folder to `checkpoint_<step>` and then rewrites `latest`. A kill at
+any moment leaves either no `checkpoint_<step>` or a complete one (meta.json present), and
+`latest` only ever names complete folders. The folder must be on a file system every rank sees.
+
+State is kept by parameter name (`embed.*`, `layers.<i>.*`, `head.*`), so another pipeline x data
+layout picks the entries of its own parameters; the last stage's copy of a tied embedding takes
+the embedding's state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+
+from openchatkit.errors import UserError
+from openchatkit.fileio import atomic_file, write_json
+
+PREFIX = "checkpoint_"
+LATEST = "latest"
+META = "meta.json"
+FORMAT_VERSION = 1
+
+
+def checkpoint_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"{PREFIX}{step}"
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` (those with meta.json), oldest first."""
+    root = Path(root)
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = re.fullmatch(rf"{PREFIX}(\d+)", p.name)
+            if m and p.is_dir() and (p / META).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_latest(root: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest` names, else the newest complete one, else None."""
+    root = Path(root)
+    latest = root / LATEST
+    if latest.is_file():
+        candidate = root / latest.read_text().strip()
+        if (candidate / META).is_file():
+            return candidate
+        logger.warning(
+            "{} names {}, which is incomplete; using the newest complete", latest, candidate
+        )
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / META
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"checkpoint {folder}: unreadable {META} ({err})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {folder}: unknown format_version {meta.get('format_version')}")
+    return meta
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def write_stage_state(
+    tmp: Path,
+    pp_rank: int,
+    optimizer_state: dict[str, dict[str, Any]],
+    masters: dict[str, torch.Tensor],
+) -> None:
+    """The optimizer state and fp32 masters of one stage (written by its dp rank 0)."""
+    (tmp / "optimizer").mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"state": optimizer_state, "master": masters},
+        tmp / "optimizer" / f"stage_{pp_rank:03d}.pt",
+    )
+
+
+def write_rank_state(tmp: Path, rank: int) -> None:
+    (tmp / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+
+
+def temp_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f".{PREFIX}{step}.tmp"
+
+
+def prepare_temp(root: str | os.PathLike, step: int) -> Path:
+    """Rank 0, before the others write: an empty temp folder (a killed run's leftover goes)."""
+    tmp = temp_dir(root, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(root: str | os.PathLike, step: int, meta: dict[str, Any], keep: int) -> Path:
+    """Rank 0, after every rank wrote: meta.json, rename, `latest`, retention."""
+    root = Path(root)
+    tmp = temp_dir(root, step)
+    write_json(tmp / META, {"format_version": FORMAT_VERSION, **meta})
+    final = checkpoint_dir(root, step)
+    if final.exists():  # the same step written by a run that died before updating `latest`
+        old = root / f".{PREFIX}{step}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    with atomic_file(root / LATEST) as f:
+        f.write(final.name + "\n")
+    if keep > 0:
+        for _, old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_stage_states(folder: Path) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """Optimizer state and masters of every stage in a checkpoint, merged by name.
+
+    Files are memory-mapped, so only the tensors this rank then copies are read from disk.
+    """
+    states: dict[str, dict] = {}
+    masters: dict[str, torch.Tensor] = {}
+    files = sorted((folder / "optimizer").glob("stage_*.pt"))
+    if not files:
+        raise UserError(f"checkpoint {folder}: no optimizer/stage_*.pt")
+    for path in files:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        states.update(saved["state"])
+        masters.update(saved["master"])
+    return states, masters
+
+
+def load_rank_rng(folder: Path, rank: int) -> dict[str, Any] | None:
+    path = folder / "rng" / f"rank_{rank:05d}.pt"
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,294 @@
+"""One training step of a pipeline x data-parallel job, over `torch.distributed.pipelining`.
+
+Per optimizer step, on every rank:
+1. The global number of target tokens N (labels != -100 after the shift, over all accumulation
+   passes and data-parallel replicas) is all-reduced over the dp group; the loss of a micro-batch
+   is sum(token cross-entropy) / N, so the summed gradients equal one process's gradient of the
+   token-mean loss on the whole global batch (upstream summed per-replica means instead).
+2. Each accumulation pass runs the schedule (GPipe or 1F1B; a plain loop when pp == 1) with the
+   position ids passed as keyword arguments on every rank (they are not sent between stages) and
+   logits upcast to fp32 before the loss.
+3. Gradients are summed over the dp group (bucketed all-reduce), then the two copies of a tied
+   embedding (first stage's `embed.*`, last stage's `head.lm_head.weight`) are summed over the
+   tie group so both stay identical.
+4. Grad norm and the overflow check are reduced over the pp group (the tied copy counted once),
+   the step is skipped on a non-finite norm (fp16: the loss scale halves), grads are clipped,
+   the optimizer and LR schedule step, and fp32 masters are copied back into the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from openchatkit.distributed.layout import ParallelLayout
+from openchatkit.training.precision import LossScaler, MasterWeights
+
+# Elements per all-reduce bucket (fp32: 100 MB): big enough to amortise latency, small enough
+# not to double a 20B stage's memory.
+BUCKET_NUMEL = 25_000_000
+
+
+def count_target_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry loss: labels (B, S) shifted left by one, -100 ignored."""
+    return int((labels[:, 1:] != -100).sum().item())
+
+
+class TokenMeanLoss:
+    """Cross-entropy summed over tokens, divided by the global token count and scaled.
+
+    `normalizer` and `scale` are set before each step (the schedule calls this per micro-batch).
+    """
+
+    def __init__(self) -> None:
+        self.normalizer = 1.0
+        self.scale = 1.0
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # logits (B, S, V) in the model dtype; fp32 before log-softmax, as HF does.
+        shifted = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+        target = labels[:, 1:].reshape(-1)
+        loss = F.cross_entropy(shifted, target, ignore_index=-100, reduction="sum")
+        return loss * (self.scale / self.normalizer)
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-mean loss over the global batch
+    grad_norm: float  # before clipping (inf/nan when the step was skipped)
+    skipped: bool
+    num_tokens: int  # target tokens in the global batch
+    lr: float
+    loss_scale: float
+
+
+class LocalSchedule:
+    """The pp == 1 path: forward, loss and backward per micro-batch in one process."""
+
+    def __init__(self, module: torch.nn.Module, n_microbatches: int, loss_fn: Callable):
+        self.module = module
+        self.n_microbatches = n_microbatches
+        self.loss_fn = loss_fn
+
+    def _chunks(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return t.tensor_split(self.n_microbatches, dim=0)
+
+    def step(self, input_ids, *, target, losses: list, position_ids=None, grad=True):
+        ids, labels = self._chunks(input_ids), self._chunks(target)
+        pos = self._chunks(position_ids) if position_ids is not None else [None] * len(ids)
+        losses.clear()
+        for x, y, p in zip(ids, labels, pos, strict=True):
+            with torch.set_grad_enabled(grad):
+                loss = self.loss_fn(self.module(x, position_ids=p), y)
+            if grad:
+                loss.backward()
+            losses.append(loss.detach())
+
+
+class TrainEngine:
+    """Runs optimizer steps for one stage of one replica; see the module docstring."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        layout: ParallelLayout,
+        *,
+        device: torch.device,
+        n_microbatches: int,
+        pp_mode: str = "gpipe",
+        tied_names: tuple[str, str] | None = None,
+        loss_scaler: LossScaler | None = None,
+        max_grad_norm: float = 1.0,
+    ):
+        """`tied_names` = (embedding name, head copy name) when pp > 1 and embeddings are tied."""
+        self.module = module
+        self.layout = layout
+        self.device = device
+        self.n_microbatches = n_microbatches
+        self.max_grad_norm = max_grad_norm
+        self.scaler = loss_scaler or LossScaler(enabled=False)
+        self.loss_fn = TokenMeanLoss()
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.master = MasterWeights(named)
+        self.tied_names = tied_names
+        self._tied_local = None
+        if tied_names is not None:
+            params = dict(named)
+            # First stage holds the embedding, last stage the head copy; pp >= 2 here.
+            if layout.is_first_stage:
+                self._tied_local = params[tied_names[0]]
+            elif layout.is_last_stage:
+                self._tied_local = params[tied_names[1]]
+        # Names counted in the grad norm; the head copy of a tied embedding is counted once
+        # (as the embedding on the first stage).
+        self._norm_skip = {tied_names[1]} if tied_names is not None else set()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self.tracer = None  # set by the trainer when profiling (a torch profiler span helper)
+        if layout.pp > 1:
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+            self.stage = PipelineStage(
+                module, layout.pp_rank, layout.pp, device, group=layout.pp_group
+            )
+            cls = ScheduleGPipe if pp_mode == "gpipe" else Schedule1F1B
+            # scale_grads=False: the loss is already divided by the global token count.
+            self.schedule = cls(self.stage, n_microbatches, loss_fn=self.loss_fn, scale_grads=False)
+        else:
+            self.stage = None
+            self.schedule = LocalSchedule(module, n_microbatches, self.loss_fn)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def span(self, name: str) -> contextlib.AbstractContextManager:
+        if self.tracer is None:
+            return contextlib.nullcontext()
+        return torch.profiler.record_function(name)
+
+    def _all_reduce(self, tensor: torch.Tensor, group) -> None:
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+    def _run_pipeline(self, batch: dict[str, torch.Tensor], grad: bool) -> torch.Tensor:
+        """One pipeline pass over a replica batch (B_local, S); returns the summed loss here
+        (zero off the last stage)."""
+        losses: list[torch.Tensor] = []
+        ids = batch["input_ids"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        pos = batch["position_ids"].to(self.device)
+        if self.stage is None:
+            self.schedule.step(ids, target=labels, losses=losses, position_ids=pos, grad=grad)
+        else:
+            args = (ids,) if self.layout.is_first_stage else ()
+            target = labels if self.layout.is_last_stage else None
+            runner = self.schedule.step if grad else self.schedule.eval
+            if self.layout.is_last_stage:
+                runner(*args, target=target, losses=losses, position_ids=pos)
+            else:
+                runner(*args, position_ids=pos)
+        if not losses:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        return torch.stack([x.detach().double() for x in losses]).sum()
+
+    def _global_tokens(self, batches: list[dict[str, torch.Tensor]]) -> int:
+        local = sum(count_target_tokens(b["labels"]) for b in batches)
+        t = torch.tensor([local], dtype=torch.float64, device=self.device)
+        self._all_reduce(t, self.layout.dp_group)
+        return int(t.item())
+
+    def _reduce_loss(self, loss_sum: torch.Tensor, extra: torch.Tensor | None = None):
+        """Sum the last stage's loss over dp, then share it (and `extra`) over the pp group."""
+        loss = loss_sum.reshape(1).double()
+        if self.layout.is_last_stage:
+            self._all_reduce(loss, self.layout.dp_group)
+        else:
+            loss.zero_()
+        vec = loss if extra is None else torch.cat([loss, extra.double()])
+        self._all_reduce(vec, self.layout.pp_group)
+        return vec
+
+    def _bucketed_all_reduce(self, grads: list[torch.Tensor], group) -> None:
+        """Sum gradients over `group`, flattening them into buckets of one dtype."""
+        if group is None or dist.get_world_size(group) == 1:
+            return
+        bucket: list[torch.Tensor] = []
+        numel = 0
+
+        def flush() -> None:
+            if not bucket:
+                return
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bucket.clear()
+
+        for g in grads:
+            if bucket and (g.dtype != bucket[0].dtype or numel + g.numel() > BUCKET_NUMEL):
+                flush()
+                numel = 0
+            bucket.append(g)
+            numel += g.numel()
+        flush()
+
+    # -- public ---------------------------------------------------------------------------------
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        """One optimizer step over this replica's accumulation batches."""
+        assert self.optimizer is not None, "attach_optimizer first"
+        self.module.train()
+        num_tokens = self._global_tokens(batches)
+        self.loss_fn.normalizer = float(max(num_tokens, 1))
+        self.loss_fn.scale = self.scaler.scale
+        self.master.zero_grad()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in batches:
+            loss_sum += self._run_pipeline(batch, grad=True)
+        # Model-dtype gradients (zeros for parameters that got none).
+        for p in self.master.model_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.master.model_params]
+        with self.span("dp_all_reduce"):
+            self._bucketed_all_reduce(grads, self.layout.dp_group)
+        if self._tied_local is not None:
+            with self.span("tie_all_reduce"):
+                self._all_reduce(self._tied_local.grad, self.layout.tie_group)
+        self.master.grads_to_master()
+        inv_scale = 1.0 / self.scaler.scale
+        sumsq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for name, m in zip(self.master.names, self.master.params, strict=True):
+            if inv_scale != 1.0:
+                m.grad.mul_(inv_scale)
+            if name not in self._norm_skip:
+                sumsq += m.grad.double().pow(2).sum()
+        with self.span("pp_reduce_norm_loss"):
+            vec = self._reduce_loss(loss_sum, sumsq.reshape(1))
+        loss = float(vec[0].item()) / self.scaler.scale
+        grad_norm = math.sqrt(vec[1].item()) if math.isfinite(vec[1].item()) else float("inf")
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            if self.max_grad_norm > 0:
+                coef = self.max_grad_norm / (grad_norm + 1e-6)
+                if coef < 1.0:
+                    for m in self.master.params:
+                        m.grad.mul_(coef)
+            with self.span("optimizer"):
+                self.optimizer.step()
+                self.master.master_to_model()
+        self.scheduler.step()
+        self.scaler.update(skipped)
+        self.master.zero_grad()
+        return StepResult(
+            loss=loss,
+            grad_norm=grad_norm,
+            skipped=skipped,
+            num_tokens=num_tokens,
+            lr=lr,
+            loss_scale=self.scaler.scale,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterator[dict[str, torch.Tensor]]) -> float:
+        """Token-mean loss over `batches` (every rank must pass the same number)."""
+        self.module.eval()
+        batches = list(batches)
+        num_tokens = self._global_tokens(batches)
+        self.loss_fn.normalizer = float(max(num_tokens, 1))
+        self.loss_fn.scale = 1.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in batches:
+            loss_sum += self._run_pipeline(batch, grad=False)
+        self.module.train()
+        return float(self._reduce_loss(loss_sum)[0].item())

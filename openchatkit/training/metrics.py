@@ -1,0 +1,124 @@
+"""Step logs: one fixed step line through print | loguru | wandb, and `metrics.jsonl` always.
+
+Only the process that owns the logger (rank 0) writes. A no-op tracker stands in when wandb is
+off, so call sites never branch. wandb reads WANDB_MODE (e.g. offline), WANDB_NAME and
+WANDB_DIR from the environment itself; the project comes from `--project-name`. Nothing here
+prints or records an API key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+# Peak dense bf16/fp16 FLOP/s per device, for MFU (by substring of the CUDA device name).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12}
+
+
+class NullTracker:
+    """Stands in for wandb when it is off."""
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbTracker:
+    def __init__(self, project: str, config: dict[str, Any], folder: Path):
+        import wandb
+
+        kwargs: dict[str, Any] = {"project": project, "config": config}
+        if not os.environ.get("WANDB_DIR"):
+            kwargs["dir"] = str(folder)
+        # name=None lets wandb take WANDB_NAME from the environment.
+        self.run = wandb.init(**kwargs)
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def format_step_line(r: dict[str, Any]) -> str:
+    """The one step-line format: step, loss, lr, grad norm, tokens/s (and MFU on GPU)."""
+    parts = [
+        f"step {r['step']}/{r['total_steps']}",
+        f"loss {r['loss']:.4f}",
+        f"lr {r['lr']:.3e}",
+        f"grad norm {r['grad_norm']:.4f}",
+        f"tokens/s {r['tokens_per_s']:.1f}",
+    ]
+    if r.get("mfu") is not None:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    if r.get("skipped"):
+        parts.append(f"skipped (overflow, loss scale {r['loss_scale']:g})")
+    return " | ".join(parts)
+
+
+def peak_flops(device: str) -> float | None:
+    """Peak FLOP/s of the CUDA device, or None on CPU / unknown devices."""
+    if device != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def model_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_length: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12·L·H·S for attention (PaLM, App. B)."""
+    return 6.0 * num_params + 12.0 * num_layers * hidden * seq_length
+
+
+class MetricsLogger:
+    """Writes step records: JSON lines always, plus the chosen backend (rank 0 only)."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        backend: str = "print",
+        project: str = "openchatkit",
+        config: dict[str, Any] | None = None,
+        enabled: bool = True,
+    ):
+        self.enabled = enabled
+        self.backend = backend
+        self.path = Path(folder) / "metrics.jsonl"
+        self.tracker: NullTracker | WandbTracker = NullTracker()
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if backend == "wandb":
+            self.tracker = WandbTracker(project, config or {}, Path(folder))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if record.get("kind", "train") == "train":
+            line = format_step_line(record)
+        else:
+            line = " | ".join(f"{k} {v}" for k, v in record.items() if k != "kind")
+        if self.backend == "print":
+            print(line, file=sys.stdout, flush=True)
+        elif self.backend == "loguru":
+            logger.info(line)
+        self.tracker.log(clean, step=int(record["step"]))
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tracker.finish()

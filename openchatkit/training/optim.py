@@ -1,0 +1,83 @@
+"""Optimizer and learning-rate schedule, and optimizer state kept by parameter name.
+
+The LR follows HF's `get_linear_schedule_with_warmup`: 0 -> lr linearly over `warmup` optimizer
+steps, then linearly down to 0 at `total` steps. Optimizer state is saved and loaded keyed by
+the layout-independent parameter names, so a checkpoint resumes under another pp x dp layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from openchatkit.errors import UserError
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW (`adam`) or bitsandbytes' 8-bit Adam (`8bit-adam`, also runs on CPU)."""
+    if name == "adam":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+    if name == "8bit-adam":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:  # pragma: no cover - it is a pinned dependency
+            raise UserError(f"--optimizer 8bit-adam needs bitsandbytes ({err})") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    raise UserError(f"--optimizer {name}: expected adam or 8bit-adam")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+
+
+def optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer, names: list[str], skip: set[str]
+) -> dict[str, dict[str, Any]]:
+    """Per-parameter optimizer state keyed by name (`names` in the optimizer's param order)."""
+    sd = optimizer.state_dict()
+    order = [i for group in sd["param_groups"] for i in group["params"]]
+    out: dict[str, dict[str, Any]] = {}
+    for position, index in enumerate(order):
+        name = names[position]
+        if name in skip or index not in sd["state"]:
+            continue
+        out[name] = {
+            k: (v.detach().clone() if torch.is_tensor(v) else v)
+            for k, v in sd["state"][index].items()
+        }
+    return out
+
+
+def load_optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer,
+    names: list[str],
+    saved: dict[str, dict[str, Any]],
+    alias: dict[str, str],
+) -> list[str]:
+    """Load per-name state into `optimizer`; returns the names that had no saved state."""
+    sd = optimizer.state_dict()
+    order = [i for group in sd["param_groups"] for i in group["params"]]
+    state: dict[int, dict[str, Any]] = {}
+    missing = []
+    for position, index in enumerate(order):
+        name = names[position]
+        key = name if name in saved else alias.get(name)
+        if key is None or key not in saved:
+            missing.append(name)
+            continue
+        state[index] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in saved[key].items()}
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+    return missing

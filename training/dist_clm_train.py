@@ -1,0 +1,58 @@
+"""Fine-tune a causal LM with a pipeline (GPipe or 1F1B) x data-parallel layout.
+
+One process per rank. The launchers in this folder start them; `torchrun` works too.
+
+Tiny CPU run (2 pipeline stages on gloo; prepare the model first with
+`python pretrained/SmolLM2-135M-Instruct/prepare.py`):
+    python training/launch.py --nproc 2 --device cpu -- training/dist_clm_train.py \
+        --model-name pretrained/SmolLM2-135M-Instruct/HuggingFaceTB_SmolLM2-135M-Instruct \
+        --task-name data/OIG-sample/train.jsonl --pipeline-group-size 2 \
+        --seq-length 128 --batch-size 4 --micro-batch-size 2 --total-steps 20 \
+        --checkpoint-path model_ckpts/smollm2-demo --device cpu
+
+One GPU (a single stage):
+    python training/dist_clm_train.py --model-name MODEL_DIR --task-name data/OIG/files \
+        --seq-length 2048 --batch-size 32 --micro-batch-size 1 --bf16 --checkpoint-path CKPT
+
+Many GPUs (8 stages x 1 replica, as upstream's GPT-NeoX-20B recipe):
+    bash training/train-gpt-neox-chat-base-20b.sh
+  or with torchrun:
+    torchrun --nproc-per-node 8 training/dist_clm_train.py --pipeline-group-size 8 ...
+
+A restart with the same --checkpoint-path resumes from its `latest` checkpoint automatically,
+also under another --pipeline-group-size x --data-group-size. See training/README.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from openchatkit.cli import run_main
+from openchatkit.training.args import build_parser, read_model_shape, validate_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Everything below the parser is heavy (torch); all checks run before any process group.
+    import torch
+
+    from openchatkit.data import parse_task_spec
+    from openchatkit.distributed.env import resolve_rendezvous
+    from openchatkit.training.trainer import run_training
+
+    shape = read_model_shape(args.model_name)
+    validate_args(args, shape, cuda_available=torch.cuda.is_available())
+    parse_task_spec(args.task_name)
+    if args.evaluation_data:
+        parse_task_spec(args.evaluation_data)
+    rdv = resolve_rendezvous(
+        args.rank,
+        args.world_size,
+        args.dist_url,
+        args.pipeline_group_size * args.data_group_size,
+    )
+    return run_training(args, rdv, shape)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(lambda: main()))
