@@ -11,12 +11,14 @@ that its terms must be accepted and a token set.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import gzip
+import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -112,6 +114,16 @@ def list_dataset_files(repo_id: str, revision: str | None = None) -> list[str]:
     return sorted(HfApi().list_repo_files(repo_id, repo_type="dataset", revision=revision))
 
 
+def probe_hub(repo_id: str, timeout_s: float = 10.0) -> None:
+    """One request to the hub without retries; raises the client's error when unreachable.
+
+    The answer's status does not matter here (a gated repo answers too); listing reports it.
+    """
+    from huggingface_hub import constants, get_session
+
+    get_session().get(f"{constants.ENDPOINT}/api/datasets/{repo_id}", timeout=timeout_s)
+
+
 def final_name(repo_path: str) -> str:
     """Where a repo file lands under `dest`: its path with any `.gz` dropped."""
     return repo_path[: -len(".gz")] if repo_path.endswith(".gz") else repo_path
@@ -135,6 +147,25 @@ def decompress_gz(src: Path, dest: Path) -> None:
             done = raw.tell()
 
 
+@contextlib.contextmanager
+def quiet_hub_logs() -> Iterator[None]:
+    """Hide huggingface_hub's per-retry warnings, so a failure reads as our one line."""
+    # Importing these (re)sets the library's log level, so import them before changing it.
+    import huggingface_hub.file_download  # noqa: F401
+    import huggingface_hub.hf_api  # noqa: F401
+    import huggingface_hub.utils._http  # noqa: F401
+
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "huggingface_hub.utils._http")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def download_dataset(
     repo_id: str,
     dest: str | os.PathLike,
@@ -149,14 +180,27 @@ def download_dataset(
     Files already complete under `dest` are skipped. Returns the final paths, in repo order.
     Every hub failure becomes a one-line UserError.
     """
+    with quiet_hub_logs():
+        return _download_dataset(repo_id, Path(dest), pattern, revision, keep_compressed, timeout_s)
+
+
+def _download_dataset(
+    repo_id: str,
+    dest: Path,
+    pattern: str,
+    revision: str | None,
+    keep_compressed: bool,
+    timeout_s: float,
+) -> list[Path]:
     import huggingface_hub
 
-    dest = Path(dest)
     if hub_is_offline():
         raise UserError(
             f"cannot download dataset {repo_id}: HF_HUB_OFFLINE=1 is set; unset it to download"
         )
     try:
+        # One plain request first: the hub client retries a refused connection for ~25 s.
+        call_with_deadline(lambda: probe_hub(repo_id), timeout_s, "contacting the hub")
         names = call_with_deadline(
             lambda: list_dataset_files(repo_id, revision),
             timeout_s,
@@ -216,17 +260,48 @@ def download_dataset(
             os.replace(local, target)  # same filesystem: an atomic rename
         logger.info(f"wrote {target}")
         done.append(target)
-    if (
-        not keep_compressed
-        and download_dir.exists()
-        and not any(
-            p.is_file() and not p.name.endswith(".lock") for p in _plain_files(download_dir)
-        )
-    ):
+    if not keep_compressed:
+        # Every chosen file is in place, so what is left there is only hub metadata.
         shutil.rmtree(download_dir, ignore_errors=True)
     return done
 
 
-def _plain_files(folder: Path) -> list[Path]:
-    """Files under `folder` except huggingface_hub's own metadata."""
-    return [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".metadata")]
+def build_prepare_parser(doc: str, repo_id: str, default_dest: Path, default_files: str):
+    """The argument parser shared by the `data/*/prepare.py` scripts (argparse only: fast)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--files",
+        default=default_files,
+        metavar="GLOB",
+        help=f"which files of {repo_id} to fetch, matched against file names (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dest",
+        type=Path,
+        default=default_dest,
+        help="folder for the decompressed .jsonl files (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repo", default=repo_id, help="hub dataset id to download from (default: %(default)s)"
+    )
+    parser.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    parser.add_argument(
+        "--keep-gz",
+        action="store_true",
+        help="keep the downloaded .gz files under DEST/.download (default: delete them)",
+    )
+    return parser
+
+
+def run_prepare(args) -> int:
+    """Body of the prepare scripts: download, decompress, print the final files."""
+    paths = download_dataset(
+        args.repo, args.dest, args.files, revision=args.revision, keep_compressed=args.keep_gz
+    )
+    for path in paths:
+        print(path)
+    return 0
