@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -248,7 +249,7 @@ def _download_dataset(
         if name.endswith(".gz"):
             try:
                 decompress_gz(local, target)
-            except (OSError, EOFError) as err:
+            except (OSError, EOFError, zlib.error) as err:
                 # A corrupt download: remove it so the next run fetches it again.
                 local.unlink(missing_ok=True)
                 raise UserError(

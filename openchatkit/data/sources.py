@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,7 @@ def _read_jsonl_gz(path: Path, num_lines: int) -> Reader:
                     yield json.loads(raw), index + 1
                 except ValueError:
                     yield "not valid JSON", index + 1
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise UserError(f"cannot read {path}: {err} (a truncated or corrupt .gz?)") from None
 
 
