@@ -31,17 +31,21 @@ from openchatkit.cli import run_main
 from openchatkit.training.args import build_parser, read_model_shape, validate_args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Everything below the parser is heavy (torch); all checks run before any process group.
+def _cuda_available() -> bool:
     import torch
 
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Every check runs before torch is imported (unless the device must be detected) and before
+    # any process group exists, so a bad flag costs a fraction of a second.
     from openchatkit.data import parse_task_spec
     from openchatkit.distributed.env import resolve_rendezvous
-    from openchatkit.training.trainer import run_training
 
     shape = read_model_shape(args.model_name)
-    validate_args(args, shape, cuda_available=torch.cuda.is_available())
+    validate_args(args, shape, cuda_available=_cuda_available)
     parse_task_spec(args.task_name)
     if args.evaluation_data:
         parse_task_spec(args.evaluation_data)
@@ -51,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         args.dist_url,
         args.pipeline_group_size * args.data_group_size,
     )
+    from openchatkit.training.trainer import run_training
+
     return run_training(args, rdv, shape)
 
 

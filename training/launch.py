@@ -18,7 +18,10 @@ Two nodes of 8 GPUs (run on each node, NODE_RANK 0 and 1):
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+from pathlib import Path
 
 from openchatkit.cli import run_main
 
@@ -27,6 +30,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc", type=int, default=None, help="processes on this node (default: GPUs)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if any")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=os.environ.get("LAUNCH_DRY_RUN") == "1",
+        help="print each rank's command and environment instead of running (LAUNCH_DRY_RUN=1)",
+    )
     p.add_argument("script", help="the Python script to run per rank")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     args = p.parse_args(argv)
@@ -38,25 +47,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from openchatkit.distributed.launcher import count_gpus, launch, plan_node
+    from openchatkit.distributed.launcher import child_env, count_gpus, launch, plan_node
     from openchatkit.errors import UserError
 
     args = parse_args(argv)
     device = args.device or ("cuda" if count_gpus() > 0 else "cpu")
     if device == "cpu" and args.nproc is None:
         raise UserError("--nproc is required with --device cpu")
-    plan = plan_node(args.nproc, device)
-    from pathlib import Path
-
+    plan = plan_node(args.nproc, device, check_gpus=not args.dry_run)
     if not Path(args.script).is_file():
         raise UserError(f"script {args.script} not found")
+    command = [sys.executable, args.script, *args.script_args]
+    if args.dry_run:
+        for local in range(plan.nproc):
+            env = child_env(plan, local, {})
+            pairs = " ".join(f"{k}={v}" for k, v in env.items() if k != "OMP_NUM_THREADS")
+            print(f"{pairs} {shlex.join(command)}")
+        return 0
     print(
         f"launch: node {plan.node_rank}/{plan.nnodes}, ranks {plan.rank(0)}..{plan.rank(plan.nproc - 1)}"
         f" of {plan.world_size}, rendezvous {plan.master_addr}:{plan.master_port}",
         file=sys.stderr,
         flush=True,
     )
-    return launch([sys.executable, args.script, *args.script_args], plan)
+    return launch(command, plan)
 
 
 if __name__ == "__main__":

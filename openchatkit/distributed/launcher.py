@@ -81,11 +81,15 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
 
 
 def plan_node(
-    nproc: int | None, device: str, env: Mapping[str, str] | None = None, gpus: int | None = None
+    nproc: int | None,
+    device: str,
+    env: Mapping[str, str] | None = None,
+    gpus: int | None = None,
+    check_gpus: bool = True,
 ) -> NodePlan:
     """Work out this node's processes; refuse clearly when there are too few GPUs."""
     env = os.environ if env is None else env
-    if device == "cuda":
+    if device == "cuda" and check_gpus:
         gpus = count_gpus() if gpus is None else gpus
         if nproc is None:
             nproc = gpus

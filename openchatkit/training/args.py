@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,8 +136,13 @@ def read_model_shape(folder: str | Path) -> ModelShape:
     )
 
 
-def validate_args(args: argparse.Namespace, shape: ModelShape, cuda_available: bool) -> None:
-    """Check the flags against each other and the model; fill derived values in place."""
+def validate_args(
+    args: argparse.Namespace, shape: ModelShape, cuda_available: Callable[[], bool]
+) -> None:
+    """Check the flags against each other and the model; fill derived values in place.
+
+    `cuda_available` is called only when --device is not cpu (it imports torch).
+    """
     pp, dp = args.pipeline_group_size, args.data_group_size
     if pp < 1:
         raise UserError(f"--pipeline-group-size must be >= 1, got {pp}")
@@ -202,8 +208,8 @@ def validate_args(args: argparse.Namespace, shape: ModelShape, cuda_available: b
     if args.initial_loss_scale <= 0:
         raise UserError(f"--initial-loss-scale must be > 0, got {args.initial_loss_scale}")
     if args.device is None:
-        args.device = "cuda" if cuda_available else "cpu"
-    if args.device == "cuda" and not cuda_available:
+        args.device = "cuda" if cuda_available() else "cpu"
+    if args.device == "cuda" and not cuda_available():
         raise UserError("--device cuda, but no CUDA device is visible")
     if args.dp_backend is None:
         args.dp_backend = "nccl" if args.device == "cuda" else "gloo"

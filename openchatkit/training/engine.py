@@ -83,11 +83,12 @@ class LocalSchedule:
         ids, labels = self._chunks(input_ids), self._chunks(target)
         pos = self._chunks(position_ids) if position_ids is not None else [None] * len(ids)
         losses.clear()
-        for x, y, p in zip(ids, labels, pos, strict=True):
-            with torch.set_grad_enabled(grad):
+        for i, (x, y, p) in enumerate(zip(ids, labels, pos, strict=True)):
+            with torch.set_grad_enabled(grad), torch.profiler.record_function(f"forward_chunk {i}"):
                 loss = self.loss_fn(self.module(x, position_ids=p), y)
             if grad:
-                loss.backward()
+                with torch.profiler.record_function(f"backward_chunk {i}"):
+                    loss.backward()
             losses.append(loss.detach())
 
 
@@ -143,6 +144,25 @@ class TrainEngine:
         else:
             self.stage = None
             self.schedule = LocalSchedule(module, n_microbatches, self.loss_fn)
+
+    def enable_tracing(self, tracer: object) -> None:
+        """Name forward/backward regions per micro-batch for the profiler (1F1B has none)."""
+        self.tracer = tracer
+        if self.stage is None:
+            return
+        stage = self.stage
+        forward, backward = stage.forward_one_chunk, stage.backward_one_chunk
+
+        def traced_forward(i, *args, **kwargs):
+            with torch.profiler.record_function(f"forward_chunk {i}"):
+                return forward(i, *args, **kwargs)
+
+        def traced_backward(i, *args, **kwargs):
+            with torch.profiler.record_function(f"backward_chunk {i}"):
+                return backward(i, *args, **kwargs)
+
+        stage.forward_one_chunk = traced_forward
+        stage.backward_one_chunk = traced_backward
 
     # -- helpers -------------------------------------------------------------------------------
     def span(self, name: str) -> contextlib.AbstractContextManager:

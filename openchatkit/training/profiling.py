@@ -22,8 +22,8 @@ from openchatkit.fileio import write_json
 
 # (category, pattern on the profiler event name); the first match wins.
 CATEGORIES = [
-    ("forward", re.compile(r"^Forward\b")),
-    ("backward", re.compile(r"^Backward\b")),
+    ("forward", re.compile(r"^forward", re.I)),
+    ("backward", re.compile(r"^backward", re.I)),
     ("all-reduce", re.compile(r"all_?reduce", re.I)),
     ("optimizer", re.compile(r"^optimizer$|^Optimizer\.step", re.I)),
     ("send", re.compile(r"send", re.I)),

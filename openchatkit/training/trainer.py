@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,7 @@ class Run:
             masters = {k: v for k, v in self.engine.master.master_state().items() if k not in skip}
             ckpt.write_stage_state(tmp, layout.pp_rank, state, masters)
         ckpt.write_rank_state(tmp, layout.rank)
+        maybe_fault("save", step, self.rdv.rank)
         self.barrier()
         if rank0:
             meta = {
@@ -286,7 +288,7 @@ class Run:
         profiler = None
         if args.profiling == "tidy_profiling":
             profiler = StepProfiler(self.root, layout.rank, self.start_step + 1, args.profile_steps)
-            self.engine.tracer = profiler
+            self.engine.enable_tracing(profiler)
         peak = peak_flops(args.device)
         flops_tok = model_flops_per_token(
             self.num_params, self.shape.num_layers, self.shape.hidden_size, args.seq_length
@@ -294,9 +296,9 @@ class Run:
         last = args.total_steps
         if args.stop_after_steps is not None:
             last = min(last, self.start_step + args.stop_after_steps)
-        saved_at = self.start_step
         try:
             for step in range(self.start_step + 1, last + 1):
+                maybe_fault("step", step, self.rdv.rank)
                 if profiler:
                     profiler.before_step(step)
                 t0 = time.perf_counter()
@@ -331,12 +333,20 @@ class Run:
                     step == args.total_steps
                 ):
                     self.save(step)
-                    saved_at = step
         finally:
             metrics.close()
-        if saved_at != last and last == args.total_steps:
-            self.save(last)
         return 0
+
+
+def maybe_fault(point: str, step: int, rank: int) -> None:
+    """Test hook: OPENCHATKIT_FAULT="save:4@1" SIGKILLs rank 1 while it saves step 4
+    ("step:5" kills every rank at the start of step 5), to prove resume after a real kill."""
+    spec = os.environ.get("OPENCHATKIT_FAULT")
+    if not spec:
+        return
+    where, _, who = spec.partition("@")
+    if where == f"{point}:{step}" and (not who or int(who) == rank):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _jsonable(value: Any) -> bool:

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# CPU demo of the whole path: prepare the embedded SmolLM2-135M-Instruct in layer-sharded form,
+# fine-tune it with 2 pipeline stages on gloo (2 processes) on the bundled OIG sample for a few
+# dozen steps, convert the result to an HF folder and print it. No GPU, no network.
+# About 10 minutes on a 2-core CPU (`make demo` runs this script).
+#
+#   bash training/finetune-smollm2-135m-cpu.sh
+#   python inference/bot.py --model huggingface_models/SmolLM2-135M-OIG-demo
+#
+# Environment: FINETUNE_TOTAL_STEPS (default 24), FINETUNE_CHECKPOINT_STEPS (default 12),
+# FINETUNE_CHECKPOINT_PATH (default model_ckpts/smollm2-135m-oig-demo), DEMO_OUTPUT (the HF
+# folder, default huggingface_models/SmolLM2-135M-OIG-demo), PYTHON.
+# A rerun resumes from the newest checkpoint (and does no training once it is complete).
+set -euo pipefail
+DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$DIR")"
+PYTHON="${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}"
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+
+BASE_MODEL="$ROOT/pretrained/SmolLM2-135M-Instruct/HuggingFaceTB_SmolLM2-135M-Instruct"
+CKPT="${FINETUNE_CHECKPOINT_PATH:-$ROOT/model_ckpts/smollm2-135m-oig-demo}"
+OUT="${DEMO_OUTPUT:-$ROOT/huggingface_models/SmolLM2-135M-OIG-demo}"
+
+echo "== 1/3 prepare the embedded model as layer-sharded files" >&2
+"$PYTHON" "$ROOT/pretrained/SmolLM2-135M-Instruct/prepare.py"
+
+echo "== 2/3 fine-tune: 2 pipeline stages x 1 replica on gloo" >&2
+"$PYTHON" "$DIR/launch.py" --device cpu --nproc 2 -- "$DIR/dist_clm_train.py" \
+  --model-name "$BASE_MODEL" --model-type llama --load-pretrained-model true \
+  --task-name "$ROOT/data/OIG-sample/train.jsonl" \
+  --evaluation-data "$ROOT/data/OIG-sample/valid.jsonl" \
+  --evaluation-steps "${FINETUNE_CHECKPOINT_STEPS:-12}" --evaluation-num-batches 2 \
+  --checkpoint-path "$CKPT" \
+  --total-steps "${FINETUNE_TOTAL_STEPS:-24}" --warmup-steps 2 \
+  --checkpoint-steps "${FINETUNE_CHECKPOINT_STEPS:-12}" --num-checkpoints 1 \
+  --lr 2e-5 --seq-length 128 --batch-size 4 --micro-batch-size 1 \
+  --pipeline-group-size 2 --data-group-size 1 --pp-mode gpipe \
+  --device cpu --dp-backend gloo --optimizer adam --seed 42 "$@"
+
+echo "== 3/3 convert the newest checkpoint to an HF folder" >&2
+"$PYTHON" "$ROOT/tools/convert_to_hf_llama.py" --ckpt-path "$CKPT" --save-path "$OUT" \
+  --chat-format openchatkit --overwrite
+
+echo "fine-tuned model: $OUT" >&2
+echo "chat with it:     python inference/bot.py --model $OUT" >&2

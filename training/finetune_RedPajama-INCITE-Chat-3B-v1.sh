@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# RedPajama-INCITE-Chat-3B-v1: fine-tune RedPajama-INCITE-Base-3B-v1 (32 layers, hidden 2560) on
+# OIG chip2, 4 pipeline stages x 2 data-parallel replicas on one node of 8 GPUs.
+#
+#   python pretrained/RedPajama-3B/prepare.py && python data/OIG-chip2/prepare.py
+#   bash training/finetune_RedPajama-INCITE-Chat-3B-v1.sh
+#
+# Environment: FINETUNE_TOTAL_STEPS, FINETUNE_CHECKPOINT_STEPS, FINETUNE_CHECKPOINT_PATH;
+# multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT; NET_IF; PYTHON.
+set -euo pipefail
+DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$DIR")"
+PYTHON="${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}"
+
+MODEL_NAME=RedPajama-INCITE-Chat-3B-v1
+BASE_MODEL="$ROOT/pretrained/RedPajama-3B/togethercomputer_RedPajama-INCITE-Base-3B-v1"
+
+ARGS=(
+  --model-name "$BASE_MODEL" --tokenizer-name "$BASE_MODEL"
+  --project-name together --model-type gptneox --optimizer adam --seed 42
+  --load-pretrained-model true --task-name "$ROOT/data/OIG-chip2/files:1"
+  --checkpoint-path "${FINETUNE_CHECKPOINT_PATH:-$ROOT/model_ckpts/$MODEL_NAME}"
+  --total-steps "${FINETUNE_TOTAL_STEPS:-10}" --warmup-steps 0
+  --checkpoint-steps "${FINETUNE_CHECKPOINT_STEPS:-10}"
+  --lr 1e-5 --seq-length 2048 --batch-size 32 --micro-batch-size 1 --gradient-accumulate-step 1
+  --num-layers 8 --embedding-dim 2560
+  --pipeline-group-size 4 --data-group-size 2
+  --fp16 --dp-backend nccl --dp-mode allreduce --pp-mode gpipe --profiling no-profiling
+)
+[ -n "${NET_IF:-}" ] && ARGS+=(--net-interface "$NET_IF")
+
+exec "$PYTHON" "$DIR/launch.py" --device cuda --nproc "${GPUS_PER_NODE:-8}" -- \
+  "$DIR/dist_clm_train.py" "${ARGS[@]}" "$@"
