@@ -134,8 +134,13 @@ def is_tied(config: Any) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False))
 
 
+# Our name -> HF model_type, readable without importing the transformers modeling code (so a
+# script can refuse a wrong architecture within a second).
+MODEL_TYPES = {"gptneox": "gpt_neox", "gptj": "gptj", "llama": "llama"}
+
+
 def architecture_names() -> list[str]:
-    return ["gptneox", "gptj", "llama"]
+    return list(MODEL_TYPES)
 
 
 def get_architecture(name_or_model_type: str) -> Architecture:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,9 @@ from loguru import logger
 from openchatkit.errors import UserError
 from openchatkit.fileio import atomic_dir
 from openchatkit.models import sharded
-from openchatkit.models.arch import Architecture, get_architecture, is_tied
+from openchatkit.models.arch import MODEL_TYPES, get_architecture, is_tied
 from openchatkit.models.hf_weights import HFWeights, plan_shards, write_hf_shards
 
-# The OpenChatKit turn format: "<human>: ...\n<bot>: ...\n"; generation continues after "<bot>:".
-OPENCHATKIT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '<human>: ' + message['content'] + '\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<bot>: ' + message['content'] + '\\n' }}"
-    "{% else %}{{ message['content'] + '\\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<bot>:' }}{% endif %}"
-)
 CHAT_FORMATS = ("openchatkit",)
 
 
@@ -54,14 +44,25 @@ def _load_config(source: str | os.PathLike) -> Any:
         raise UserError(f"cannot read a model config from {source}: {first}") from None
 
 
-def _check_arch(arch: Architecture, model_type: str, what: str, direction: str) -> None:
-    if model_type != arch.model_type:
-        try:
-            right = get_architecture(model_type).name
-            hint = f"; use tools/convert_{direction}_{right}.py"
-        except UserError:
-            hint = ""
-        raise UserError(f"{what} is a {model_type!r} model, not {arch.model_type!r}{hint}")
+def _check_arch(name: str, model_type: str, what: str, direction: str) -> None:
+    """Refuse a model of another architecture, naming the right converter."""
+    if name not in MODEL_TYPES:
+        raise UserError(f"unsupported architecture {name!r}: use one of {', '.join(MODEL_TYPES)}")
+    if model_type != MODEL_TYPES[name]:
+        right = {v: k for k, v in MODEL_TYPES.items()}.get(model_type)
+        hint = f"; use tools/convert_{direction}_{right}.py" if right else " (unsupported)"
+        raise UserError(f"{what} is a {model_type!r} model, not {MODEL_TYPES[name]!r}{hint}")
+
+
+def _read_model_type(folder: Path) -> str:
+    """`model_type` from config.json, read as plain JSON (no transformers import)."""
+    path = folder / "config.json"
+    try:
+        return str(json.loads(path.read_text())["model_type"])
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no config.json (not an HF model folder)") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"cannot read model_type from {path}: {err}") from None
 
 
 # -- HF -> layer-sharded ------------------------------------------------------------------------
@@ -78,10 +79,10 @@ def convert_hf_to_sharded(
 ) -> Path:
     """Convert a local HF folder into a layer-sharded folder at `out`; returns `out`."""
     hf_dir, out = Path(hf_dir), Path(out)
+    check_output_dir(out, overwrite)
+    _check_arch(architecture, _read_model_type(hf_dir), str(hf_dir), "from_hf")
     arch = get_architecture(architecture)
     config = _load_config(hf_dir)
-    _check_arch(arch, config.model_type, str(hf_dir), "from_hf")
-    check_output_dir(out, overwrite)
     weights = HFWeights(hf_dir)
     num_layers = config.num_hidden_layers
     tied = is_tied(config)
@@ -128,13 +129,16 @@ def convert_hf_to_sharded(
                 f"{hf_dir}: config ties the embeddings but {redundant_head!r} differs from them"
             )
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        sharded.make_readable(tmp)
+        progress = _progress(num_layers + 2, f"converting {hf_dir.name}")
         for name in sharded.part_files(num_layers):
             tensors = {
                 ours: transform.to_ours(weights.get(hf_key), config).to(target)
                 for ours, (hf_key, transform) in plan[name].items()
             }
             sharded.save_tensors(tmp / name, tensors)
-            logger.debug("wrote {}", name)
+            progress.update(1)
+        progress.close()
         shutil.copyfile(hf_dir / "config.json", tmp / "config.json")
         sharded.copy_tokenizer_files(hf_dir, tmp)
         extra = {"source": source_name or hf_dir.name, "hidden_size": config.hidden_size}
@@ -150,6 +154,15 @@ def convert_hf_to_sharded(
     return out
 
 
+def _progress(total: int, desc: str):
+    """A progress bar over weight files, shown only on a terminal."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="file", disable=not sys.stderr.isatty())
+
+
 def _layer_of(name: str) -> int | None:
     return int(name[len("layer_") : -len(".safetensors")]) if name.startswith("layer_") else None
 
@@ -163,15 +176,6 @@ def _check_chat_format(chat_format: str | None) -> str | None:
 
 
 # -- layer-sharded (or trainer checkpoint) -> HF ------------------------------------------------
-
-
-@dataclass
-class ShardedSource:
-    """A resolved CKPT: the folder holding the layer files, its manifest and its config."""
-
-    folder: Path
-    manifest: sharded.Manifest
-    config: Any
 
 
 def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
@@ -192,18 +196,21 @@ def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
     return ckpt
 
 
-def open_sharded_source(ckpt: str | os.PathLike, config_name: str | None = None) -> ShardedSource:
-    """Resolve CKPT and read its manifest and config (`config_name` overrides config.json)."""
+def read_sharded_source(
+    ckpt: str | os.PathLike, config_name: str | None = None
+) -> tuple[Path, sharded.Manifest]:
+    """Resolve CKPT to its folder and manifest. Per-layer files without a manifest are described
+    from the config (`config_name`, else the folder's config.json). The chat format comes from the
+    manifest, else from a trainer checkpoint's meta.json."""
     folder = resolve_checkpoint(ckpt)
     if sharded.is_sharded_folder(folder):
         manifest = sharded.read_manifest(folder)
     elif (folder / sharded.layer_file(0)).is_file() and (
         config_name or (folder / "config.json").is_file()
     ):
-        # Per-layer files without a manifest: describe them from the config.
         config = _load_config(config_name or folder)
         manifest = sharded.Manifest(
-            architecture=get_architecture(config.model_type).name,
+            architecture={v: k for k, v in MODEL_TYPES.items()}.get(config.model_type, "?"),
             num_layers=config.num_hidden_layers,
             dtype="",
             tie_word_embeddings=is_tied(config),
@@ -219,13 +226,7 @@ def open_sharded_source(ckpt: str | os.PathLike, config_name: str | None = None)
             manifest.chat_format = json.loads(meta.read_text()).get("chat_format")
         except (OSError, ValueError, AttributeError):
             raise UserError(f"cannot read {meta}") from None
-    config = _load_config(config_name or folder)
-    if config.num_hidden_layers != manifest.num_layers:
-        raise UserError(
-            f"config {config_name or folder} has {config.num_hidden_layers} layers, "
-            f"the checkpoint {manifest.num_layers}"
-        )
-    return ShardedSource(folder, manifest, config)
+    return folder, manifest
 
 
 def check_stage_layout(
@@ -273,17 +274,26 @@ def convert_sharded_to_hf(
     from safetensors import safe_open
 
     out = Path(out)
-    arch = get_architecture(architecture)
-    src = open_sharded_source(ckpt, config_name)
-    _check_arch(arch, src.config.model_type, f"--ckpt-path {ckpt}", "to_hf")
-    if src.manifest.architecture != arch.name:
-        raise UserError(
-            f"--ckpt-path {ckpt} holds a {src.manifest.architecture} model, not {arch.name}"
-        )
-    check_stage_layout(src.manifest.num_layers, num_stages, layers_per_stage)
+    # Cheap checks first (no transformers import), so bad input fails within a second.
     check_output_dir(out, overwrite)
-    sharded.check_files(src.folder, src.manifest)
-    config, num_layers = src.config, src.manifest.num_layers
+    folder, manifest = read_sharded_source(ckpt, config_name)
+    _check_arch(
+        architecture,
+        MODEL_TYPES.get(manifest.architecture, manifest.architecture),
+        f"--ckpt-path {ckpt}",
+        "to_hf",
+    )
+    num_layers = manifest.num_layers
+    check_stage_layout(num_layers, num_stages, layers_per_stage)
+    sharded.check_files(folder, manifest)
+    config = _load_config(config_name or folder)
+    _check_arch(architecture, config.model_type, f"config {config_name or folder}", "to_hf")
+    if config.num_hidden_layers != num_layers:
+        raise UserError(
+            f"config {config_name or folder} has {config.num_hidden_layers} layers, "
+            f"the checkpoint {num_layers}"
+        )
+    arch = get_architecture(architecture)
     expected = arch.expected_keys(config)
 
     # (hf key, file, our key, transform, bytes) for every tensor, checked against the key map.
@@ -297,7 +307,7 @@ def convert_sharded_to_hf(
             if name == sharded.HEAD_FILE
             else "layer"
         )
-        path = src.folder / name
+        path = folder / name
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
             for key in expected[part]:
@@ -325,12 +335,13 @@ def convert_sharded_to_hf(
             tensor = sharded.load_tensors(path, [key])[key]
             yield hf_key, transform.to_hf(tensor, config).to(out_dtype)
 
-    chat_format = _check_chat_format(chat_format) or src.manifest.chat_format
+    chat_format = _check_chat_format(chat_format) or manifest.chat_format
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        sharded.make_readable(tmp)
         write_hf_shards(tmp, shards, produce())
         config.dtype = out_dtype
         config.save_pretrained(tmp)
-        _write_tokenizer(src.folder, config_name, tmp, chat_format)
+        _write_tokenizer(folder, config_name, tmp, chat_format)
     return out
 
 
@@ -369,6 +380,8 @@ def _write_tokenizer(
         return
     if chat_format == "openchatkit":
         from transformers import AutoTokenizer
+
+        from openchatkit.conversation import OPENCHATKIT_CHAT_TEMPLATE
 
         tokenizer = AutoTokenizer.from_pretrained(out)
         tokenizer.chat_template = OPENCHATKIT_CHAT_TEMPLATE

@@ -196,10 +196,18 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> N
             tmp,
             metadata={"format": "pt"},
         )
+        make_readable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def make_readable(path: Path) -> None:
+    """Give a temp file or folder (created 0600/0700) the permissions the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dest: str | os.PathLike) -> list[str]:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from loguru import logger
 from torch import nn
 
 from openchatkit.errors import UserError
@@ -243,7 +242,6 @@ class StageModel(nn.Module):
         stage._tie()
         stage._materialize_buffers(device)
         stage.source_folder = folder
-        logger.debug("loaded layers {} of {} from {}", layer_range, manifest.num_layers, folder)
         return stage
 
     def _is_shared_head_key(self, key: str) -> bool:

@@ -75,19 +75,38 @@ def hf_logits(folder: Path, input_ids: torch.Tensor, dtype=None) -> torch.Tensor
         return model(input_ids, use_cache=False).logits
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_tiny():
     """Factory: make_tiny(folder, kind, tied=False, dtype=torch.float32, num_layers=4) -> folder."""
     return save_tiny_model
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def reference_logits():
     """reference_logits(folder, input_ids) -> HF AutoModelForCausalLM logits (no KV cache)."""
     return hf_logits
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_config():
     """Factory: make_config(kind, tied=False, num_layers=4) -> a tiny HF config."""
     return tiny_config
+
+
+def save_tiny_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer over VOCAB tokens, saved as HF tokenizer files into `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def add_tokenizer():
+    """add_tokenizer(folder) writes a tiny tokenizer's files into an HF folder."""
+    return save_tiny_tokenizer

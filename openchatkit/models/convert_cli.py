@@ -1,0 +1,149 @@
+"""Argument parsing and `main` bodies shared by `tools/convert_{from,to}_hf_<arch>.py` and
+`pretrained/<Model>/prepare.py`, so each script is a few lines naming its architecture or model.
+
+Nothing heavy is imported at module level: `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+
+
+def from_hf_parser(arch: str, doc: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=doc or f"Convert an HF {arch} model into the layer-sharded format.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model-name", required=True, help="hub id (org/name) or local HF folder")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--save-dir", help="write DIR/<org>_<name> (a local path uses its folder name)"
+    )
+    where.add_argument("--save-path", help="write exactly this folder")
+    p.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, help="cast weights (default: keep the source's)"
+    )
+    p.add_argument(
+        "--chat-format",
+        choices=("openchatkit",),
+        help="record that the model was "
+        "fine-tuned on <human>/<bot> turns (convert_to_hf then sets that chat template)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    return p
+
+
+def run_from_hf(args: argparse.Namespace, arch: str) -> int:
+    from openchatkit.models.convert import check_output_dir, convert_hf_to_sharded
+    from openchatkit.models.pretrained import output_name, resolve_hf_source
+
+    out = (
+        Path(args.save_path)
+        if args.save_path
+        else Path(args.save_dir) / output_name(args.model_name)
+    )
+    check_output_dir(out, args.overwrite)  # before a long download
+    source = resolve_hf_source(args.model_name)
+    convert_hf_to_sharded(
+        source,
+        out,
+        arch,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        chat_format=args.chat_format,
+        source_name=args.model_name,
+    )
+    print(out)
+    return 0
+
+
+def to_hf_parser(arch: str, doc: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=doc or f"Convert a layer-sharded {arch} model or trainer checkpoint to HF.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--ckpt-path",
+        required=True,
+        help="layer-sharded folder, trainer checkpoint_<step>/, "
+        "or a checkpoint folder holding `latest`",
+    )
+    p.add_argument("--save-path", required=True, help="output HF folder")
+    p.add_argument("--n-stages", type=int, help="pipeline stages P (inferred; checked when given)")
+    p.add_argument(
+        "--n-layer-per-stage",
+        type=int,
+        help="layers per stage L (inferred; checked: P x L = layers)",
+    )
+    p.add_argument(
+        "--config-name",
+        help="HF config (hub id or folder) when CKPT has no config.json, or to override it",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, help="output dtype (default: the checkpoint's)"
+    )
+    group.add_argument("--fp16", action="store_true", help="same as --dtype float16")
+    p.add_argument(
+        "--chat-format",
+        choices=("openchatkit",),
+        help="set the <human>/<bot> chat template "
+        "even if the checkpoint does not record that format",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    return p
+
+
+def run_to_hf(args: argparse.Namespace, arch: str) -> int:
+    from openchatkit.models.convert import convert_sharded_to_hf
+
+    out = convert_sharded_to_hf(
+        args.ckpt_path,
+        args.save_path,
+        arch,
+        num_stages=args.n_stages,
+        layers_per_stage=args.n_layer_per_stage,
+        config_name=args.config_name,
+        dtype="float16" if args.fp16 else args.dtype,
+        overwrite=args.overwrite,
+        chat_format=args.chat_format,
+    )
+    print(out)
+    return 0
+
+
+def prepare_parser(folder: str, doc: str | None = None) -> argparse.ArgumentParser:
+    from openchatkit.models.pretrained import PRETRAINED_MODELS
+
+    spec = PRETRAINED_MODELS[folder]
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model-name",
+        default=spec.repo_id,
+        help=f"hub id or local HF folder (default {spec.repo_id})",
+    )
+    p.add_argument("--save-dir", help=f"parent of the output folder (default pretrained/{folder}/)")
+    p.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default=spec.dtype, help=f"default {spec.dtype}"
+    )
+    p.add_argument("--overwrite", action="store_true", help="redo an already prepared folder")
+    return p
+
+
+def run_prepare(args: argparse.Namespace, folder: str, script_dir: Path) -> int:
+    from openchatkit.models.pretrained import prepare_pretrained
+
+    out = prepare_pretrained(
+        folder,
+        save_dir=args.save_dir or script_dir,
+        model_name=args.model_name,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    print(out)
+    return 0

@@ -1,0 +1,158 @@
+"""Base models for fine-tuning: download from the HF hub and convert to the layer-sharded format.
+
+One function, `prepare_pretrained`, behind every `pretrained/<Model>/prepare.py`; the
+`tools/convert_from_hf_*.py` scripts use `resolve_hf_source` + `convert_hf_to_sharded` the same way.
+Downloads go through `huggingface_hub.snapshot_download` (resumes partial files, shows progress,
+reuses the HF cache); only configs, tokenizer files and one weight format are fetched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+from openchatkit.errors import UserError
+from openchatkit.paths import REPO_ROOT
+
+EMBEDDED = "embedded"  # repo id standing for the bundled SmolLM2 (converted from GGUF offline)
+_META_PATTERNS = ["*.json", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class PretrainedModel:
+    """One base model offered under `pretrained/<folder>/`."""
+
+    folder: str  # pretrained/<folder>/
+    repo_id: str
+    architecture: str
+    dtype: str  # default --dtype
+
+
+PRETRAINED_MODELS = {
+    m.folder: m
+    for m in (
+        PretrainedModel("GPT-NeoX-20B", "EleutherAI/gpt-neox-20b", "gptneox", "float16"),
+        PretrainedModel(
+            "Pythia-6.9B-deduped", "EleutherAI/pythia-6.9b-deduped", "gptneox", "float16"
+        ),
+        PretrainedModel(
+            "RedPajama-3B", "togethercomputer/RedPajama-INCITE-Base-3B-v1", "gptneox", "float16"
+        ),
+        PretrainedModel(
+            "RedPajama-7B", "togethercomputer/RedPajama-INCITE-7B-Base", "gptneox", "float16"
+        ),
+        PretrainedModel(
+            "Llama-2-7B-32K-beta", "togethercomputer/LLaMA-2-7B-32K", "llama", "float16"
+        ),
+        PretrainedModel("GPT-J-6B", "EleutherAI/gpt-j-6b", "gptj", "float16"),
+        # Small enough for a CPU: kept in float32, exactly as the embedded conversion yields it.
+        PretrainedModel("SmolLM2-135M-Instruct", EMBEDDED, "llama", "float32"),
+    )
+}
+
+
+def output_name(model_name: str) -> str:
+    """`org/name` -> `org_name`; a local path -> its folder name; the embedded model ->
+    `HuggingFaceTB_SmolLM2-135M-Instruct`."""
+    if model_name == EMBEDDED:
+        return "HuggingFaceTB_SmolLM2-135M-Instruct"
+    path = Path(model_name)
+    if path.exists():
+        return path.resolve().name
+    return model_name.strip("/").replace("/", "_")
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
+def download_hf_model(repo_id: str, revision: str | None = None) -> Path:
+    """Download (or find in the HF cache) a model's config, tokenizer and weights; safetensors
+    when the repo has them, else the `.bin` shards. Offline or unreachable -> one-line UserError."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    def fetch(patterns: list[str]) -> Path:
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        except GatedRepoError:
+            raise UserError(
+                f"--model-name {repo_id} is gated: accept its terms on huggingface.co and set HF_TOKEN"
+            ) from None
+        except RepositoryNotFoundError:
+            raise UserError(f"--model-name {repo_id}: no such model on the HF hub") from None
+        except LocalEntryNotFoundError:
+            raise UserError(
+                f"cannot download {repo_id}: offline (HF_HUB_OFFLINE set or no network) and it is "
+                "not in the HF cache; connect and rerun (partial downloads resume)"
+            ) from None
+        except OSError as err:  # connection errors, disk full
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"cannot download {repo_id}: {first}") from None
+
+    from openchatkit.hub import check_hub_repo, is_cached
+
+    if not is_cached(repo_id):
+        check_hub_repo(repo_id, what="--model-name")  # one line within seconds when offline
+    folder = fetch(_META_PATTERNS + ["*.safetensors"])
+    if not _has_weights(folder):  # older repos (GPT-J-6B, RedPajama-INCITE) ship .bin only
+        folder = fetch(_META_PATTERNS + ["pytorch_model*.bin"])
+    if not _has_weights(folder):
+        raise UserError(f"{repo_id} has no safetensors or pytorch_model*.bin weights")
+    return folder
+
+
+def resolve_hf_source(model_name: str) -> Path:
+    """A local HF folder for `model_name`: an existing path, the embedded model, or a hub id
+    (downloaded)."""
+    if model_name == EMBEDDED or model_name.lower() in ("smollm2", "smollm2-135m-instruct"):
+        from openchatkit.models.embedded import ensure_embedded_model
+
+        return ensure_embedded_model()
+    path = Path(model_name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model-name {path} has no config.json (not an HF model folder)")
+        return path
+    if model_name.count("/") != 1 or model_name.startswith(("/", ".")):
+        raise UserError(f"--model-name {model_name}: no such folder, and not an org/name hub id")
+    return download_hf_model(model_name)
+
+
+def prepare_pretrained(
+    folder: str,
+    save_dir: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Download `PRETRAINED_MODELS[folder]` (or `model_name`) and write its layer-sharded form to
+    `<save_dir>/<org>_<name>/` (default `pretrained/<folder>/`). An already complete output is
+    kept unless `overwrite`. Returns the output folder."""
+    from openchatkit.models import sharded
+    from openchatkit.models.convert import convert_hf_to_sharded
+
+    spec = PRETRAINED_MODELS[folder]
+    name = model_name or spec.repo_id
+    base = Path(save_dir) if save_dir is not None else REPO_ROOT / "pretrained" / folder
+    out = base / output_name(name)
+    if sharded.is_sharded_folder(out) and not overwrite:
+        logger.info("{} is already prepared (pass --overwrite to redo it)", out)
+        return out
+    source = resolve_hf_source(name)
+    logger.info("converting {} to the layer-sharded format in {}", source, out)
+    return convert_hf_to_sharded(
+        source,
+        out,
+        spec.architecture,
+        dtype=dtype or spec.dtype,
+        overwrite=overwrite,
+        source_name=name if name != EMBEDDED else output_name(name).replace("_", "/", 1),
+    )

@@ -1,0 +1,30 @@
+"""Prepare `togethercomputer/RedPajama-INCITE-Base-3B-v1` from the Hugging Face hub as a layer-sharded base model for fine-tuning.
+
+Writes `pretrained/RedPajama-3B/togethercomputer_RedPajama-INCITE-Base-3B-v1/` (about 5.6 GB written in fp16). Downloads resume and reuse the HF
+cache; offline, the script says so in one line and exits non-zero.
+
+    python pretrained/RedPajama-3B/prepare.py
+    python pretrained/RedPajama-3B/prepare.py --dtype bfloat16 --save-dir /data/pretrained
+    # then fine-tune with training/ (see training/README.md), e.g. --model-name pretrained/RedPajama-3B/togethercomputer_RedPajama-INCITE-Base-3B-v1
+
+No GPU is needed to prepare. See pretrained/README.md for every flag.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from openchatkit.cli import run_main
+from openchatkit.models.convert_cli import prepare_parser, run_prepare
+
+FOLDER = "RedPajama-3B"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = prepare_parser(FOLDER, __doc__).parse_args(argv)
+    return run_prepare(args, FOLDER, Path(__file__).resolve().parent)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(lambda: main()))

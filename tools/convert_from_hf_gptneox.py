@@ -1,0 +1,29 @@
+"""Convert an HF GPT-NeoX (GPT-NeoX-20B, Pythia, RedPajama-INCITE) model into the layer-sharded format the trainer loads stage by stage.
+
+Reads the HF safetensors (or .bin) shards one tensor at a time, so memory stays near one layer.
+
+    # a hub model (downloaded with resume into the HF cache), written to DIR/<org>_<name>/
+    python tools/convert_from_hf_gptneox.py --model-name EleutherAI/pythia-70m-deduped --save-dir pretrained/custom
+    # a local HF folder, written exactly to OUT
+    python tools/convert_from_hf_gptneox.py --model-name path/to/hf_folder --save-path OUT --dtype float16
+
+CPU only; no GPU is needed. See tools/README.md for every flag.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from openchatkit.cli import run_main
+from openchatkit.models.convert_cli import from_hf_parser, run_from_hf
+
+ARCH = "gptneox"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = from_hf_parser(ARCH, __doc__).parse_args(argv)
+    return run_from_hf(args, ARCH)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(lambda: main()))
