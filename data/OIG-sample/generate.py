@@ -371,6 +371,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     with atomic_file(path) as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    path.chmod(0o644)  # the temp file was created 0600
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

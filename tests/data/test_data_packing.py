@@ -299,3 +299,42 @@ def test_bundled_sample_with_embedded_tokenizer(tmp_path, write_jsonl):
         it = next(stream)
         assert (it["labels"] != -100).any()
     assert stream.malformed_counts() == {}
+
+
+def test_hub_source_streams_cycles_and_resumes(monkeypatch, tmp_path, write_jsonl, char_tok):
+    import datasets
+
+    records = [{"text": f"h{i}"} for i in range(9)] + [{"text": ""}]
+    opened: list[str] = []
+
+    def fake_load_dataset(name, split=None, streaming=False):
+        assert streaming and split == "train"
+        opened.append(name)
+        return datasets.Dataset.from_list(records).to_iterable_dataset()
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    local = texts(tmp_path, write_jsonl, "l.jsonl", ["L1", "L2"])
+    spec = f"someone/chat:1,{local}:1"
+
+    def loader():
+        stream = PackedSequenceStream(spec, char_tok, seq_length=7, seed=5, docs_per_chunk=4)
+        return GlobalBatchLoader(stream, 2)
+
+    full = loader()
+    reference = [next(full) for _ in range(12)]
+    joined = "".join(
+        "|" if i == char_tok.eos_token_id else char_tok.convert_ids_to_tokens(i)
+        for b in reference
+        for i in b["input_ids"].flatten().tolist()
+    )
+    assert "h8|" in joined and "h0|" in joined[joined.index("h8|") :]  # cycled past its end
+    assert opened[0] == "someone/chat"
+    first = loader()
+    for _ in range(5):
+        next(first)
+    resumed = loader()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for expected in reference[5:]:
+        assert torch.equal(next(resumed)["input_ids"], expected["input_ids"])
+    assert full.stream.malformed_counts() == {"someone/chat": 1}
