@@ -299,8 +299,27 @@ def build_prepare_parser(doc: str, repo_id: str, default_dest: Path, default_fil
     return parser
 
 
+def use_network_timeouts(connect_s: float = 10.0, read_s: float = 60.0) -> None:
+    """Give the hub client timeouts (it has none): a connection that goes silent during a long
+    download then fails after `read_s` seconds instead of hanging; the rerun resumes it.
+
+    This changes huggingface_hub's process-wide client, so only scripts call it.
+    """
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.utils._http import default_client_factory
+
+    def factory():
+        client = default_client_factory()
+        client.timeout = httpx2.Timeout(read_s, connect=connect_s)
+        return client
+
+    huggingface_hub.set_client_factory(factory)
+
+
 def run_prepare(args) -> int:
     """Body of the prepare scripts: download, decompress, print the final files."""
+    use_network_timeouts()
     paths = download_dataset(
         args.repo, args.dest, args.files, revision=args.revision, keep_compressed=args.keep_gz
     )

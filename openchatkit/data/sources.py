@@ -63,8 +63,16 @@ def parse_record(record: Any) -> Document | str:
     return "no `text` (or `messages`) field"
 
 
-# A reader yields (record-or-reason, position after it). Positions are ints whose meaning depends
-# on the file type: byte offset (.jsonl), line count (.jsonl.gz), row index (.parquet).
+class Invalid(str):
+    """A reader's mark for a line that is not JSON (a JSON string literal stays a plain str)."""
+
+
+NOT_JSON = Invalid("not valid JSON")
+BLANK = object()  # a reader's mark for a blank line: no record, but it counts as a line
+
+# A reader yields (record, or NOT_JSON when the line is not JSON, or BLANK for a blank line;
+# position after it) once per line or row. Positions are ints whose meaning depends on the file
+# type: byte offset (.jsonl), line count (.jsonl.gz), row index (.parquet).
 Reader = Iterator[tuple[Any, int]]
 
 
@@ -74,11 +82,12 @@ def _read_jsonl(path: Path, offset: int) -> Reader:
         for raw in f:
             offset += len(raw)
             if not raw.strip():
-                continue  # blank lines (e.g. a trailing newline) are not records
+                yield BLANK, offset
+                continue
             try:
                 yield json.loads(raw), offset
             except ValueError:
-                yield "not valid JSON", offset
+                yield NOT_JSON, offset
 
 
 def _read_jsonl_gz(path: Path, num_lines: int) -> Reader:
@@ -88,12 +97,12 @@ def _read_jsonl_gz(path: Path, num_lines: int) -> Reader:
                 if index < num_lines:
                     continue
                 if not raw.strip():
-                    yield None, index + 1  # a position without a record; skipped below
+                    yield BLANK, index + 1
                     continue
                 try:
                     yield json.loads(raw), index + 1
                 except ValueError:
-                    yield "not valid JSON", index + 1
+                    yield NOT_JSON, index + 1
     except (OSError, EOFError, zlib.error) as err:
         raise UserError(f"cannot read {path}: {err} (a truncated or corrupt .gz?)") from None
 
@@ -139,6 +148,7 @@ class FileSource:
         self.cycle = cycle
         self.exhausted = False  # only when not cycling: the one epoch is over
         self.epoch, self.file_index, self.position = 0, 0, 0
+        self.line = 0  # 1-based number of the last line (or row) read in the current file
         self._reader: Reader | None = None
         self._docs_this_epoch = 0
         self.malformed: dict[str, int] = {}
@@ -149,6 +159,7 @@ class FileSource:
             "epoch": self.epoch,
             "file_index": self.file_index,
             "position": self.position,
+            "line": self.line,
             "docs_this_epoch": self._docs_this_epoch,
             "exhausted": self.exhausted,
         }
@@ -157,14 +168,16 @@ class FileSource:
         self.epoch = int(state["epoch"])
         self.file_index = int(state["file_index"])
         self.position = int(state["position"])
+        self.line = int(state["line"])
         self._docs_this_epoch = int(state["docs_this_epoch"])
         self.exhausted = bool(state.get("exhausted", False))
         self._reader = None
 
     def _malformed(self, path: Path, reason: str) -> None:
-        where = f"{path} (record ending at position {self.position})"
         if self.strict:
-            raise UserError(f"{where}: {reason} (--strict-data makes malformed lines fatal)")
+            raise UserError(
+                f"{path}:{self.line}: {reason} (--strict-data makes malformed lines fatal)"
+            )
         if self.epoch == 0:  # count each bad line once, not once per epoch
             key = str(path)
             self.malformed[key] = self.malformed.get(key, 0) + 1
@@ -190,7 +203,7 @@ class FileSource:
             if item is StopIteration:
                 self._reader = None
                 self._finish_file(path)
-                self.file_index, self.position = self.file_index + 1, 0
+                self.file_index, self.position, self.line = self.file_index + 1, 0, 0
                 if self.file_index == len(self.files):
                     if self._docs_this_epoch == 0:
                         raise UserError(f"--task-name {self.name}: no usable documents in it")
@@ -201,9 +214,10 @@ class FileSource:
                     logger.info(f"task {self.name}: starting epoch {self.epoch}")
                 continue
             record, self.position = item
-            if record is None:
+            self.line += 1
+            if record is BLANK:
                 continue
-            doc = parse_record(record) if not isinstance(record, str) else record
+            doc = record if isinstance(record, Invalid) else parse_record(record)
             if isinstance(doc, str):
                 self._malformed(path, doc)
                 continue
@@ -260,10 +274,18 @@ class HubSource:
             ) from None
 
     def next_document(self) -> Document | None:
+        from openchatkit.data.hub import hub_error_message
+
         while not self.exhausted:
             if self._iter is None:
                 self._iter = self._open()
-            record = next(self._iter, None)
+            try:
+                record = next(self._iter, None)
+            except Exception as err:  # a dropped connection mid-stream, an unreadable shard
+                raise UserError(
+                    f"--task-name {self.name}: streaming from the hub failed after "
+                    f"{self.position} records: {hub_error_message(err)}"
+                ) from None
             if record is None:
                 if self._docs_this_epoch == 0:
                     raise UserError(f"--task-name {self.name}: no usable documents in it")

@@ -201,3 +201,19 @@ def test_script_help_is_fast():
     proc, seconds = run_script("data/OIG/prepare.py", "--help", env_extra={})
     assert proc.returncode == 0 and "--files GLOB" in proc.stdout and "--dest" in proc.stdout
     assert seconds < 10
+
+
+def test_silent_hub_fails_at_the_deadline(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    with socket.socket() as server:  # accepts connections (backlog) but never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        monkeypatch.setattr(
+            huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}"
+        )
+        start = time.monotonic()
+        with pytest.raises(UserError, match="no answer within 2 s while contacting the hub"):
+            hub.download_dataset("laion/OIG", tmp_path / "out", "unified_*", timeout_s=1.5)
+        assert time.monotonic() - start < 10
+    assert not (tmp_path / "out").exists()

@@ -223,7 +223,7 @@ def test_malformed_lines_are_counted_and_warned_once(tmp_path, write_jsonl, char
 
     f = write_jsonl(
         tmp_path / "m.jsonl",
-        [{"text": "ok"}, "not json", {"meta": 1}, {"text": ""}, {"text": "  "}, "[1, 2]", {"text": 5}, {"text": "fine"}],
+        [{"text": "ok"}, "not json", {"meta": 1}, {"text": ""}, {"text": "  "}, "[1, 2]", {"text": 5}, "\"str\"", "null", {"text": "fine"}],
     )  # fmt: skip
     messages: list[str] = []
     sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
@@ -233,15 +233,20 @@ def test_malformed_lines_are_counted_and_warned_once(tmp_path, write_jsonl, char
     finally:
         logger.remove(sink)
     assert views[0] == "ok|fine|ok"
-    assert stream.malformed_counts() == {str(f): 6}
+    assert stream.malformed_counts() == {str(f): 8}
     warnings = [m for m in messages if "malformed" in m]
-    assert len(warnings) == 1 and str(f) in warnings[0] and "skipped 6" in warnings[0]
+    assert len(warnings) == 1 and str(f) in warnings[0] and "skipped 8" in warnings[0]
 
 
 def test_strict_data_makes_malformed_lines_fatal(tmp_path, write_jsonl, char_tok):
-    f = write_jsonl(tmp_path / "m.jsonl", [{"text": "ok"}, "not json"])
+    f = write_jsonl(tmp_path / "m.jsonl", [{"text": "ok"}, "", {"text": "ok"}, "not json"])
     stream = PackedSequenceStream(str(f), char_tok, seq_length=10, strict_data=True)
-    with pytest.raises(UserError, match=r"m\.jsonl.*not valid JSON.*--strict-data"):
+    with pytest.raises(UserError, match=r"m\.jsonl:4: not valid JSON \(--strict-data"):
+        next(stream)
+    with gzip.open(tmp_path / "g.jsonl.gz", "wt") as gz:
+        gz.write('{"text": "ok"}\n{"text": ""}\n')
+    stream = PackedSequenceStream(str(tmp_path / "g.jsonl.gz"), char_tok, 10, strict_data=True)
+    with pytest.raises(UserError, match=r"g\.jsonl\.gz:2: empty `text`"):
         next(stream)
 
 
