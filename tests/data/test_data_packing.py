@@ -294,8 +294,9 @@ def test_bundled_sample_with_embedded_tokenizer(tmp_path, write_jsonl):
     ]
     assert tok.decode(learned) == " The capital of France is Paris." + tok.eos_token
     # The whole bundled sample streams cleanly: no malformed lines, every window full.
+    sample = Path(__file__).resolve().parents[2] / "data" / "OIG-sample"
     stream = PackedSequenceStream(
-        "data/OIG-sample/train.jsonl,data/OIG-sample/valid.jsonl",
+        f"{sample / 'train.jsonl'},{sample / 'valid.jsonl'}",
         tok,
         seq_length=512,
         loss_on="bot",

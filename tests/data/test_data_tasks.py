@@ -67,7 +67,9 @@ def test_hub_id_is_recognised_without_network(files):
         ("{nomatch}", "no .jsonl, .jsonl.gz or .parquet file matches"),
     ],
 )
-def test_bad_specs_name_the_entry(files, tmp_path, spec, needle):
+def test_bad_specs_name_the_entry(files, tmp_path, monkeypatch, spec, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # so `data/no-such-dataset` reads as a local path
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "t.txt").write_text("x")
     (tmp_path / "emptydir").mkdir()
