@@ -21,7 +21,12 @@ from openchatkit.errors import UserError
 from openchatkit.fileio import atomic_dir
 from openchatkit.models import sharded
 from openchatkit.models.arch import MODEL_TYPES, get_architecture, is_tied
-from openchatkit.models.hf_weights import HFWeights, plan_shards, write_hf_shards
+from openchatkit.models.hf_weights import (
+    HFWeights,
+    SafetensorsFile,
+    plan_shards,
+    write_hf_shards,
+)
 
 CHAT_FORMATS = ("openchatkit",)
 
@@ -271,8 +276,6 @@ def convert_sharded_to_hf(
     max_shard_bytes: int | None = None,
 ) -> Path:
     """Convert a layer-sharded folder or trainer checkpoint into an HF folder at `out`."""
-    from safetensors import safe_open
-
     out = Path(out)
     # Cheap checks first (no transformers import), so bad input fails within a second.
     check_output_dir(out, overwrite)
@@ -308,32 +311,29 @@ def convert_sharded_to_hf(
             else "layer"
         )
         path = folder / name
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            for key in expected[part]:
-                if key not in keys:
-                    raise UserError(f"{path} lacks tensor {key!r}")
-            for key in keys:
-                if key not in expected[part]:
-                    raise UserError(f"{path} has unknown tensor {key!r}")
-                hf_key, transform = arch.hf_key(part, key, _layer_of(name))
-                view = f.get_slice(key)
-                numel = 1
-                for dim in view.get_shape():
-                    numel *= dim
-                size = (
-                    target.itemsize if target else _safetensors_itemsize(view.get_dtype())
-                ) * numel
-                entries.append((hf_key, path, key, transform, size))
-                if target is None and name == sharded.EMBEDDINGS_FILE and key == arch.embed_weight:
-                    embed_dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
-    out_dtype = target or embed_dtype
-    shards = plan_shards([(e[0], e[4]) for e in entries], max_shard_bytes or _default_shard_bytes())
+        f = SafetensorsFile(path)
+        keys = f.keys()
+        for key in expected[part]:
+            if key not in keys:
+                raise UserError(f"{path} lacks tensor {key!r}")
+        for key in keys:
+            if key not in expected[part]:
+                raise UserError(f"{path} has unknown tensor {key!r}")
+            hf_key, transform = arch.hf_key(part, key, _layer_of(name))
+            entries.append((hf_key, f, key, transform))
+    # Without --dtype the checkpoint's dtype (that of its embedding) is kept, bit for bit.
+    embeddings = SafetensorsFile(folder / sharded.EMBEDDINGS_FILE)
+    out_dtype = target or embeddings.dtype(arch.embed_weight)
+    specs = []
+    for hf_key, f, key, transform in entries:
+        # The HF shape, found by running the transform on a meta tensor (no data).
+        meta = torch.empty(f.shape(key), dtype=f.dtype(key), device="meta")
+        specs.append((hf_key, out_dtype, list(transform.to_hf(meta, config).shape)))
+    shards = plan_shards(specs, max_shard_bytes or _default_shard_bytes())
 
     def produce():
-        for hf_key, path, key, transform, _ in entries:
-            tensor = sharded.load_tensors(path, [key])[key]
-            yield hf_key, transform.to_hf(tensor, config).to(out_dtype)
+        for hf_key, f, key, transform in entries:
+            yield hf_key, transform.to_hf(f.get_tensor(key), config).to(out_dtype)
 
     chat_format = _check_chat_format(chat_format) or manifest.chat_format
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -343,15 +343,6 @@ def convert_sharded_to_hf(
         config.save_pretrained(tmp)
         _write_tokenizer(folder, config_name, tmp, chat_format)
     return out
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _safetensors_itemsize(name: str) -> int:
-    if name not in _SAFETENSORS_DTYPES:
-        raise UserError(f"unsupported tensor dtype {name} in checkpoint")
-    return _SAFETENSORS_DTYPES[name].itemsize
 
 
 def _default_shard_bytes() -> int:

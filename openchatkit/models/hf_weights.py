@@ -23,6 +23,80 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
+# safetensors dtype codes -> torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """A safetensors file read with plain `read` calls rather than a memory map, so a converted
+    tensor's pages leave the process once it is written (a map keeps every touched page of a
+    20B model resident). Checks that the data the header describes is all there."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"unreadable weight file {self.path} (truncated: no header)")
+            header_len = int.from_bytes(head, "little")
+            if header_len > size - 8:
+                raise UserError(f"unreadable weight file {self.path} (truncated header)")
+            try:
+                header = json.loads(f.read(header_len))
+            except ValueError:
+                raise UserError(f"unreadable weight file {self.path} (bad header)") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + header_len
+        self._header = header
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if self._base + end > size:
+            raise UserError(
+                f"unreadable weight file {self.path} (truncated: {size} bytes, header needs "
+                f"{self._base + end})"
+            )
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def dtype(self, key: str) -> torch.dtype:
+        code = self._header[key]["dtype"]
+        if code not in SAFETENSORS_DTYPES:
+            raise UserError(f"{self.path}: tensor {key!r} has unsupported dtype {code}")
+        return SAFETENSORS_DTYPES[code]
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._header[key]["shape"])
+
+    def nbytes(self, key: str) -> int:
+        start, stop = self._header[key]["data_offsets"]
+        return stop - start
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        info = self._header[key]
+        start, stop = info["data_offsets"]
+        buf = bytearray(stop - start)
+        with open(self.path, "rb") as f:
+            f.seek(self._base + start)
+            if f.readinto(buf) != len(buf):
+                raise UserError(f"unreadable weight file {self.path} (truncated at {key!r})")
+        dtype = self.dtype(key)
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
 class HFWeights:
     """Tensor-by-tensor access to an HF folder's weights: `keys()`, `get(key)`, `shape(key)`."""
 
@@ -58,11 +132,11 @@ class HFWeights:
         if path not in self._handles:
             try:
                 if path.suffix == ".safetensors":
-                    from safetensors import safe_open
-
-                    self._handles[path] = safe_open(str(path), framework="pt")
+                    self._handles[path] = SafetensorsFile(path)
                 else:
                     self._handles[path] = _BinShard(path)
+            except UserError:
+                raise
             except Exception as err:
                 raise UserError(f"unreadable weight file {path} (truncated?): {err}") from None
         return self._handles[path]
@@ -70,10 +144,20 @@ class HFWeights:
     def keys(self) -> list[str]:
         return list(self._file_of)
 
+    def dtype(self, key: str) -> torch.dtype:
+        handle = self._open(self._file_of[key])
+        return (
+            handle.dtype(key)
+            if isinstance(handle, SafetensorsFile)
+            else handle.get_tensor(key).dtype
+        )
+
     def get(self, key: str) -> torch.Tensor:
         path = self._file_of[key]
         try:
             return self._open(path).get_tensor(key)
+        except UserError:
+            raise
         except Exception as err:
             raise UserError(f"cannot read {key!r} from {path} (truncated?): {err}") from None
 
@@ -91,16 +175,21 @@ class _BinShard:
         return self.state[key]
 
 
-def plan_shards(sizes: list[tuple[str, int]], max_bytes: int = MAX_SHARD_BYTES) -> list[list[str]]:
-    """Group keys (in order) into shards of at most `max_bytes` (a single larger tensor gets a
-    shard of its own)."""
-    shards: list[list[str]] = [[]]
+def plan_shards(
+    specs: list[tuple[str, torch.dtype, list[int]]], max_bytes: int = MAX_SHARD_BYTES
+) -> list[list[tuple[str, torch.dtype, list[int]]]]:
+    """Group (key, dtype, shape) specs, in order, into shards of at most `max_bytes` (a single
+    larger tensor gets a shard of its own)."""
+    shards: list[list] = [[]]
     total = 0
-    for key, nbytes in sizes:
+    for spec in specs:
+        nbytes = spec[1].itemsize
+        for dim in spec[2]:
+            nbytes *= dim
         if shards[-1] and total + nbytes > max_bytes:
             shards.append([])
             total = 0
-        shards[-1].append(key)
+        shards[-1].append(spec)
         total += nbytes
     return shards
 
@@ -111,27 +200,67 @@ def shard_names(num_shards: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
 
 
+def write_safetensors(
+    path: str | os.PathLike,
+    specs: list[tuple[str, torch.dtype, list[int]]],
+    tensors: Iterator[torch.Tensor],
+) -> None:
+    """Write a safetensors file tensor by tensor: the header from `specs` (key, dtype, shape)
+    first, then each tensor `tensors` yields, in the same order. Memory holds one tensor, where
+    `safetensors.torch.save_file` holds a byte copy of them all."""
+    codes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, dtype, shape in specs:
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        size = numel * dtype.itemsize
+        header[key] = {
+            "dtype": codes[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the reference writer pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for (key, dtype, shape), tensor in zip(specs, tensors, strict=True):
+            if tensor.dtype != dtype or list(tensor.shape) != list(shape):
+                raise RuntimeError(
+                    f"{key}: got {tensor.dtype} {list(tensor.shape)}, planned {dtype} {shape}"
+                )
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            f.write(data.numpy().data)
+
+
 def write_hf_shards(
     folder: Path,
-    shards: list[list[str]],
+    shards: list[list[tuple[str, torch.dtype, list[int]]]],
     produce: Iterator[tuple[str, torch.Tensor]],
 ) -> None:
     """Write tensors from `produce` (in shard order) into HF safetensors shards and, when there is
     more than one, the index file transformers reads."""
-    from safetensors.torch import save_file
-
     names = shard_names(len(shards))
     weight_map, total = {}, 0
-    for name, keys in zip(names, shards, strict=True):
-        tensors = {}
-        for key in keys:
+
+    def tensors_of(specs):
+        for key, _, _ in specs:
             got_key, tensor = next(produce)
             if got_key != key:
                 raise RuntimeError(f"shard plan out of order: {got_key} != {key}")
-            tensors[key] = tensor.contiguous()
-            total += tensor.numel() * tensor.element_size()
+            yield tensor
+
+    for name, specs in zip(names, shards, strict=True):
+        write_safetensors(folder / name, specs, tensors_of(specs))
+        for key, dtype, shape in specs:
             weight_map[key] = name
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            total += numel * dtype.itemsize
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -182,20 +182,18 @@ def load_tensors(
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one safetensors file atomically (temp name beside it, then rename)."""
+    """Write one safetensors file atomically (temp name beside it, then rename), streaming the
+    tensors so no second copy of them is made."""
     import tempfile
 
-    from safetensors.torch import save_file
+    from openchatkit.models.hf_weights import write_safetensors
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-            tmp,
-            metadata={"format": "pt"},
-        )
+        specs = [(k, v.dtype, list(v.shape)) for k, v in tensors.items()]
+        write_safetensors(tmp, specs, iter(tensors.values()))
         make_readable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:

@@ -214,3 +214,25 @@ def test_smollm2_prepared_and_converted_back_answers_paris(tmp_path):
     out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
     answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_model_load_benchmark_prints_the_table(tmp_path, tiny_llama):
+    hf, _ = tiny_llama
+    proc = run(
+        "tools/model_load_benchmark.py",
+        "--model-name",
+        hf,
+        "--work-dir",
+        tmp_path,
+        "--repeats",
+        1,
+        "--n-stages",
+        2,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 5, proc.stdout  # header + 4 methods
+    for label in ("whole model", "one stage (layers 0-1 of 4", "from_pretrained", ".pt per layer"):
+        assert any(label in row for row in rows), label
+    assert (tmp_path / "sharded" / "manifest.json").is_file()
+    assert (tmp_path / "pt" / "pytorch_3.pt").is_file()
