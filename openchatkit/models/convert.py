@@ -225,6 +225,12 @@ def read_sharded_source(
             f"--ckpt-path {ckpt} is neither a layer-sharded folder (manifest.json) nor a trainer "
             f"checkpoint (checkpoint_<step>/ or a folder with `latest`)"
         )
+    found = len(list(folder.glob("layer_*.safetensors")))
+    if found > manifest.num_layers:
+        what = f"config {config_name or folder}" if manifest.dtype == "" else "its manifest.json"
+        raise UserError(
+            f"--ckpt-path {folder} holds {found} layer files but {what} says {manifest.num_layers} layers"
+        )
     meta = folder / "meta.json"
     if manifest.chat_format is None and meta.is_file():
         try:

@@ -158,3 +158,19 @@ def test_stage_layout_is_inferred_and_checked():
     for bad in [(8, 3, 3), (8, 3, None), (8, None, 3), (8, 0, None)]:
         with pytest.raises(UserError, match="--n-"):
             check_stage_layout(*bad)
+
+
+def test_layer_files_without_manifest_need_a_config(tmp_path, make_tiny):
+    """Per-layer files alone (no manifest.json, no config.json): --config-name describes them."""
+    hf = make_tiny(tmp_path / "hf", "gptj", num_layers=3)
+    mid = convert_hf_to_sharded(hf, tmp_path / "sharded", "gptj")
+    (mid / "manifest.json").unlink()
+    (mid / "config.json").unlink()
+    with pytest.raises(UserError, match="neither"):
+        convert_sharded_to_hf(mid, tmp_path / "x", "gptj")
+    back = convert_sharded_to_hf(mid, tmp_path / "back", "gptj", config_name=str(hf))
+    a, b = hf_tensors(hf), hf_tensors(back)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = make_tiny(tmp_path / "other", "gptj", num_layers=2)
+    with pytest.raises(UserError, match="3 layer files.*2 layers"):
+        convert_sharded_to_hf(mid, tmp_path / "y", "gptj", config_name=str(other))
