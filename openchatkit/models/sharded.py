@@ -164,7 +164,10 @@ def load_tensors(
     path = Path(path)
     if not path.is_file():
         raise UserError(f"missing weight file {path}")
-    target = "cpu" if device is None else str(device)
+    target = torch.device("cpu" if device is None else device)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())  # safetensors wants an index
+    target = str(target)
     out = {}
     try:
         with safe_open(str(path), framework="pt", device=target) as f:

@@ -174,3 +174,31 @@ def test_layer_files_without_manifest_need_a_config(tmp_path, make_tiny):
     other = make_tiny(tmp_path / "other", "gptj", num_layers=2)
     with pytest.raises(UserError, match="3 layer files.*2 layers"):
         convert_sharded_to_hf(mid, tmp_path / "y", "gptj", config_name=str(other))
+
+
+def test_output_names_and_prepare_scripts(capsys):
+    import runpy
+    from pathlib import Path
+
+    from openchatkit.models.pretrained import PRETRAINED_MODELS, output_name
+
+    assert output_name("EleutherAI/gpt-neox-20b") == "EleutherAI_gpt-neox-20b"
+    assert output_name("embedded") == "HuggingFaceTB_SmolLM2-135M-Instruct"
+    assert output_name(str(Path(__file__).parent)) == "models"  # a local path: its folder name
+    repo = Path(__file__).resolve().parents[2]
+    scripts = sorted(p.parent.name for p in (repo / "pretrained").glob("*/prepare.py"))
+    assert scripts == sorted(PRETRAINED_MODELS)
+    assert {m.repo_id for m in PRETRAINED_MODELS.values()} >= {
+        "EleutherAI/gpt-neox-20b",
+        "EleutherAI/pythia-6.9b-deduped",
+        "togethercomputer/RedPajama-INCITE-Base-3B-v1",
+        "togethercomputer/RedPajama-INCITE-7B-Base",
+        "togethercomputer/LLaMA-2-7B-32K",
+        "EleutherAI/gpt-j-6b",
+    }
+    for folder, spec in PRETRAINED_MODELS.items():
+        main = runpy.run_path(str(repo / "pretrained" / folder / "prepare.py"))["main"]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0
+        assert spec.repo_id in capsys.readouterr().out

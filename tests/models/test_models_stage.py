@@ -174,3 +174,17 @@ def test_random_init_stages_train_like_one_model(make_config, kind):
         + dict(last.named_parameters())[last.tied_head_param].grad
     )
     torch.testing.assert_close(summed, emb)
+
+
+def test_stage_with_a_missing_or_damaged_file_names_it(tmp_path, make_tiny):
+    from openchatkit.errors import UserError
+
+    hf = make_tiny(tmp_path / "hf", "gpt_neox")
+    folder = convert_hf_to_sharded(hf, tmp_path / "sharded", "gptneox")
+    (folder / "layer_00001.safetensors").unlink()
+    with pytest.raises(UserError, match="layer_00001.safetensors"):
+        StageModel.from_sharded(folder, range(0, 2), True, False)
+    head = folder / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:-16])
+    with pytest.raises(UserError, match="head.safetensors"):
+        StageModel.from_sharded(folder, range(2, 4), False, True)
