@@ -85,6 +85,7 @@ def convert_hf_to_sharded(
     """Convert a local HF folder into a layer-sharded folder at `out`; returns `out`."""
     hf_dir, out = Path(hf_dir), Path(out)
     check_output_dir(out, overwrite)
+    chat_format = _check_chat_format(chat_format)
     _check_arch(architecture, _read_model_type(hf_dir), str(hf_dir), "from_hf")
     arch = get_architecture(architecture)
     config = _load_config(hf_dir)
@@ -112,21 +113,14 @@ def convert_hf_to_sharded(
         name = name or sharded.layer_file(layer)
         plan.setdefault(name, {})[rule.ours] = (hf_key, rule.transform)
     for name in sharded.part_files(num_layers):
-        part = (
-            "embed"
-            if name == sharded.EMBEDDINGS_FILE
-            else "head"
-            if name == sharded.HEAD_FILE
-            else "layer"
-        )
+        part = _part_of(name)
         for key in expected[part]:
             if key not in plan.get(name, {}):
                 hf_key = arch.hf_key(part, key, _layer_of(name))[0]
                 raise UserError(f"{hf_dir}: missing checkpoint key {hf_key!r}")
 
-    target = (
-        sharded.parse_dtype(dtype) or weights.get(arch.hf_key("embed", arch.embed_weight)[0]).dtype
-    )
+    # Without --dtype the source's dtype (that of its embedding) is kept, bit for bit.
+    target = sharded.parse_dtype(dtype) or weights.dtype(arch.hf_key("embed", arch.embed_weight)[0])
     if redundant_head is not None:
         emb = weights.get(arch.hf_key("embed", arch.embed_weight)[0])
         if not torch.equal(weights.get(redundant_head), emb):
@@ -152,7 +146,7 @@ def convert_hf_to_sharded(
             num_layers=num_layers,
             dtype=sharded.dtype_name(target),
             tie_word_embeddings=tied,
-            chat_format=_check_chat_format(chat_format),
+            chat_format=chat_format,
             extra=extra,
         )
         sharded.write_manifest(tmp, manifest)
@@ -166,6 +160,11 @@ def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="file", disable=not sys.stderr.isatty())
+
+
+def _part_of(name: str) -> str:
+    """The key-map part a weight file holds: embed, layer or head."""
+    return {sharded.EMBEDDINGS_FILE: "embed", sharded.HEAD_FILE: "head"}.get(name, "layer")
 
 
 def _layer_of(name: str) -> int | None:
@@ -285,6 +284,7 @@ def convert_sharded_to_hf(
     out = Path(out)
     # Cheap checks first (no transformers import), so bad input fails within a second.
     check_output_dir(out, overwrite)
+    chat_format = _check_chat_format(chat_format)
     folder, manifest = read_sharded_source(ckpt, config_name)
     _check_arch(
         architecture,
@@ -305,17 +305,11 @@ def convert_sharded_to_hf(
     arch = get_architecture(architecture)
     expected = arch.expected_keys(config)
 
-    # (hf key, file, our key, transform, bytes) for every tensor, checked against the key map.
+    # (hf key, file, our key, transform) for every tensor, checked against the key map.
     entries = []
     target = sharded.parse_dtype(dtype)
     for name in sharded.part_files(num_layers):
-        part = (
-            "embed"
-            if name == sharded.EMBEDDINGS_FILE
-            else "head"
-            if name == sharded.HEAD_FILE
-            else "layer"
-        )
+        part = _part_of(name)
         path = folder / name
         f = SafetensorsFile(path)
         keys = f.keys()
@@ -341,7 +335,7 @@ def convert_sharded_to_hf(
         for hf_key, f, key, transform in entries:
             yield hf_key, transform.to_hf(f.get_tensor(key), config).to(out_dtype)
 
-    chat_format = _check_chat_format(chat_format) or manifest.chat_format
+    chat_format = chat_format or manifest.chat_format
     with atomic_dir(out, overwrite=overwrite) as tmp:
         sharded.make_readable(tmp)
         write_hf_shards(tmp, shards, produce())

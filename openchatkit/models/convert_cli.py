@@ -7,6 +7,7 @@ Nothing heavy is imported at module level: `--help` stays instant.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
@@ -98,7 +99,11 @@ def to_hf_parser(arch: str, doc: str | None = None) -> argparse.ArgumentParser:
 
 
 def run_to_hf(args: argparse.Namespace, arch: str) -> int:
-    from openchatkit.models.convert import convert_sharded_to_hf
+    from openchatkit.models.convert import (
+        check_stage_layout,
+        convert_sharded_to_hf,
+        read_sharded_source,
+    )
 
     out = convert_sharded_to_hf(
         args.ckpt_path,
@@ -110,6 +115,14 @@ def run_to_hf(args: argparse.Namespace, arch: str) -> int:
         dtype="float16" if args.fp16 else args.dtype,
         overwrite=args.overwrite,
         chat_format=args.chat_format,
+    )
+    _, manifest = read_sharded_source(args.ckpt_path, args.config_name)
+    stages, per_stage = check_stage_layout(
+        manifest.num_layers, args.n_stages, args.n_layer_per_stage
+    )
+    print(
+        f"{manifest.num_layers} layers ({stages} stages x {per_stage} layers) -> HF",
+        file=sys.stderr,
     )
     print(out)
     return 0
