@@ -295,14 +295,18 @@ def save_stage(
         src = tokenizer_from or stage.source_folder
         if src is not None:
             written += sharded.copy_tokenizer_files(src, folder)
-        if chat_format is None and stage.source_folder is not None:
-            chat_format = sharded.read_manifest(stage.source_folder).chat_format
+        extra = {}
+        if stage.source_folder is not None:
+            source = sharded.read_manifest(stage.source_folder)
+            extra = source.extra  # e.g. the original model's name
+            chat_format = chat_format or source.chat_format
         manifest = sharded.Manifest(
             architecture=stage.arch.name,
             num_layers=config.num_hidden_layers,
             dtype=sharded.dtype_name(dtype),
             tie_word_embeddings=stage.tie_word_embeddings,
             chat_format=chat_format,
+            extra=extra,
         )
         sharded.write_manifest(folder, manifest)
         written.append(sharded.MANIFEST)
