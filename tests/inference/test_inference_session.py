@@ -138,3 +138,69 @@ def test_too_long_message_refused(session):
     s.settings.max_tokens = 10
     s.handle_line("x" * 60)
     assert model.calls == 0 and "too long" in err.getvalue() and s.messages == []
+
+
+class FakeRetriever:
+    """Stands in for RetrievalIndex: returns fixed hits and records the queries."""
+
+    def __init__(self):
+        from openchatkit.retrieval import Hit
+
+        self.queries: list[tuple[str, int]] = []
+        self.hit = Hit(
+            text="The Zorblat tower is 812 metres tall.",
+            title="Zorblat",
+            source="z.md",
+            position=0,
+            score=0.91,
+            row=0,
+            first_position=0,
+            last_position=0,
+        )
+
+    def search(self, query, k):
+        self.queries.append((query, k))
+        return [self.hit][:k]
+
+    def __len__(self):
+        return 1
+
+
+def test_retrieval_context_in_this_turn_only(session, char_tokenizer):
+    s, model, out, err = session(script="812 metres.")
+    s.retriever, s.retrieval_on = FakeRetriever(), True
+    s.handle_line("How tall is the Zorblat tower?")
+    prompt = char_tokenizer.decode(model.prompts[-1])
+    assert "<context>" in prompt and "812 metres tall" in prompt
+    assert prompt.rstrip().endswith("How tall is the Zorblat tower?\n<bot>:")
+    # The history keeps the user's own words, not the context block.
+    assert s.messages[0] == {"role": "user", "content": "How tall is the Zorblat tower?"}
+    s.handle_line("/context")
+    assert "score 0.910" in out.getvalue() and "Zorblat (z.md)" in out.getvalue()
+    s.handle_line("/set retrieval_k 5")
+    s.handle_line("/retrieval off")
+    s.handle_line("Thanks")
+    assert "<context>" not in char_tokenizer.decode(model.prompts[-1])
+    assert s.retriever.queries == [("How tall is the Zorblat tower?", 3)]
+    s.handle_line("/retrieval on")
+    s.handle_line("Again?")
+    assert s.retriever.queries[-1] == ("Again?", 5)
+
+
+def test_retrieval_commands_without_index(session):
+    s, _, _, err = session()
+    s.handle_line("/context")
+    s.handle_line("/retrieval on")
+    assert err.getvalue().count("--retrieval INDEX_DIR") == 2
+
+
+def test_retrieval_context_respects_window(session, char_tokenizer):
+    # A 400-token window with max_tokens 20: the context is cut to what is left.
+    s, model, _, _ = session(script="ok", window=400)
+    s.settings.max_tokens = 20
+    s.retriever, s.retrieval_on = FakeRetriever(), True
+    s.retriever.hit.text = "word " * 400
+    s.handle_line("Question?")
+    assert 340 < len(model.prompts[-1]) <= 380 and "<context>" in char_tokenizer.decode(
+        model.prompts[-1]
+    )
