@@ -16,7 +16,8 @@ PROBE_TIMEOUT_S = 10.0
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    """True when HF_HUB_OFFLINE asks the hub libraries not to use the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def is_cached(repo_id: str, filename: str = "config.json", repo_type: str = "model") -> bool:

@@ -27,6 +27,7 @@ from loguru import logger
 
 from openchatkit.errors import UserError
 from openchatkit.fileio import atomic_file
+from openchatkit.hub import hub_offline as hub_is_offline
 
 # The hub's HTTP client waits forever by default; a metadata call gets this long.
 HUB_TIMEOUT_S = 30.0
@@ -34,11 +35,6 @@ DOWNLOAD_SUBDIR = ".download"
 _COPY_BLOCK = 16 << 20  # bytes per read while decompressing
 
 T = TypeVar("T")
-
-
-def hub_is_offline() -> bool:
-    """True when HF_HUB_OFFLINE asks the hub libraries not to use the network."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def hub_error_message(err: BaseException, repo_id: str | None = None) -> str:
