@@ -7,9 +7,12 @@ call per process (rank). The layout is branched on once, here, where the stage i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
+import re
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,10 @@ from openchatkit.training.optim import (
 from openchatkit.training.precision import LossScaler
 from openchatkit.training.profiling import StepProfiler
 
+# Error messages from gloo, NCCL or the TCP store that mean another rank is gone or stuck.
+_PEER_LOST = re.compile(
+    r"Connection (reset|closed)|Broken pipe|timed? ?out|NCCL|waiting for clients|peer", re.I
+)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -356,10 +363,24 @@ def _jsonable(value: Any) -> bool:
 def run_training(args: argparse.Namespace, rdv: Rendezvous, shape: ModelShape) -> int:
     """Train on this rank; returns the exit code."""
     run = Run(args, rdv, shape)
-    run.init_distributed()
     try:
+        run.init_distributed()
         run.build()
         return run.train()
+    except (RuntimeError, dist.DistError) as err:
+        # A peer that died (or hung past --pg-timeout) surfaces here as a gloo/NCCL/store
+        # error; say so in one line and exit non-zero (the launcher names the rank that died).
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not run.layout.is_distributed or not _PEER_LOST.search(first):
+            raise
+        print(
+            f"rank {rdv.rank} ({run.layout.describe()}): lost contact with another rank, "
+            f"stopping: {first[:300]}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
