@@ -126,17 +126,29 @@ def train_args(tiny: dict, arch: str, ckpt: Path, **flags) -> list[str]:
 
 
 def run_train(
-    args: list[str], nproc: int = 1, timeout: float = 300, **env
+    args: list[str], nproc: int = 1, timeout: float = 300, torchrun: bool = False, **env
 ) -> subprocess.CompletedProcess:
-    """Run the trainer like a user: directly for one process, through launch.py for several."""
+    """Run the trainer like a user: directly for one process, through launch.py (or torchrun)
+    for several."""
     if nproc == 1:
         cmd = [sys.executable, str(TRAIN), *args]
+    elif torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+        cmd += ["--master-port", str(_free_port()), str(TRAIN), *args]
     else:
         cmd = [sys.executable, str(LAUNCH), "--nproc", str(nproc), "--device", "cpu", "--"]
         cmd += [str(TRAIN), *args]
     return subprocess.run(
         cmd, cwd=REPO, env=clean_env(**env), capture_output=True, text=True, timeout=timeout
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def train_losses(ckpt: Path) -> dict[int, float]:
