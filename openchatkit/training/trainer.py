@@ -360,8 +360,21 @@ def _jsonable(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool, type(None)))
 
 
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs at INFO (OPENCHATKIT_LOG_LEVEL overrides), the others only warnings; each
+    line names its rank."""
+    level = os.environ.get("OPENCHATKIT_LOG_LEVEL", "INFO") if rank == 0 else "WARNING"
+    logger.remove()
+    logger.add(
+        sys.stderr,
+        level=level,
+        format="<green>{time:HH:mm:ss}</green> | {level: <7} | rank " + str(rank) + " | {message}",
+    )
+
+
 def run_training(args: argparse.Namespace, rdv: Rendezvous, shape: ModelShape) -> int:
     """Train on this rank; returns the exit code."""
+    setup_logging(rdv.rank)
     run = Run(args, rdv, shape)
     try:
         run.init_distributed()
