@@ -2,12 +2,12 @@
 # CPU demo of the whole path: prepare the embedded SmolLM2-135M-Instruct in layer-sharded form,
 # fine-tune it with 2 pipeline stages on gloo (2 processes) on the bundled OIG sample for a few
 # dozen steps, convert the result to an HF folder and print it. No GPU, no network.
-# About 10 minutes on a 2-core CPU (`make demo` runs this script).
+# About 5 minutes on 2 idle cores, 10-12 on busy ones (`make demo` runs this script).
 #
 #   bash training/finetune-smollm2-135m-cpu.sh
 #   python inference/bot.py --model huggingface_models/SmolLM2-135M-OIG-demo
 #
-# Environment: FINETUNE_TOTAL_STEPS (default 24), FINETUNE_CHECKPOINT_STEPS (default 12),
+# Environment: FINETUNE_TOTAL_STEPS (default 40), FINETUNE_CHECKPOINT_STEPS (default 20),
 # FINETUNE_CHECKPOINT_PATH (default model_ckpts/smollm2-135m-oig-demo), DEMO_OUTPUT (the HF
 # folder, default huggingface_models/SmolLM2-135M-OIG-demo), PYTHON.
 # A rerun resumes from the newest checkpoint (and does no training once it is complete).
@@ -29,10 +29,10 @@ echo "== 2/3 fine-tune: 2 pipeline stages x 1 replica on gloo" >&2
   --model-name "$BASE_MODEL" --model-type llama --load-pretrained-model true \
   --task-name "$ROOT/data/OIG-sample/train.jsonl" \
   --evaluation-data "$ROOT/data/OIG-sample/valid.jsonl" \
-  --evaluation-steps "${FINETUNE_CHECKPOINT_STEPS:-12}" --evaluation-num-batches 2 \
+  --evaluation-steps "${FINETUNE_CHECKPOINT_STEPS:-20}" --evaluation-num-batches 2 \
   --checkpoint-path "$CKPT" \
-  --total-steps "${FINETUNE_TOTAL_STEPS:-24}" --warmup-steps 2 \
-  --checkpoint-steps "${FINETUNE_CHECKPOINT_STEPS:-12}" --num-checkpoints 1 \
+  --total-steps "${FINETUNE_TOTAL_STEPS:-40}" --warmup-steps 2 \
+  --checkpoint-steps "${FINETUNE_CHECKPOINT_STEPS:-20}" --num-checkpoints 1 \
   --lr 2e-5 --seq-length 128 --batch-size 4 --micro-batch-size 1 \
   --pipeline-group-size 2 --data-group-size 1 --pp-mode gpipe \
   --device cpu --dp-backend gloo --optimizer adam --seed 42 "$@"
