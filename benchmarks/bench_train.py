@@ -164,7 +164,9 @@ def main(argv=None) -> int:
     batches = make_batches(tokenizer, args.seq_length, args.batch_size, args.steps + 1)
     tokens_per_step = args.seq_length * args.batch_size
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((x.split(":", 1)[1].strip() for x in cpu.splitlines() if "Model name" in x), "?")
+    model_name = next(
+        (x.split(":", 1)[1].strip() for x in cpu.splitlines() if "Model name" in x), "?"
+    )
     print(f"machine: {model_name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
     print(
         f"model: SmolLM2-135M-Instruct fp32 | seq {args.seq_length} x batch {args.batch_size} "
@@ -178,8 +180,11 @@ def main(argv=None) -> int:
             # The first step of each round warms caches and is not counted.
             ours_t += next(ours)[1:]
             hf_t += next(hf)[1:]
-            print(f"round {r + 1}: ours {statistics.median(ours_t):.3f} s/step, "
-                  f"HF Trainer {statistics.median(hf_t):.3f} s/step", flush=True)
+            print(
+                f"round {r + 1}: ours {statistics.median(ours_t):.3f} s/step, "
+                f"HF Trainer {statistics.median(hf_t):.3f} s/step",
+                flush=True,
+            )
     ours_tps = tokens_per_step / statistics.median(ours_t)
     hf_tps = tokens_per_step / statistics.median(hf_t)
     print(f"ours (pp=1):  {ours_tps:8.1f} tokens/s  (median of {len(ours_t)} steps)")
