@@ -136,6 +136,39 @@ def read_model_shape(folder: str | Path) -> ModelShape:
     )
 
 
+def stage_layer_ranges(num_layers: int, pp: int, per_stage: int | None) -> list[range]:
+    """Global layer indices of each pipeline stage.
+
+    Without --num-layers the layers are split as evenly as possible (earlier stages take one
+    more). With it, upstream's rule: every stage holds `per_stage` layers except the last, which
+    holds the rest (GPT-NeoX-20B's 44 layers as 8 stages x 6 = 7 x 6 + 2), so
+    (pp - 1) x per_stage < num_layers <= pp x per_stage.
+    """
+    if pp > num_layers:
+        raise UserError(
+            f"--pipeline-group-size {pp} exceeds the model's {num_layers} layers "
+            "(every stage needs at least one)"
+        )
+    if per_stage is None:
+        base, extra = divmod(num_layers, pp)
+        sizes = [base + (1 if s < extra else 0) for s in range(pp)]
+        starts = [sum(sizes[:s]) for s in range(pp)]
+        return [range(a, a + n) for a, n in zip(starts, sizes, strict=True)]
+    if per_stage < 1:
+        raise UserError(f"--num-layers must be >= 1, got {per_stage}")
+    if per_stage * pp < num_layers:
+        raise UserError(
+            f"--num-layers {per_stage} x --pipeline-group-size {pp} = {per_stage * pp}, "
+            f"fewer than the model's {num_layers} layers"
+        )
+    if per_stage * (pp - 1) >= num_layers:
+        raise UserError(
+            f"--num-layers {per_stage} x --pipeline-group-size {pp} leaves the last stage "
+            f"without layers (the model has {num_layers})"
+        )
+    return [range(s * per_stage, min((s + 1) * per_stage, num_layers)) for s in range(pp)]
+
+
 def validate_args(
     args: argparse.Namespace, shape: ModelShape, cuda_available: Callable[[], bool]
 ) -> None:
@@ -155,17 +188,7 @@ def validate_args(
             f"--model-type {args.model_type} does not match the model's model_type "
             f"{shape.model_type!r} in {args.model_name}/config.json"
         )
-    if shape.num_layers % pp != 0 and args.num_layers is None:
-        raise UserError(
-            f"the model has {shape.num_layers} layers, not divisible by --pipeline-group-size {pp}"
-        )
-    if args.num_layers is None:
-        args.num_layers = shape.num_layers // pp
-    if args.num_layers * pp != shape.num_layers:
-        raise UserError(
-            f"--num-layers {args.num_layers} x --pipeline-group-size {pp} = "
-            f"{args.num_layers * pp}, but the model has {shape.num_layers} layers"
-        )
+    args.layer_ranges = stage_layer_ranges(shape.num_layers, pp, args.num_layers)
     if args.embedding_dim is not None and args.embedding_dim != shape.hidden_size:
         raise UserError(
             f"--embedding-dim {args.embedding_dim} does not match the model's hidden size "
@@ -236,5 +259,5 @@ def derived_summary(args: argparse.Namespace) -> dict[str, Any]:
         "num_microbatches": num_micro,
         "global_batch_sequences": global_batch,
         "tokens_per_step": global_batch * args.seq_length,
-        "layers_per_stage": args.num_layers,
+        "layers_per_stage": [len(r) for r in args.layer_ranges],
     }

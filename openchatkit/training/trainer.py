@@ -92,14 +92,14 @@ class Run:
         from transformers import AutoConfig, AutoTokenizer
 
         from openchatkit.data import GlobalBatchLoader, PackedSequenceStream
-        from openchatkit.models.stage import StageModel, split_layers
+        from openchatkit.models.stage import StageModel
 
         args, layout = self.args, self.layout
         ckpt.seed_everything(args.seed)
         self.resume_from = ckpt.find_latest(self.root)
         self.meta = ckpt.read_meta(self.resume_from) if self.resume_from else None
         dtype = DTYPES[precision_name(args)]
-        layer_range = split_layers(self.shape.num_layers, layout.pp)[layout.pp_rank]
+        layer_range = args.layer_ranges[layout.pp_rank]
         first, last = layout.is_first_stage, layout.is_last_stage
         source = self.resume_from or (args.model_name if args.load_pretrained_model else None)
         if source is not None:

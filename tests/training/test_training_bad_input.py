@@ -17,11 +17,16 @@ CASES = [
     ),
     (["--pipeline-group-size", "2"], {}, ["--world-size"]),
     (
-        ["--num-layers", "3", "--pipeline-group-size", "2"],
+        ["--num-layers", "1", "--pipeline-group-size", "2"],
         {"WORLD_SIZE": "2", "RANK": "0"},
-        ["--num-layers 3", "4 layers"],
+        ["--num-layers 1", "4 layers"],
     ),
-    (["--pipeline-group-size", "3"], {"WORLD_SIZE": "3", "RANK": "0"}, ["4 layers", "3"]),
+    (
+        ["--num-layers", "4", "--pipeline-group-size", "2"],
+        {"WORLD_SIZE": "2", "RANK": "0"},
+        ["--num-layers 4", "last stage"],
+    ),
+    (["--pipeline-group-size", "5"], {"WORLD_SIZE": "5", "RANK": "0"}, ["4 layers", "5"]),
     (["--embedding-dim", "64"], {}, ["--embedding-dim 64", "32"]),
     (
         ["--batch-size", "3", "--micro-batch-size", "2"],

@@ -72,6 +72,24 @@ def test_rendezvous_falls_back_to_torchrun_env_and_checks_it():
         resolve_rendezvous(None, None, None, 2, env)
 
 
+def test_stage_layer_ranges_follow_upstream():
+    from openchatkit.training.args import stage_layer_ranges
+
+    # GPT-NeoX-20B: 44 layers as 8 stages x 6, the last stage takes the remaining 2.
+    ranges = stage_layer_ranges(44, 8, 6)
+    assert [len(r) for r in ranges] == [6] * 7 + [2] and ranges[-1] == range(42, 44)
+    assert stage_layer_ranges(30, 4, None) == [
+        range(0, 8),
+        range(8, 16),
+        range(16, 23),
+        range(23, 30),
+    ]
+    assert stage_layer_ranges(32, 4, 8) == [range(i * 8, i * 8 + 8) for i in range(4)]
+    for args, word in (((44, 8, 5), "fewer"), ((4, 2, 4), "last stage"), ((4, 5, None), "exceeds")):
+        with pytest.raises(UserError, match=word):
+            stage_layer_ranges(*args)
+
+
 def test_lr_warms_up_then_decays_to_zero():
     assert [lr_factor(s, 2, 6) for s in range(7)] == [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
     assert lr_factor(0, 0, 4) == 1.0 and lr_factor(4, 0, 4) == 0.0
