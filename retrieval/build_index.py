@@ -85,11 +85,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from openchatkit.errors import UserError
     from openchatkit.retrieval import Embedder, build_index, read_corpus
+    from openchatkit.retrieval.faiss_index import IVFPQ_MIN
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise UserError(f"--output {output}: exists; pass --overwrite to replace it")
     passages = read_corpus(args.input, num_sentences=args.chunk_sentences)
+    if args.index_type == "ivfpq" and len(passages) < IVFPQ_MIN:  # before loading the embedder
+        raise UserError(
+            f"--index-type ivfpq needs at least {IVFPQ_MIN} passages, the corpus has "
+            f"{len(passages)}; use flat (exact, and fast at this size)"
+        )
     num_sources = len({p.source for p in passages})
     print(f"{len(passages)} passages from {num_sources} documents")
     import transformers

@@ -70,13 +70,30 @@ def test_build_then_search_json_finds_paraphrase(cli_index, facts):
     )
 
 
-def test_search_prints_score_title_source(cli_index, facts):
+def test_search_prints_score_title_source(cli_index, facts, embedder, capsys, monkeypatch):
+    """The human-readable output, run in-process (one model load fewer than a subprocess)."""
+    import runpy
+
+    from openchatkit.retrieval import RetrievalIndex
+
+    monkeypatch.setattr(RetrievalIndex, "load", _load_with(embedder, RetrievalIndex.load))
+    main = runpy.run_path(str(REPO / SEARCH), run_name="search_script")["main"]
     title, _, query, _ = facts[6]
-    proc = run(SEARCH, str(cli_index), query, "-k", "2")
-    assert proc.returncode == 0, proc.stderr
-    first = proc.stdout.splitlines()[0]
-    assert first.startswith("1. score ") and title in first and "corpus.jsonl:7" in first
-    assert "2. score " in proc.stdout
+    assert main([str(cli_index), query, "-k", "2", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("1. score ") and title in lines[0] and "corpus.jsonl:7" in lines[0]
+    assert "lends musical instruments" in lines[1]
+    assert any(line.startswith("2. score ") for line in lines)
+
+
+def _load_with(shared, load):
+    """RetrievalIndex.load reusing the session's embedder instead of loading MiniLM again."""
+
+    def patched(index_dir, embedder=None, device="auto", mmap=None):
+        assert embedder is None  # the script passes --embedder, absent here
+        return load(index_dir, embedder=shared, device=device, mmap=mmap)
+
+    return patched
 
 
 def test_build_errors_are_one_line(tmp_path, cli_index):

@@ -40,9 +40,15 @@ def test_full_block_when_budget_allows(tokenizer):
     block = format_context(HITS, tokenizer, 10_000)
     lines = block.splitlines()
     assert lines[0] == CONTEXT_BEGIN and lines[-1] == CONTEXT_END
-    assert lines[1] == "[1] Quillmere (q.md)"
-    assert block.index("violet") < block.index("Tamsin") < block.index("Orvane River")
+    # Best passage last, nearest the question; each keeps its rank number.
+    assert lines[1] == "[3] Orvane (o.txt)"
+    assert block.index("Orvane River") < block.index("Tamsin") < block.index("violet")
     assert "\n\n[2] Brindlewick (b.md)\n" in block
+    assert block.endswith("[1] Quillmere (q.md)\n" + HITS[0].text + "\n" + CONTEXT_END)
+    in_rank_order = format_context(HITS, tokenizer, 10_000, best_last=False)
+    assert in_rank_order.splitlines()[1] == "[1] Quillmere (q.md)"
+    assert in_rank_order.index("violet") < in_rank_order.index("Tamsin")
+    assert sorted(in_rank_order) == sorted(block)  # same text, other order
     assert "context" in CONTEXT_INSTRUCTION
 
 
@@ -53,9 +59,8 @@ def test_budget_is_never_exceeded_and_best_hits_kept_first(tokenizer):
         block = format_context(HITS, tokenizer, budget)
         assert count_tokens(tokenizer, block) <= budget
         if block:
-            assert block.startswith(CONTEXT_BEGIN + "\n[1] Quillmere") and block.endswith(
-                CONTEXT_END
-            )
+            assert block.startswith(CONTEXT_BEGIN) and block.endswith(CONTEXT_END)
+            assert "[1] Quillmere (q.md)\n" in block  # the best hit is always kept
             # A larger budget only ever adds text.
             assert len(block) >= len(previous)
             previous = block
@@ -64,11 +69,14 @@ def test_budget_is_never_exceeded_and_best_hits_kept_first(tokenizer):
 
 def test_cut_passage_ends_at_a_word_with_an_ellipsis(tokenizer):
     budget = count_tokens(tokenizer, format_context(HITS[:2], tokenizer, 10_000)) + 40
-    block = format_context(HITS, tokenizer, budget)
+    block = format_context(HITS, tokenizer, budget, best_last=False)
     assert "[3] Orvane (o.txt)" in block
     last_text = block.splitlines()[-2]
     assert last_text.endswith(" …") and "copper coloured" in last_text
     assert count_tokens(tokenizer, block) <= budget
+    best_last = format_context(HITS, tokenizer, budget)
+    assert best_last.splitlines()[1] == "[3] Orvane (o.txt)" and last_text in best_last
+    assert count_tokens(tokenizer, best_last) <= budget
 
 
 def test_empty_cases(tokenizer):
