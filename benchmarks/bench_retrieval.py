@@ -136,7 +136,7 @@ def recall_at_k(found, truth) -> float:
     )
 
 
-def bench_throughput(texts: list[str], batch_size: int = 64, repeats: int = 2) -> dict:
+def bench_throughput(texts: list[str], batch_size: int = 64, repeats: int = 3) -> dict:
     """Passages/s of our build path's embedding vs raw SentenceTransformer.encode (best of N)."""
 
     import numpy as np
@@ -228,6 +228,16 @@ def bench_latency(label: str, vectors, queries, index_types, k: int = 10) -> lis
             for k_factor in (8, 16, 32, 64, 128):
                 apply_search_params(index, {**params, "k_factor": k_factor})
                 row["k_factor_sweep"][k_factor] = recall_at_k(index.search(queries, k)[1], truth)
+            row["nprobe_sweep"] = {}
+            for nprobe in (8, 16, 32, 64, 128):
+                apply_search_params(index, {**params, "nprobe": nprobe})
+                row["nprobe_sweep"][nprobe] = recall_at_k(index.search(queries, k)[1], truth)
+            apply_search_params(index, params)
+        if "efSearch" in params:  # the graph's recall at other query-time beam widths
+            row["ef_sweep"] = {}
+            for ef in (64, 128, 256, 512):
+                apply_search_params(index, {"efSearch": ef})
+                row["ef_sweep"][ef] = recall_at_k(index.search(queries, k)[1], truth)
             apply_search_params(index, params)
         print(format_latency_row(row), flush=True)
         rows.append(row)
@@ -239,7 +249,10 @@ def format_latency_row(row: dict) -> str:
     extra = ""
     if "recall_pq_only" in row:
         sweep = " ".join(f"{kf}:{r:.3f}" for kf, r in row["k_factor_sweep"].items())
-        extra = f", PQ alone {row['recall_pq_only']:.3f}, by k_factor {sweep}"
+        probes = " ".join(f"{n}:{r:.3f}" for n, r in row["nprobe_sweep"].items())
+        extra = f", PQ alone {row['recall_pq_only']:.3f}, by k_factor {sweep}, by nprobe {probes}"
+    if "ef_sweep" in row:
+        extra = ", by efSearch " + " ".join(f"{ef}:{r:.3f}" for ef, r in row["ef_sweep"].items())
     return (
         f"{row['set']:>14} {row['type']:>5}  p50 ours {row['ours_p50_ms']:7.3f} ms raw "
         f"{row['raw_p50_ms']:7.3f} ms ({row['ratio_p50']:.3f}x)  p99 ours {row['ours_p99_ms']:7.3f} "
@@ -319,7 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_real:
         base, queries = vectors[: args.num_real], vectors[args.num_real :]
         bench_latency(f"real {len(base) // 1000}k", base, queries, args.types)
-        e2e = bench_end_to_end(texts[: args.num_real], base, texts[args.num_real :][:100])
+        # Chat-like queries: the first sentence (<= 20 words) of held-out passages.
+        from openchatkit.retrieval.corpus import split_sentences
+
+        questions = [
+            " ".join(split_sentences(t)[0].split()[:20]) for t in texts[args.num_real :][:100]
+        ]
+        e2e = bench_end_to_end(texts[: args.num_real], base, questions)
         print(
             f"end to end RetrievalIndex.search(text, k=3) over {len(base)} passages: p50 "
             f"{e2e['search_p50_ms']:.1f} ms (query embedding p50 {e2e['embed_p50_ms']:.1f} ms), "
