@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+@pytest.fixture(autouse=True)
+def _hub_offline(monkeypatch):
+    """Retrieval tests never touch the hub. Set per test, not at import: a module-level
+    os.environ change would leak into every other test folder of the session."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
 
 # Made-up facts, each with a query that paraphrases it (few shared content words), and a key
 # phrase that only the right passage contains.
