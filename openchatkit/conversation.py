@@ -68,8 +68,13 @@ class PromptFormat:
 
     @property
     def stop_strings(self) -> list[str]:
-        """Text that ends an answer besides EOS. Chat templates end turns with EOS tokens."""
-        return [] if self.use_chat_template else [OPENCHATKIT_STOP]
+        """Text that ends an answer besides EOS. Most chat templates end turns with EOS tokens;
+        OpenChatKit's format (plain, or as the template of a model fine-tuned on it) has none,
+        so the next `<human>:` ends the answer."""
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        if not self.use_chat_template or HUMAN in template:
+            return [OPENCHATKIT_STOP]
+        return []
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         if self.use_chat_template:

@@ -138,6 +138,9 @@ class ChatSession:
         ids = ids.to(self.loaded.device if self.loaded.device != "auto" else "cpu")
         stats = GenerationStats()
         pieces: list[str] = []
+        # Whitespace is shown only once text follows it, so an answer that ends with "\n"
+        # before a stop string or EOS leaves no blank line.
+        held = ""
         try:
             for piece in stream_text(
                 self.loaded.model,
@@ -153,9 +156,14 @@ class ChatSession:
                     if not piece:
                         continue
                 pieces.append(piece)
+                body = piece.rstrip()
+                if not body:
+                    held += piece
+                    continue
                 if self.stream:
-                    self.out.write(piece)
+                    self.out.write(held + body)
                     self.out.flush()
+                held = piece[len(body) :]
         except KeyboardInterrupt:
             stats.stop_reason = "interrupted"
         answer = "".join(pieces).strip()

@@ -204,3 +204,9 @@ def test_retrieval_context_respects_window(session, char_tokenizer):
     assert 340 < len(model.prompts[-1]) <= 380 and "<context>" in char_tokenizer.decode(
         model.prompts[-1]
     )
+
+
+def test_trailing_whitespace_before_stop_is_not_shown(session):
+    s, _, out, _ = session(script=" Paris.\n\n<human>: more")
+    s.handle_line("Capital?")
+    assert out.getvalue() == "Paris.\n" and s.messages[-1]["content"] == "Paris."

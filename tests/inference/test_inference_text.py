@@ -43,6 +43,9 @@ def test_format_choice_and_stops(make_char_tokenizer):
     assert not plain.use_chat_template and plain.stop_strings == ["<human>:"]
     templ = PromptFormat.for_tokenizer(make_char_tokenizer("{{ messages[0]['content'] }}"))
     assert templ.use_chat_template and templ.stop_strings == []
+    # A model fine-tuned on OpenChatKit's format carries it as its template: still stop there.
+    ock = PromptFormat.for_tokenizer(make_char_tokenizer(OPENCHATKIT_CHAT_TEMPLATE))
+    assert ock.use_chat_template and ock.stop_strings == ["<human>:"]
 
 
 def test_split_turns_groups_user_with_answers():
