@@ -9,6 +9,8 @@ Contriever-msmarco Wikipedia index (un-normalised, inner product).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,7 +58,11 @@ class Embedder:
         Transformer + mean pooling over a plain HF encoder (Contriever). normalize: L2-normalise
         the outputs; None keeps what the model does (MiniLM normalises itself).
         """
-        from sentence_transformers import SentenceTransformer
+        # transformers prints "[INFO] Running in WANDB offline mode" on stdout when
+        # sentence-transformers imports its integrations with WANDB_MODE=offline. stdout is the
+        # scripts' output (search.py --json) and stderr holds one-line errors: drop the noise.
+        with contextlib.redirect_stdout(io.StringIO()):
+            from sentence_transformers import SentenceTransformer
 
         self.name = name_or_path
         path = resolve_embedder(name_or_path)
