@@ -32,15 +32,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per answer (128)")
+    # Decoding defaults: the flag, else the model's generation_config.json, else upstream's
+    # (sample, temperature 0.6, top-k 40, top-p 1.0). The embedded model asks for greedy.
     p.add_argument(
         "--sample",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="sample (default) or, with --no-sample, decode greedily",
+        default=None,
+        help="sample, or with --no-sample decode greedily (default: the model's "
+        "generation_config.json, else sample)",
     )
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None, help="default 0.6")
+    p.add_argument("--top-k", type=int, default=None, help="default 40; 0 turns it off")
+    p.add_argument("--top-p", type=float, default=None, help="default 1.0")
     p.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
     p.add_argument("--no-stream", action="store_true", help="print each answer when complete")
     p.add_argument("--system", default=None, metavar="TEXT", help="system message")
@@ -61,13 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_tokens < 1:
         p.error("--max-tokens must be >= 1")
-    if args.temperature < 0:
+    if args.temperature is not None and args.temperature < 0:
         p.error("--temperature must be >= 0")
-    if args.top_k < 0:
+    if args.top_k is not None and args.top_k < 0:
         p.error("--top-k must be >= 0")
     if args.retrieval_k < 1:
         p.error("--retrieval-k must be >= 1")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
     return args
 
@@ -105,12 +108,29 @@ def read_lines(interactive: bool):
             yield line.rstrip("\n")
 
 
+def decoding_settings(args: argparse.Namespace, model_defaults: dict):
+    """Flags first, then the model's generation_config.json, then upstream's defaults."""
+    from openchatkit.inference.generation import GenerationSettings
+
+    def pick(flag, key, fallback):
+        value = model_defaults.get(key, fallback) if flag is None else flag
+        return type(fallback)(value)
+
+    return GenerationSettings(
+        max_tokens=args.max_tokens,
+        sample=pick(args.sample, "do_sample", True),
+        temperature=pick(args.temperature, "temperature", 0.6),
+        top_k=pick(args.top_k, "top_k", 40),
+        top_p=pick(args.top_p, "top_p", 1.0),
+        seed=args.seed,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from openchatkit.inference.chat import ChatSession
-    from openchatkit.inference.generation import GenerationSettings
     from openchatkit.models.loading import load_chat_model
 
     loaded = load_chat_model(
@@ -130,14 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             retriever = RetrievalIndex.load(args.retrieval)
         except UserError as err:
             raise UserError(f"--retrieval: {err}") from err
-    settings = GenerationSettings(
-        max_tokens=args.max_tokens,
-        sample=args.sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    settings = decoding_settings(args, loaded.generation_defaults)
     session = ChatSession(
         loaded,
         settings,

@@ -50,8 +50,21 @@ def embedded_model_dir() -> Path:
     return models_dir() / EMBEDDED_MODEL_NAME
 
 
+# Bumped when the conversion itself changes, so folders converted by older code are redone.
+CONVERSION_VERSION = 2
+# Decoding defaults written into the converted folder's generation_config.json (flags override
+# them). Greedy: sampled at upstream's temperature 0.6 this 4-bit 135M model answered "What is
+# the capital of France?" wrongly 2 times in 5, and 1 in 8 even at temperature 0.2; greedy
+# answers it right every time.
+EMBEDDED_GENERATION_DEFAULTS = {"do_sample": False}
+
+
 def _source_record(gguf: Path) -> dict:
-    return {"gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size}
+    return {
+        "gguf_file": gguf.name,
+        "gguf_bytes": gguf.stat().st_size,
+        "conversion": CONVERSION_VERSION,
+    }
 
 
 def ensure_embedded_model(dest: Path | None = None) -> Path:
@@ -97,5 +110,6 @@ def convert_gguf_to_hf(gguf: Path, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = EMBEDDED_MODEL_NAME
+    model.generation_config.update(**EMBEDDED_GENERATION_DEFAULTS)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -7,7 +7,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from openchatkit.errors import UserError
@@ -25,6 +25,9 @@ class LoadedModel:
     device: str
     dtype: str
     context_window: int
+    # Decoding settings the model's generation_config.json sets explicitly (do_sample,
+    # temperature, top_k, top_p): the bot uses them where the user gave no flag.
+    generation_defaults: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -170,4 +173,40 @@ def load_chat_model(
         or getattr(config, "n_positions", None)
         or getattr(tokenizer, "model_max_length", 2048)
     )
-    return LoadedModel(model, tokenizer, display, dev, str(torch_dtype).split(".")[-1], int(window))
+    return LoadedModel(
+        model,
+        tokenizer,
+        display,
+        dev,
+        str(torch_dtype).split(".")[-1],
+        int(window),
+        read_generation_defaults(source),
+    )
+
+
+GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p")
+
+
+def read_generation_defaults(source: str) -> dict:
+    """The decoding keys present in the model's generation_config.json (local or cached).
+
+    Read from the file rather than `model.generation_config`, which fills every key with HF's
+    defaults and so cannot tell "the model asks for greedy" from "nothing said".
+    """
+    import json
+
+    path = Path(source) / "generation_config.json"
+    if not path.is_file():
+        if looks_like_path(source):  # a local folder without the file
+            return {}
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "generation_config.json")
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None:
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: config[k] for k in GENERATION_KEYS if config.get(k) is not None}

@@ -132,3 +132,12 @@ def test_retrieval_answers_from_made_up_corpus(tmp_path):
     # Without the index the model cannot know the made-up name.
     plain = run_bot(["--no-sample", "--max-tokens", "40"], stdin=script.replace("/context\n", ""))
     assert "Ignatius Pell" not in plain.stdout
+
+
+def test_decoding_defaults_from_generation_config_then_flags():
+    # The embedded model's generation_config.json asks for greedy decoding; flags override it.
+    proc = run_bot([], stdin="/hyperparameters\n/quit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "sample = False" in proc.stdout and "temperature = 0.6" in proc.stdout
+    proc = run_bot(["--sample", "--temperature", "0.3"], stdin="/hyperparameters\n")
+    assert "sample = True" in proc.stdout and "temperature = 0.3" in proc.stdout

@@ -210,3 +210,13 @@ def test_trailing_whitespace_before_stop_is_not_shown(session):
     s, _, out, _ = session(script=" Paris.\n\n<human>: more")
     s.handle_line("Capital?")
     assert out.getvalue() == "Paris.\n" and s.messages[-1]["content"] == "Paris."
+
+
+def test_read_generation_defaults_only_keys_the_file_sets(tmp_path):
+    from openchatkit.models.loading import read_generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.7, "eos_token_id": 2, "top_p": None})
+    )
+    assert read_generation_defaults(str(tmp_path)) == {"do_sample": True, "temperature": 0.7}
+    assert read_generation_defaults(str(tmp_path / "missing")) == {}
