@@ -103,10 +103,24 @@ def pick_dtype(dtype: str, device: str):
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # On CPU fp32 is the safe default: bf16 matmuls are only faster with AMX, and fp16
-        # kernels on CPU are slow (benchmarks/bench_bot.py measures both).
-        return torch.float32
+        # On CPUs with native bf16 instructions (AVX512-BF16 or AMX) bf16 decodes ~1.5x faster
+        # than fp32 with the same greedy text (benchmarks/bench_bot.py: 26.1 vs 17.1 tokens/s on
+        # a 2-core EPYC); elsewhere bf16 is emulated and slower, so fp32 stays.
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return getattr(torch, dtype)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when /proc/cpuinfo lists avx512_bf16 or amx_bf16 (Linux; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def load_chat_model(
