@@ -135,7 +135,7 @@ class ChatSession:
         """Stream an answer to `prompt` onto `out`; Ctrl-C stops it and keeps what was shown."""
         tok = self.loaded.tokenizer
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        ids = ids.to(self.loaded.device if self.loaded.device != "auto" else "cpu")
+        ids = ids.to(self.loaded.device)  # "cpu" or "cuda:N" (also with device_map offload)
         stats = GenerationStats()
         pieces: list[str] = []
         # Whitespace is shown only once text follows it, so an answer that ends with "\n"
