@@ -50,7 +50,8 @@ ARGS=(
   --checkpoint-path "${FINETUNE_CHECKPOINT_PATH:-$ROOT/model_ckpts/$MODEL_NAME}"
   --total-steps "${FINETUNE_TOTAL_STEPS:-20000}" --warmup-steps 10
   --checkpoint-steps "${FINETUNE_CHECKPOINT_STEPS:-100}"
-  --lr 1e-5 --seq-length 2048 --batch-size 32 --micro-batch-size 1 --gradient-accumulate-step 1
+  # --batch-size is global: 64 sequences = upstream's 32 per replica x 2 replicas.
+  --lr 1e-5 --seq-length 2048 --batch-size 64 --micro-batch-size 1 --gradient-accumulate-step 1
   --num-layers 8 --embedding-dim 4096
   --pipeline-group-size 4 --data-group-size 2
   --fp16 --dp-backend nccl --dp-mode allreduce --pp-mode gpipe --profiling no-profiling

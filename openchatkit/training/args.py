@@ -5,10 +5,12 @@ Flag names and meanings follow upstream OpenChatKit; a few are added (`--bf16`, 
 (no torch import) so `--help` and bad-input errors are instant, and every contradiction is
 reported as one UserError before any process group is made.
 
-Batch semantics (upstream's): `--batch-size` is the batch of one data-parallel replica for one
-pipeline pass, split into `--batch-size / --micro-batch-size` micro-batches; one optimizer step
-consumes `--gradient-accumulate-step` such passes on each of the `--data-group-size` replicas, so
-the global batch of a step is batch-size x data-group-size x gradient-accumulate-step sequences.
+Batch semantics: `--batch-size` is the global batch of one pipeline pass, over all data-parallel
+replicas together, so a step sees the same sequences whatever `--data-group-size` is and layouts
+compare step for step. Replica r of D takes rows [r*B/D, (r+1)*B/D) of it and splits them into
+`B / D / --micro-batch-size` micro-batches; one optimizer step consumes
+`--gradient-accumulate-step` passes, i.e. batch-size x gradient-accumulate-step sequences.
+(Upstream's `--batch-size` was per replica: its global batch grew with the data-parallel size.)
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--task-name", required=True, help="data spec: FILE|DIR|HUB_ID[:WEIGHT],...")
     t.add_argument("--seq-length", type=int, default=2048)
-    t.add_argument("--batch-size", type=int, default=32, help="per data-parallel replica")
+    t.add_argument(
+        "--batch-size", type=int, default=32, help="global: all data-parallel replicas together"
+    )
     t.add_argument("--micro-batch-size", type=int, default=1)
     t.add_argument("--gradient-accumulate-step", type=int, default=1)
     t.add_argument("--total-steps", type=int, default=1000, help="optimizer steps")
@@ -140,9 +144,10 @@ def stage_layer_ranges(num_layers: int, pp: int, per_stage: int | None) -> list[
     """Global layer indices of each pipeline stage.
 
     Without --num-layers the layers are split as evenly as possible (earlier stages take one
-    more). With it, upstream's rule: every stage holds `per_stage` layers except the last, which
-    holds the rest (GPT-NeoX-20B's 44 layers as 8 stages x 6 = 7 x 6 + 2), so
-    (pp - 1) x per_stage < num_layers <= pp x per_stage.
+    more). With it, `per_stage x pp` must equal the model's layers. The one exception is the
+    original's GPT-NeoX-20B recipe (44 layers as 8 stages x 6): when the layers do not divide by
+    pp, `per_stage = ceil(num_layers / pp)` is accepted and the last stage holds the remainder
+    (7 x 6 + 2). Any other value is a UserError that names the value to use.
     """
     if pp > num_layers:
         raise UserError(
@@ -154,18 +159,21 @@ def stage_layer_ranges(num_layers: int, pp: int, per_stage: int | None) -> list[
         sizes = [base + (1 if s < extra else 0) for s in range(pp)]
         starts = [sum(sizes[:s]) for s in range(pp)]
         return [range(a, a + n) for a, n in zip(starts, sizes, strict=True)]
-    if per_stage < 1:
-        raise UserError(f"--num-layers must be >= 1, got {per_stage}")
-    if per_stage * pp < num_layers:
-        raise UserError(
-            f"--num-layers {per_stage} x --pipeline-group-size {pp} = {per_stage * pp}, "
-            f"fewer than the model's {num_layers} layers"
+    ceil = -(-num_layers // pp)
+    remainder_fits = num_layers % pp != 0 and (pp - 1) * ceil < num_layers
+    if per_stage * pp != num_layers and not (remainder_fits and per_stage == ceil):
+        given = (
+            f"--num-layers {per_stage} x --pipeline-group-size {pp} = {per_stage * pp}, but "
+            f"the model has {num_layers} layers"
         )
-    if per_stage * (pp - 1) >= num_layers:
-        raise UserError(
-            f"--num-layers {per_stage} x --pipeline-group-size {pp} leaves the last stage "
-            f"without layers (the model has {num_layers})"
-        )
+        if num_layers % pp == 0:
+            hint = f"use --num-layers {num_layers // pp} or leave it out"
+        elif remainder_fits:
+            rest = num_layers - (pp - 1) * ceil
+            hint = f"use --num-layers {ceil} (the last stage takes the other {rest}) or leave it out"
+        else:
+            hint = f"they do not split into {pp} stages that way; leave --num-layers out"
+        raise UserError(f"{given}: {hint}")
     return [range(s * per_stage, min((s + 1) * per_stage, num_layers)) for s in range(pp)]
 
 
@@ -198,16 +206,22 @@ def validate_args(
     for flag in ("seq_length", "batch_size", "micro_batch_size", "gradient_accumulate_step"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.batch_size % args.micro_batch_size != 0:
+    if args.batch_size % dp != 0:
         raise UserError(
-            f"--batch-size {args.batch_size} is not divisible by --micro-batch-size "
-            f"{args.micro_batch_size}"
+            f"--batch-size {args.batch_size} (the global batch) is not divisible by "
+            f"--data-group-size {dp}"
         )
-    num_micro = args.batch_size // args.micro_batch_size
+    local_batch = args.batch_size // dp
+    if local_batch % args.micro_batch_size != 0:
+        raise UserError(
+            f"--batch-size {args.batch_size} / --data-group-size {dp} = {local_batch} sequences "
+            f"per replica, not divisible by --micro-batch-size {args.micro_batch_size}"
+        )
+    num_micro = local_batch // args.micro_batch_size
     if args.pp_mode == "1f1b" and num_micro < pp:
         raise UserError(
             f"--pp-mode 1f1b needs at least --pipeline-group-size ({pp}) micro-batches, but "
-            f"--batch-size / --micro-batch-size = {num_micro}"
+            f"--batch-size / --data-group-size / --micro-batch-size = {num_micro}"
         )
     if args.total_steps < 1:
         raise UserError(f"--total-steps must be >= 1, got {args.total_steps}")
@@ -253,10 +267,11 @@ def validate_args(
 
 def derived_summary(args: argparse.Namespace) -> dict[str, Any]:
     """Values derived from the flags, printed at start and stored in meta.json."""
-    num_micro = args.batch_size // args.micro_batch_size
-    global_batch = args.batch_size * args.data_group_size * args.gradient_accumulate_step
+    local_batch = args.batch_size // args.data_group_size
+    global_batch = args.batch_size * args.gradient_accumulate_step
     return {
-        "num_microbatches": num_micro,
+        "num_microbatches": local_batch // args.micro_batch_size,
+        "replica_batch_sequences": local_batch,
         "global_batch_sequences": global_batch,
         "tokens_per_step": global_batch * args.seq_length,
         "layers_per_stage": [len(r) for r in args.layer_ranges],

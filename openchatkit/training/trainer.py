@@ -122,7 +122,7 @@ class Run:
             tied_names = (embed_name, head_name)
         self.alias = {tied_names[1]: tied_names[0]} if tied_names else {}
         self.scaler = LossScaler(args.fp16, args.initial_loss_scale, args.loss_scale_window)
-        num_micro = args.batch_size // args.micro_batch_size
+        num_micro = derived_summary(args)["num_microbatches"]
         self.engine = TrainEngine(
             self.stage,
             layout,
@@ -156,9 +156,7 @@ class Run:
             loss_on=args.loss_on,
             reset_position_ids=args.reset_position_ids,
         )
-        self.loader = GlobalBatchLoader(
-            stream, args.batch_size * layout.dp, layout.dp_rank, layout.dp
-        )
+        self.loader = GlobalBatchLoader(stream, args.batch_size, layout.dp_rank, layout.dp)
         if self.meta is not None:
             self.resume()
         self.num_params = self.count_params()
@@ -257,7 +255,7 @@ class Run:
             reset_position_ids=args.reset_position_ids,
             cycle=False,
         )
-        loader = GlobalBatchLoader(stream, args.batch_size * layout.dp, layout.dp_rank, layout.dp)
+        loader = GlobalBatchLoader(stream, args.batch_size, layout.dp_rank, layout.dp)
         batches = []
         for batch in loader:
             batches.append(batch)

@@ -19,12 +19,12 @@ CASES = [
     (
         ["--num-layers", "1", "--pipeline-group-size", "2"],
         {"WORLD_SIZE": "2", "RANK": "0"},
-        ["--num-layers 1", "4 layers"],
+        ["--num-layers 1", "4 layers", "use --num-layers 2"],
     ),
     (
         ["--num-layers", "4", "--pipeline-group-size", "2"],
         {"WORLD_SIZE": "2", "RANK": "0"},
-        ["--num-layers 4", "last stage"],
+        ["--num-layers 4", "4 layers", "use --num-layers 2"],
     ),
     (["--pipeline-group-size", "5"], {"WORLD_SIZE": "5", "RANK": "0"}, ["4 layers", "5"]),
     (["--embedding-dim", "64"], {}, ["--embedding-dim 64", "32"]),
@@ -32,6 +32,16 @@ CASES = [
         ["--batch-size", "3", "--micro-batch-size", "2"],
         {},
         ["--batch-size 3", "--micro-batch-size 2"],
+    ),
+    (
+        ["--batch-size", "6", "--pipeline-group-size", "2", "--data-group-size", "4"],
+        {"WORLD_SIZE": "8", "RANK": "0"},
+        ["--batch-size 6", "--data-group-size 4"],
+    ),
+    (
+        ["--batch-size", "4", "--micro-batch-size", "4", "--data-group-size", "2"],
+        {"WORLD_SIZE": "2", "RANK": "0"},
+        ["--batch-size 4", "--data-group-size 2", "2 sequences per replica", "--micro-batch-size 4"],
     ),
     (["--fp16", "--bf16"], {}, ["--fp16", "--bf16"]),
     (

@@ -1,7 +1,8 @@
 """Multi-process runs (gloo, CPU) against the single-process reference on the same global batch.
 
-Four layouts cover both architectures (gpt_neox untied, llama tied) and both schedules:
-pp=2 x dp=2 and pp=4 x dp=1, GPipe and 1F1B (one of them under torchrun). Losses per step and final weights must agree
+All eight combinations of architecture (gpt_neox untied, llama tied), layout (pp=2 x dp=2,
+pp=4 x dp=1) and schedule (GPipe, 1F1B), one of them under torchrun, with the same
+`--batch-size 4` as the reference (it is global). Losses per step and final weights must agree
 within 1e-5 (fp32). The same runs also serve the resume tests: a pp=2 x dp=2 checkpoint resumed
 by one process, and a pp=2 x dp=2 run killed while checkpointing and restarted.
 """
@@ -16,10 +17,10 @@ import pytest
 
 # (architecture, pp, dp, schedule)
 LAYOUTS = [
-    ("gpt_neox", 2, 2, "gpipe"),
-    ("gpt_neox", 4, 1, "1f1b"),
-    ("llama", 2, 2, "1f1b"),
-    ("llama", 4, 1, "gpipe"),
+    (arch, pp, dp, mode)
+    for arch in ("gpt_neox", "llama")
+    for pp, dp in ((2, 2), (4, 1))
+    for mode in ("gpipe", "1f1b")
 ]
 TOL = 1e-5
 
@@ -38,7 +39,7 @@ def parallel_runs(tiny, tt, tmp_path_factory):
                 pipeline_group_size=pp,
                 data_group_size=dp,
                 pp_mode=mode,
-                batch_size=4 // dp,  # per replica: the global batch stays 4 sequences
+                batch_size=4,  # global: each of the dp replicas takes 4 / dp of it
             )
             if profile:
                 flags["profiling"] = "tidy_profiling"
@@ -105,7 +106,7 @@ def test_kill_while_checkpointing_then_resume_is_exact(parallel_runs, tiny, tt, 
     uninterrupted = parallel_runs("llama", 2, 2, "1f1b")
     ckpt = tmp_path / "killed"
     args = tt.train_args(
-        tiny, "llama", ckpt, pipeline_group_size=2, data_group_size=2, pp_mode="1f1b", batch_size=2
+        tiny, "llama", ckpt, pipeline_group_size=2, data_group_size=2, pp_mode="1f1b"
     )
     t0 = time.monotonic()
     r = tt.run_train(args, nproc=4, OPENCHATKIT_FAULT="save:4@3")

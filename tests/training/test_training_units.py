@@ -72,7 +72,7 @@ def test_rendezvous_falls_back_to_torchrun_env_and_checks_it():
         resolve_rendezvous(None, None, None, 2, env)
 
 
-def test_stage_layer_ranges_follow_upstream():
+def test_stage_layer_ranges_are_strict_except_upstreams_remainder():
     from openchatkit.training.args import stage_layer_ranges
 
     # GPT-NeoX-20B: 44 layers as 8 stages x 6, the last stage takes the remaining 2.
@@ -85,8 +85,16 @@ def test_stage_layer_ranges_follow_upstream():
         range(23, 30),
     ]
     assert stage_layer_ranges(32, 4, 8) == [range(i * 8, i * 8 + 8) for i in range(4)]
-    for args, word in (((44, 8, 5), "fewer"), ((4, 2, 4), "last stage"), ((4, 5, None), "exceeds")):
-        with pytest.raises(UserError, match=word):
+    cases = (
+        ((44, 8, 5), "use --num-layers 6 \\(the last stage takes the other 2\\)"),
+        ((44, 8, 7), "use --num-layers 6"),
+        ((32, 4, 9), "use --num-layers 8 or leave it out"),  # 36 layers' worth: no slack
+        ((4, 2, 4), "use --num-layers 2"),
+        ((9, 4, 3), "leave --num-layers out"),  # 3+3+3 leaves the 4th stage empty
+        ((4, 5, None), "exceeds"),
+    )
+    for args, words in cases:
+        with pytest.raises(UserError, match=words):
             stage_layer_ranges(*args)
 
 
