@@ -170,7 +170,9 @@ def stage_layer_ranges(num_layers: int, pp: int, per_stage: int | None) -> list[
             hint = f"use --num-layers {num_layers // pp} or leave it out"
         elif remainder_fits:
             rest = num_layers - (pp - 1) * ceil
-            hint = f"use --num-layers {ceil} (the last stage takes the other {rest}) or leave it out"
+            hint = (
+                f"use --num-layers {ceil} (the last stage takes the other {rest}) or leave it out"
+            )
         else:
             hint = f"they do not split into {pp} stages that way; leave --num-layers out"
         raise UserError(f"{given}: {hint}")

@@ -41,7 +41,12 @@ CASES = [
     (
         ["--batch-size", "4", "--micro-batch-size", "4", "--data-group-size", "2"],
         {"WORLD_SIZE": "2", "RANK": "0"},
-        ["--batch-size 4", "--data-group-size 2", "2 sequences per replica", "--micro-batch-size 4"],
+        [
+            "--batch-size 4",
+            "--data-group-size 2",
+            "2 sequences per replica",
+            "--micro-batch-size 4",
+        ],
     ),
     (["--fp16", "--bf16"], {}, ["--fp16", "--bf16"]),
     (
