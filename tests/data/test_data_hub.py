@@ -5,10 +5,7 @@ errors offline (HF_HUB_OFFLINE=1) or with an unreachable endpoint."""
 from __future__ import annotations
 
 import gzip
-import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +16,6 @@ from huggingface_hub import errors as hf_errors
 from openchatkit.data import hub
 from openchatkit.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ["data/OIG/prepare.py", "data/OIG-moderation/prepare.py", "data/OIG-chip2/prepare.py"]
 REMOTE = {
     "README.md": b"# readme\n",
@@ -158,47 +154,39 @@ def test_deadline_turns_a_hang_into_one_line(tmp_path):
     assert time.monotonic() - start < 2
 
 
-def run_script(script, *args, env_extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env_extra
+def run_script(cli, script, *args, env_extra):
+    """(proc, seconds) of a script run with none of this shell's HF_* variables."""
+    env = {k: v for k, v in cli.user_env().items() if not k.startswith("HF_")} | env_extra
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, script, *args],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = cli.run(script, *args, env=env, timeout=120)
     return proc, time.monotonic() - start
 
 
-def assert_one_line_error(proc, seconds, needle):
-    assert proc.returncode == 2, proc.stderr
-    assert seconds < 60
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert needle in lines[0]
-
-
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_scripts_offline_one_line_error(script, tmp_path):
+def test_scripts_offline_one_line_error(script, tmp_path, cli):
     proc, seconds = run_script(
-        script, "--dest", str(tmp_path / "out"), env_extra={"HF_HUB_OFFLINE": "1"}
+        cli, script, "--dest", str(tmp_path / "out"), env_extra={"HF_HUB_OFFLINE": "1"}
     )
-    assert_one_line_error(proc, seconds, "HF_HUB_OFFLINE=1 is set")
+    cli.assert_one_line_error(proc, "HF_HUB_OFFLINE=1 is set")
+    assert seconds < 60
     assert not (tmp_path / "out").exists()
 
 
-def test_script_unreachable_hub_one_line_error(tmp_path):
+def test_script_unreachable_hub_one_line_error(tmp_path, cli):
     with socket.socket() as s:  # a local port with nothing listening: connection refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc, seconds = run_script(
-        "data/OIG-chip2/prepare.py", "--dest", str(tmp_path / "out"),
+        cli, "data/OIG-chip2/prepare.py", "--dest", str(tmp_path / "out"),
         env_extra={"HF_ENDPOINT": f"http://127.0.0.1:{port}"},
     )  # fmt: skip
-    assert_one_line_error(proc, seconds, "cannot reach the Hugging Face hub")
+    cli.assert_one_line_error(proc, "cannot reach the Hugging Face hub")
+    assert seconds < 60
     assert not (tmp_path / "out").exists()
 
 
-def test_script_help_is_fast():
-    proc, seconds = run_script("data/OIG/prepare.py", "--help", env_extra={})
+def test_script_help_is_fast(cli):
+    proc, seconds = run_script(cli, "data/OIG/prepare.py", "--help", env_extra={})
     assert proc.returncode == 0 and "--files GLOB" in proc.stdout and "--dest" in proc.stdout
     assert seconds < 10
 

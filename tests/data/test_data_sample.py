@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 from openchatkit.data.sources import parse_record
@@ -19,11 +17,8 @@ def load(name: str) -> list[dict]:
     return [json.loads(line) for line in (SAMPLE / name).read_text().splitlines()]
 
 
-def test_generator_reproduces_the_committed_files(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "data/OIG-sample/generate.py", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+def test_generator_reproduces_the_committed_files(tmp_path, cli):
+    proc = cli.run("data/OIG-sample/generate.py", "--out", tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     for name in ("train.jsonl", "valid.jsonl"):
         assert (tmp_path / name).read_bytes() == (SAMPLE / name).read_bytes(), name

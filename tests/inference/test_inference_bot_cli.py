@@ -3,39 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-BOT = str(REPO / "inference" / "bot.py")
+BOT = "inference/bot.py"
 
 
-def run_bot(args, stdin="", env_extra=None, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, BOT, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=timeout,
-    )
+@pytest.fixture
+def run_bot(cli):
+    """run_bot(args, stdin="", env_extra=None, timeout=300): the bot as a user runs it."""
+
+    def run_bot(args, stdin="", env_extra=None, timeout=300):
+        env = cli.user_env(OMP_NUM_THREADS="2", **(env_extra or {}))
+        return cli.run(BOT, *args, env=env, stdin=stdin, timeout=timeout)
+
+    return run_bot
 
 
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    for needle in needles:
-        assert needle in last, proc.stderr
-
-
-def test_capital_of_france_piped(tmp_path):
+def test_capital_of_france_piped(tmp_path, run_bot):
     saved = tmp_path / "chat.json"
     script = (
         "What is the capital of France?\n"
@@ -61,7 +46,7 @@ def test_capital_of_france_piped(tmp_path):
     assert "tokens/s" in proc.stderr and "never read" not in proc.stdout
 
 
-def test_prompt_flag_one_answer_no_stream():
+def test_prompt_flag_one_answer_no_stream(run_bot):
     proc = run_bot(
         [
             "--prompt",
@@ -95,32 +80,25 @@ def test_prompt_flag_one_answer_no_stream():
         (["--retrieval", "/nonexistent-index"], {}, ["--retrieval"]),
     ],
 )
-def test_bad_input_exit_2(args, env, needles):
+def test_bad_input_exit_2(args, env, needles, run_bot, cli):
     proc = run_bot([*args, "--prompt", "hi"], env_extra=env, timeout=120)
-    assert_one_line_error(proc, *needles)
+    cli.assert_one_line_error(proc, *needles, usage_first=True)
 
 
-def test_model_folder_without_config(tmp_path):
+def test_model_folder_without_config(tmp_path, run_bot, cli):
     proc = run_bot(["--model", str(tmp_path), "--prompt", "hi"], timeout=120)
-    assert_one_line_error(proc, "config.json")
+    cli.assert_one_line_error(proc, "config.json")
 
 
-def test_retrieval_answers_from_made_up_corpus(tmp_path):
+def test_retrieval_answers_from_made_up_corpus(tmp_path, run_bot, cli):
     index = tmp_path / "index"
-    build = subprocess.run(
-        [
-            sys.executable,
-            "retrieval/build_index.py",
-            "--input",
-            "retrieval/sample-corpus",
-            "--output",
-            str(index),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
+    build = cli.run(
+        "retrieval/build_index.py",
+        "--input",
+        "retrieval/sample-corpus",
+        "--output",
+        index,
+        "--no-progress",
     )
     assert build.returncode == 0, build.stderr
     script = "Who is the chief executive of Brindlewick Cartography?\n/context\n/quit\n"
@@ -134,7 +112,7 @@ def test_retrieval_answers_from_made_up_corpus(tmp_path):
     assert "Ignatius Pell" not in plain.stdout
 
 
-def test_decoding_defaults_from_generation_config_then_flags():
+def test_decoding_defaults_from_generation_config_then_flags(run_bot):
     # The embedded model's generation_config.json asks for greedy decoding; flags override it.
     proc = run_bot([], stdin="/hyperparameters\n/quit\n")
     assert proc.returncode == 0, proc.stderr

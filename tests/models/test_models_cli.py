@@ -4,10 +4,7 @@ and every bad input (one line on stderr, non-zero exit, nothing written)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,29 +13,6 @@ from safetensors.torch import load_file
 
 from openchatkit.models.convert import convert_hf_to_sharded, convert_sharded_to_hf
 from openchatkit.models.stage import StageModel, save_stage
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def run(script: str, *args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, script, *map(str, args)],
-        cwd=REPO,
-        env=env or ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode != 0, proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def assert_nothing_written(parent: Path, name: str) -> None:
@@ -62,11 +36,13 @@ def llama_sharded(tmp_path, tiny_llama):
     return hf, Path(shutil.copytree(sharded, tmp_path / "sharded"))
 
 
-def test_cli_round_trip_is_exact_and_overwrite_needs_the_flag(tmp_path, tiny_llama):
+def test_cli_round_trip_is_exact_and_overwrite_needs_the_flag(tmp_path, tiny_llama, cli):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf, _ = tiny_llama
-    proc = run("tools/convert_from_hf_llama.py", "--model-name", hf, "--save-dir", tmp_path / "out")
+    proc = cli.run(
+        "tools/convert_from_hf_llama.py", "--model-name", hf, "--save-dir", tmp_path / "out"
+    )
     assert proc.returncode == 0, proc.stderr
     sharded = tmp_path / "out" / "tiny-llama"  # a local path keeps its folder name
     assert proc.stdout.strip() == str(sharded)
@@ -74,10 +50,10 @@ def test_cli_round_trip_is_exact_and_overwrite_needs_the_flag(tmp_path, tiny_lla
     out = tmp_path / "back"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = run("tools/convert_to_hf_llama.py", "--ckpt-path", sharded, "--save-path", out)
-    assert_one_line_error(proc, str(out), "--overwrite")
+    proc = cli.run("tools/convert_to_hf_llama.py", "--ckpt-path", sharded, "--save-path", out)
+    cli.assert_one_line_error(proc, str(out), "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    proc = run(
+    proc = cli.run(
         "tools/convert_to_hf_llama.py",
         "--ckpt-path",
         sharded,
@@ -97,7 +73,7 @@ def test_cli_round_trip_is_exact_and_overwrite_needs_the_flag(tmp_path, tiny_lla
     assert tok("w5 w7")["input_ids"] == [5, 7]
 
 
-def test_trainer_checkpoint_with_latest_gets_the_openchatkit_template(tmp_path, tiny_llama):
+def test_trainer_checkpoint_with_latest_gets_the_openchatkit_template(tmp_path, tiny_llama, cli):
     from transformers import AutoTokenizer
 
     _, sharded = tiny_llama
@@ -109,7 +85,7 @@ def test_trainer_checkpoint_with_latest_gets_the_openchatkit_template(tmp_path, 
     torch.save({"state": {}}, ckpt / "optimizer" / "stage_000.pt")
     (ckpt / "meta.json").write_text(json.dumps({"step": 5, "chat_format": "openchatkit"}))
     (root / "latest").write_text("checkpoint_5\n")
-    proc = run(
+    proc = cli.run(
         "tools/convert_to_hf_llama.py",
         "--ckpt-path",
         root,
@@ -134,36 +110,38 @@ def test_trainer_checkpoint_with_latest_gets_the_openchatkit_template(tmp_path, 
     }
 
 
-def test_wrong_converter_is_refused(tmp_path, tiny_llama):
+def test_wrong_converter_is_refused(tmp_path, tiny_llama, cli):
     hf, sharded = tiny_llama
-    proc = run("tools/convert_from_hf_gptj.py", "--model-name", hf, "--save-path", tmp_path / "x")
-    assert_one_line_error(proc, "llama", "convert_from_hf_llama.py")
+    proc = cli.run(
+        "tools/convert_from_hf_gptj.py", "--model-name", hf, "--save-path", tmp_path / "x"
+    )
+    cli.assert_one_line_error(proc, "llama", "convert_from_hf_llama.py")
     assert_nothing_written(tmp_path, "x")
-    proc = run(
+    proc = cli.run(
         "tools/convert_to_hf_gptneox.py", "--ckpt-path", sharded, "--save-path", tmp_path / "y"
     )
-    assert_one_line_error(proc, "llama", "convert_to_hf_llama.py")
+    cli.assert_one_line_error(proc, "llama", "convert_to_hf_llama.py")
     assert_nothing_written(tmp_path, "y")
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
-def test_missing_or_truncated_layer_file(tmp_path, llama_sharded, damage):
+def test_missing_or_truncated_layer_file(tmp_path, llama_sharded, damage, cli):
     _, sharded = llama_sharded
     layer = sharded / "layer_00002.safetensors"
     if damage == "missing":
         layer.unlink()
     else:
         layer.write_bytes(layer.read_bytes()[: layer.stat().st_size // 2])
-    proc = run(
+    proc = cli.run(
         "tools/convert_to_hf_llama.py", "--ckpt-path", sharded, "--save-path", tmp_path / "hf"
     )
-    assert_one_line_error(proc, "layer_00002.safetensors")
+    cli.assert_one_line_error(proc, "layer_00002.safetensors")
     assert_nothing_written(tmp_path, "hf")
 
 
-def test_stage_layout_mismatch(tmp_path, tiny_llama):
+def test_stage_layout_mismatch(tmp_path, tiny_llama, cli):
     _, sharded = tiny_llama
-    proc = run(
+    proc = cli.run(
         "tools/convert_to_hf_llama.py",
         "--ckpt-path",
         sharded,
@@ -174,30 +152,32 @@ def test_stage_layout_mismatch(tmp_path, tiny_llama):
         "--n-layer-per-stage",
         2,
     )
-    assert_one_line_error(proc, "--n-stages 3", "4 layers")
+    cli.assert_one_line_error(proc, "--n-stages 3", "4 layers")
     assert_nothing_written(tmp_path, "hf")
 
 
-def test_ckpt_that_is_neither_format(tmp_path):
+def test_ckpt_that_is_neither_format(tmp_path, cli):
     bogus = tmp_path / "bogus"
     bogus.mkdir()
     (bogus / "weights.pt").write_bytes(b"not a checkpoint")
-    proc = run("tools/convert_to_hf_llama.py", "--ckpt-path", bogus, "--save-path", tmp_path / "hf")
-    assert_one_line_error(proc, "neither")
+    proc = cli.run(
+        "tools/convert_to_hf_llama.py", "--ckpt-path", bogus, "--save-path", tmp_path / "hf"
+    )
+    cli.assert_one_line_error(proc, "neither")
     assert_nothing_written(tmp_path, "hf")
 
 
-def test_prepare_offline_is_one_line(tmp_path):
-    env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    proc = run("pretrained/GPT-J-6B/prepare.py", "--save-dir", tmp_path / "pre", env=env)
-    assert_one_line_error(proc, "EleutherAI/gpt-j-6b")
+def test_prepare_offline_is_one_line(tmp_path, cli):
+    env = cli.user_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    proc = cli.run("pretrained/GPT-J-6B/prepare.py", "--save-dir", tmp_path / "pre", env=env)
+    cli.assert_one_line_error(proc, "EleutherAI/gpt-j-6b")
     assert not (tmp_path / "pre").exists() or not any((tmp_path / "pre").iterdir())
 
 
-def test_smollm2_prepared_and_converted_back_answers_paris(tmp_path):
+def test_smollm2_prepared_and_converted_back_answers_paris(tmp_path, cli):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    proc = run("pretrained/SmolLM2-135M-Instruct/prepare.py", "--save-dir", tmp_path)
+    proc = cli.run("pretrained/SmolLM2-135M-Instruct/prepare.py", "--save-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
     sharded = tmp_path / "HuggingFaceTB_SmolLM2-135M-Instruct"
     assert json.loads((sharded / "manifest.json").read_text())["tie_word_embeddings"] is True
@@ -216,9 +196,9 @@ def test_smollm2_prepared_and_converted_back_answers_paris(tmp_path):
     assert "Paris" in answer, answer
 
 
-def test_model_load_benchmark_prints_the_table(tmp_path, tiny_llama):
+def test_model_load_benchmark_prints_the_table(tmp_path, tiny_llama, cli):
     hf, _ = tiny_llama
-    proc = run(
+    proc = cli.run(
         "tools/model_load_benchmark.py",
         "--model-name",
         hf,

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,36 +12,16 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD = "retrieval/build_index.py"
 SEARCH = "retrieval/search.py"
 PREPARE = "data/wikipedia-3sentence-level-retrieval-index/prepare.py"
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-
-def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=REPO,
-        env=env or ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode != 0, proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
-def cli_index(tmp_path_factory, facts):
+def run(cli):
+    """cli.run with the hub offline: the retrieval scripts never need it."""
+    return functools.partial(cli.run, env=cli.user_env(HF_HUB_OFFLINE="1"))
+
+
+@pytest.fixture(scope="module")
+def cli_index(tmp_path_factory, facts, run):
     root = tmp_path_factory.mktemp("cli")
     corpus = root / "corpus.jsonl"
     corpus.write_text(
@@ -56,7 +34,7 @@ def cli_index(tmp_path_factory, facts):
     return out
 
 
-def test_build_then_search_json_finds_paraphrase(cli_index, facts):
+def test_build_then_search_json_finds_paraphrase(cli_index, facts, run):
     title, _, query, key = facts[2]
     proc = run(SEARCH, str(cli_index), query, "-k", "3", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -96,43 +74,47 @@ def _load_with(shared, load):
     return patched
 
 
-def test_build_errors_are_one_line(tmp_path, cli_index):
+def test_build_errors_are_one_line(tmp_path, cli_index, run, cli):
     empty = tmp_path / "empty.md"
     empty.write_text("\n")
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\x00\xff\x00binary")
     out = str(tmp_path / "out")
-    assert_one_line_error(
+    cli.assert_one_line_error(
         run(BUILD, "--input", str(tmp_path / "missing"), "--output", out), "no such file"
     )
-    assert_one_line_error(run(BUILD, "--input", str(empty), "--output", out), "empty corpus")
-    assert_one_line_error(run(BUILD, "--input", str(binary), "--output", out), "blob.txt", "binary")
-    assert_one_line_error(
+    cli.assert_one_line_error(run(BUILD, "--input", str(empty), "--output", out), "empty corpus")
+    cli.assert_one_line_error(
+        run(BUILD, "--input", str(binary), "--output", out), "blob.txt", "binary"
+    )
+    cli.assert_one_line_error(
         run(BUILD, "--input", str(empty), "--output", str(cli_index)), "exists", "--overwrite"
     )
-    assert_one_line_error(
+    cli.assert_one_line_error(
         run(BUILD, "--input", str(empty), "--output", out, "--chunk-sentences", "0"),
         "--chunk-sentences",
     )
     notes = tmp_path / "notes.txt"
     notes.write_text("Just one sentence here.")
-    assert_one_line_error(
+    cli.assert_one_line_error(
         run(BUILD, "--input", str(notes), "--output", out, "--index-type", "ivfpq"),
         "ivfpq needs at least",
     )
     assert not Path(out).exists()  # nothing half-written
 
 
-def test_search_errors_are_one_line(tmp_path, cli_index):
-    assert_one_line_error(run(SEARCH, str(tmp_path / "nope"), "q"), "no such index folder")
+def test_search_errors_are_one_line(tmp_path, cli_index, run, cli):
+    cli.assert_one_line_error(run(SEARCH, str(tmp_path / "nope"), "q"), "no such index folder")
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "meta.json").write_text((cli_index / "meta.json").read_text())
-    assert_one_line_error(run(SEARCH, str(partial), "q"), "missing index.faiss, passages.parquet")
-    assert_one_line_error(run(SEARCH, str(cli_index), "q", "-k", "0"), "-k must be >= 1")
+    cli.assert_one_line_error(
+        run(SEARCH, str(partial), "q"), "missing index.faiss, passages.parquet"
+    )
+    cli.assert_one_line_error(run(SEARCH, str(cli_index), "q", "-k", "0"), "-k must be >= 1")
 
 
-def test_search_refuses_embedder_dimension_mismatch(cli_index, tmp_path):
+def test_search_refuses_embedder_dimension_mismatch(cli_index, tmp_path, run, cli):
     """Querying a 384-dim MiniLM index with a 32-dim embedder is refused in one line."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -147,12 +129,12 @@ def test_search_refuses_embedder_dimension_mismatch(cli_index, tmp_path):
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     proc = run(SEARCH, str(cli_index), "q", "--embedder", str(folder))
-    assert_one_line_error(
+    cli.assert_one_line_error(
         proc, "gives 32-dim vectors but the index holds 384-dim", "all-MiniLM-L6-v2"
     )
 
 
-def test_prepare_offline_is_one_line():
+def test_prepare_offline_is_one_line(run, cli):
     proc = run(PREPARE, "--output", "/nonexistent-dir/should-not-be-created")
-    assert_one_line_error(proc, "offline")
+    cli.assert_one_line_error(proc, "offline")
     assert not Path("/nonexistent-dir").exists()
