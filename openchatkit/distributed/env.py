@@ -23,7 +23,12 @@ class Rendezvous:
     rank: int
     world_size: int
     local_rank: int
-    init_method: str  # "tcp://host:port" or "env://"
+    init_method: str  # "tcp://host:port"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the rendezvous TCP store."""
+        return _parse_tcp(self.init_method)
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:

@@ -115,6 +115,10 @@ class ParallelLayout:
         """Global rank of the last stage of this replica."""
         return self.pp_peers[-1]
 
+    def describe_rank(self, rank: int) -> str:
+        """Any rank of the job with its place, for messages: "rank 3 (stage 1, replica 1)"."""
+        return f"rank {rank} (stage {rank % self.pp}, replica {rank // self.pp})"
+
     def describe(self) -> str:
         return (
             f"rank {self.rank}/{self.world_size}: stage {self.pp_rank}/{self.pp}, "

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pp-mode", choices=["gpipe", "1f1b"], default="gpipe")
     d.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if any")
     d.add_argument("--pg-timeout", type=float, default=600.0, help="collective timeout, seconds")
+    d.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=60.0,
+        help="seconds without a heartbeat before a rank is declared dead (0: off)",
+    )
 
     t = p.add_argument_group("training")
     t.add_argument("--task-name", required=True, help="data spec: FILE|DIR|HUB_ID[:WEIGHT],...")
@@ -242,6 +248,8 @@ def validate_args(
         raise UserError(f"--evaluation-steps must be >= 0, got {args.evaluation_steps}")
     if args.evaluation_steps > 0 and not args.evaluation_data:
         raise UserError("--evaluation-steps needs --evaluation-data")
+    if args.peer_timeout < 0:
+        raise UserError(f"--peer-timeout must be >= 0 (0 turns it off), got {args.peer_timeout}")
     if args.max_grad_norm < 0:
         raise UserError(f"--max-grad-norm must be >= 0, got {args.max_grad_norm}")
     if args.initial_loss_scale <= 0:

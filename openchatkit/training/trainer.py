@@ -23,6 +23,7 @@ from loguru import logger
 
 from openchatkit.distributed.env import Rendezvous
 from openchatkit.distributed.layout import ParallelLayout
+from openchatkit.distributed.watchdog import PeerWatchdog
 from openchatkit.errors import UserError
 from openchatkit.training import checkpoint as ckpt
 from openchatkit.training.args import ModelShape, derived_summary
@@ -59,6 +60,7 @@ class Run:
         self.layout = ParallelLayout(args.pipeline_group_size, args.data_group_size, rdv.rank)
         self.device = torch.device("cpu")
         self.start_step = 0
+        self.watchdog: PeerWatchdog | None = None
 
     # -- setup --------------------------------------------------------------------------------
     def init_distributed(self) -> None:
@@ -83,6 +85,16 @@ class Run:
                 timeout=datetime.timedelta(seconds=args.pg_timeout),
             )
             self.layout.init_groups(tied=self.shape.tie_word_embeddings)
+            if args.peer_timeout > 0:
+                host, port = self.rdv.address
+                self.watchdog = PeerWatchdog(
+                    host,
+                    port,
+                    self.rdv.rank,
+                    self.rdv.world_size,
+                    args.peer_timeout,
+                    describe=self.layout.describe_rank,
+                ).start()
 
     def barrier(self) -> None:
         if self.layout.is_distributed:
@@ -345,13 +357,15 @@ class Run:
 
 def maybe_fault(point: str, step: int, rank: int) -> None:
     """Test hook: OPENCHATKIT_FAULT="save:4@1" SIGKILLs rank 1 while it saves step 4
-    ("step:5" kills every rank at the start of step 5), to prove resume after a real kill."""
+    ("step:5" kills every rank at the start of step 5; "step:3@3/stop" freezes rank 3 with
+    SIGSTOP, a hung peer), to prove resume after a real kill and the peer watchdog."""
     spec = os.environ.get("OPENCHATKIT_FAULT")
     if not spec:
         return
-    where, _, who = spec.partition("@")
+    where, _, rest = spec.partition("@")
+    who, _, action = rest.partition("/")
     if where == f"{point}:{step}" and (not who or int(who) == rank):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
 
 
 def _jsonable(value: Any) -> bool:
@@ -374,24 +388,38 @@ def run_training(args: argparse.Namespace, rdv: Rendezvous, shape: ModelShape) -
     """Train on this rank; returns the exit code."""
     setup_logging(rdv.rank)
     run = Run(args, rdv, shape)
+    clean, lost = False, None
     try:
         run.init_distributed()
         run.build()
-        return run.train()
+        code = run.train()
+        clean = True
+        return code
     except (RuntimeError, dist.DistError) as err:
         # A peer that died (or hung past --pg-timeout) surfaces here as a gloo/NCCL/store
-        # error; say so in one line and exit non-zero (the launcher names the rank that died).
+        # error; the watchdogs agree on which rank it was (within --peer-timeout), and this
+        # rank says so in one line and exits non-zero.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if not run.layout.is_distributed or not _PEER_LOST.search(first):
+            if run.watchdog is not None:
+                run.watchdog.report_failure(f"{type(err).__name__}: {first}")
             raise
-        print(
+        named = run.watchdog.name_lost_peer() if run.watchdog is not None else None
+        lost = named or (
             f"rank {rdv.rank} ({run.layout.describe()}): lost contact with another rank, "
-            f"stopping: {first[:300]}",
-            file=sys.stderr,
-            flush=True,
+            f"stopping: {first[:300]}"
         )
         return 1
+    except BaseException as err:
+        if run.watchdog is not None:
+            run.watchdog.report_failure(f"{type(err).__name__}: {err}".splitlines()[0])
+        raise
     finally:
+        if run.watchdog is not None:
+            run.watchdog.stop(clean)
         if dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+        if lost:
+            # Last, after the teardown's own warnings, so it is the line a user sees.
+            print(lost, file=sys.stderr, flush=True)

@@ -77,6 +77,7 @@ CASES = [
     (["--warmup-steps", "9", "--total-steps", "4"], {}, ["--warmup-steps"]),
     (["--total-steps", "0"], {}, ["--total-steps"]),
     (["--lr", "0"], {}, ["--lr"]),
+    (["--peer-timeout", "-1"], {}, ["--peer-timeout"]),
     (["--task-name", "NOPE.jsonl"], {}, ["NOPE.jsonl"]),
     (["--task-name", "TRAIN:-1"], {}, ["-1"]),
     (["--model-name", "NOWHERE"], {}, ["--model-name", "NOWHERE"]),
