@@ -3,7 +3,8 @@
 huggingface_hub retries a failed connection for ~45 s with a warning per try; a user who is
 offline deserves one line within seconds. So before a download or `from_pretrained` of a hub id
 that is not cached, `check_hub_repo` asks the hub once with a short timeout and turns every
-failure into a `UserError` that says what to do.
+failure into a `UserError` that says what to do. `hub_error_message` words those failures, for
+models here and for datasets in `openchatkit.data.hub`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,58 @@ def is_cached(repo_id: str, filename: str = "config.json", repo_type: str = "mod
     return isinstance(found, str)
 
 
+def is_network_error(err: BaseException) -> bool:
+    """True when `err` means the hub could not be reached (refused, DNS, timeout, proxy), as
+    opposed to an answer from it."""
+    from huggingface_hub import errors
+
+    return isinstance(err, (ConnectionError, TimeoutError, errors.LocalEntryNotFoundError)) or type(
+        err
+    ).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests"}
+
+
+def hub_error_message(
+    err: BaseException, repo_id: str | None = None, repo_type: str = "model"
+) -> str:
+    """One line saying what went wrong with hub repo `repo_id` and what to do about it.
+
+    `repo_type` ("model" or "dataset") words the message and names the repo's page; without
+    `repo_id` the message says "the model" / "the dataset".
+    """
+    from huggingface_hub import errors
+
+    name = f"{repo_type} {repo_id}" if repo_id else f"the {repo_type}"
+    token = "set a token (`hf auth login` or HF_TOKEN)"
+    if isinstance(err, errors.GatedRepoError):
+        page = "https://huggingface.co/" + ("datasets/" if repo_type == "dataset" else "")
+        where = f"at {page}{repo_id}" if repo_id else "on its page"
+        return f"{name} is gated: accept its terms {where} and {token}"
+    if isinstance(err, errors.RepositoryNotFoundError):
+        return (
+            f"{name} was not found on the hub (check the name; a private or gated {repo_type} "
+            "needs a token: `hf auth login` or HF_TOKEN)"
+        )
+    if isinstance(err, errors.OfflineModeIsEnabled) or hub_offline():
+        return "HF_HUB_OFFLINE=1 is set; unset it to download"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status in (401, 403):
+        return (
+            f"the hub refused access to {name} (HTTP {status}): accept its terms on the "
+            f"{repo_type} page and {token}"
+        )
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if isinstance(status, int) and status >= 500:
+        return f"the Hugging Face hub failed to answer for {name} ({first}); try again later"
+    if is_network_error(err):
+        # A model that is cached loads with HF_HUB_OFFLINE=1; a dataset download cannot.
+        offline = "" if repo_type == "dataset" else " or set HF_HUB_OFFLINE=1 and use local files"
+        return (
+            f"cannot reach the Hugging Face hub ({type(err).__name__}: {first}); "
+            f"check the network{offline}"
+        )
+    return f"{type(err).__name__}: {first}"
+
+
 def check_hub_repo(repo_id: str, repo_type: str = "model", what: str = "--model") -> None:
     """Raise a one-line UserError unless the hub can serve `repo_id` right now."""
     if hub_offline():
@@ -36,21 +89,8 @@ def check_hub_repo(repo_id: str, repo_type: str = "model", what: str = "--model"
             "download it while online or give a local folder"
         )
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
         HfApi().repo_info(repo_id, repo_type=repo_type, timeout=PROBE_TIMEOUT_S)
-    except GatedRepoError as err:
-        raise UserError(
-            f"{what}: '{repo_id}' is gated: accept its terms on huggingface.co and set HF_TOKEN"
-        ) from err
-    except RepositoryNotFoundError as err:
-        raise UserError(
-            f"{what}: no {repo_type} '{repo_id}' on the hub (or it is private: set HF_TOKEN)"
-        ) from err
-    except Exception as err:  # connection refused, DNS failure, timeout, proxy, HTTP 5xx
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"{what}: cannot reach the Hugging Face hub for '{repo_id}' ({reason}); "
-            "check the network or set HF_HUB_OFFLINE=1 and use local files"
-        ) from err
+    except Exception as err:  # gated, missing, connection refused, DNS, timeout, HTTP 5xx
+        raise UserError(f"{what}: {hub_error_message(err, repo_id, repo_type)}") from err

@@ -27,7 +27,9 @@ from loguru import logger
 
 from openchatkit.errors import UserError
 from openchatkit.fileio import atomic_file
+from openchatkit.hub import hub_error_message as _hub_error_message
 from openchatkit.hub import hub_offline as hub_is_offline
+from openchatkit.hub import is_network_error
 
 # The hub's HTTP client waits forever by default; a metadata call gets this long.
 HUB_TIMEOUT_S = 30.0
@@ -38,44 +40,16 @@ T = TypeVar("T")
 
 
 def hub_error_message(err: BaseException, repo_id: str | None = None) -> str:
-    """One line saying what went wrong with the hub and what to do about it."""
-    from huggingface_hub import errors
-
-    name = f"dataset {repo_id}" if repo_id else "the dataset"
-    if isinstance(err, errors.GatedRepoError):
-        return (
-            f"{name} is gated: accept its terms at https://huggingface.co/datasets/{repo_id} "
-            "and set a token (`hf auth login` or HF_TOKEN)"
-        )
-    if isinstance(err, errors.RepositoryNotFoundError):
-        return (
-            f"{name} was not found on the hub (check the name; a private or gated dataset "
-            "needs a token: `hf auth login` or HF_TOKEN)"
-        )
-    if isinstance(err, errors.OfflineModeIsEnabled) or hub_is_offline():
-        return "HF_HUB_OFFLINE=1 is set; unset it to download"
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if status in (401, 403):
-        return (
-            f"the hub refused access to {name} (HTTP {status}): accept its terms on the "
-            "dataset page and set a token (`hf auth login` or HF_TOKEN)"
-        )
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    if isinstance(err, (ConnectionError, TimeoutError, errors.LocalEntryNotFoundError)) or (
-        type(err).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests"}
-    ):
-        return (
-            f"cannot reach the Hugging Face hub ({type(err).__name__}: {first}); check the network"
-        )
-    return f"{type(err).__name__}: {first}"
+    """One line saying what went wrong with hub dataset `repo_id` and what to do about it."""
+    return _hub_error_message(err, repo_id, repo_type="dataset")
 
 
 def _is_hub_failure(err: BaseException) -> bool:
     from huggingface_hub import errors
 
     return isinstance(
-        err, (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, OSError, TimeoutError)
-    ) or type(err).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests"}
+        err, (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, OSError)
+    ) or is_network_error(err)
 
 
 def call_with_deadline(fn: Callable[[], T], seconds: float, what: str) -> T:

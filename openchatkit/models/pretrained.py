@@ -79,15 +79,13 @@ def download_hf_model(repo_id: str, revision: str | None = None) -> Path:
         RepositoryNotFoundError,
     )
 
+    from openchatkit.hub import check_hub_repo, hub_error_message, is_cached
+
     def fetch(patterns: list[str]) -> Path:
         try:
             return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-        except GatedRepoError:
-            raise UserError(
-                f"--model-name {repo_id} is gated: accept its terms on huggingface.co and set HF_TOKEN"
-            ) from None
-        except RepositoryNotFoundError:
-            raise UserError(f"--model-name {repo_id}: no such model on the HF hub") from None
+        except (GatedRepoError, RepositoryNotFoundError) as err:
+            raise UserError(f"--model-name: {hub_error_message(err, repo_id)}") from None
         except LocalEntryNotFoundError:
             raise UserError(
                 f"cannot download {repo_id}: offline (HF_HUB_OFFLINE set or no network) and it is "
@@ -96,8 +94,6 @@ def download_hf_model(repo_id: str, revision: str | None = None) -> Path:
         except OSError as err:  # connection errors, disk full
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"cannot download {repo_id}: {first}") from None
-
-    from openchatkit.hub import check_hub_repo, is_cached
 
     if not is_cached(repo_id):
         check_hub_repo(repo_id, what="--model-name")  # one line within seconds when offline
