@@ -70,13 +70,13 @@ def main() -> None:
     for dtype in args.dtypes:
         model = loaded.model.to(getattr(torch, dtype))
 
-        def ours():
+        def ours(model=model):  # bound now: the closure is used in this iteration only
             stats = GenerationStats()
             text = "".join(stream_text(model, loaded.tokenizer, ids, settings, [], [], stats))
             assert stats.generated_tokens == n
             return stats.total_s, stats.first_token_s, text
 
-        def plain():
+        def plain(model=model):
             streamer = FirstToken()
             t0 = time.perf_counter()
             out = model.generate(
