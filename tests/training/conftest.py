@@ -206,4 +206,5 @@ def tt():
         train_losses=train_losses,
         checkpoint_tensors=checkpoint_tensors,
         max_weight_diff=max_weight_diff,
+        free_port=_free_port,
     )

@@ -123,16 +123,8 @@ def test_losing_the_store_names_its_host():
 
 
 # -- end to end: four processes started by hand, as on four nodes --------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_ranks(tt, tiny, ckpt, fault, **flags):
-    port = _free_port()
+    port = tt.free_port()
     args = tt.train_args(
         tiny,
         "gpt_neox",
