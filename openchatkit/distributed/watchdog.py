@@ -103,19 +103,21 @@ class PeerWatchdog:
     # -- the thread -----------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self.stopped.wait(self.interval):
-            try:
-                message = self.check()
-            except Exception:  # noqa: BLE001 - any store failure means the same thing here
-                self.store_failures += 1
-                if self.store_failures < STORE_FAILURES or self.stopped.is_set():
-                    continue
-                message = self._store_lost_message()
-            else:
-                self.store_failures = 0
+            message = self._round()
             if message and not self.stopped.is_set():
                 self.stopped.set()
                 self.on_dead(message)
                 return
+
+    def _round(self) -> str | None:
+        """`check()`, counting store failures: STORE_FAILURES in a row mean the store host died."""
+        try:
+            message = self.check()
+        except Exception:  # noqa: BLE001 - any store failure means the same thing here
+            self.store_failures += 1
+            return self._store_lost_message() if self.store_failures >= STORE_FAILURES else None
+        self.store_failures = 0
+        return message
 
     def _beat(self) -> None:
         with self.lock:
@@ -176,14 +178,8 @@ class PeerWatchdog:
         deadline = time.monotonic() + (
             self.timeout + 3 * self.interval if wait_s is None else wait_s
         )
-        failures = 0
         while time.monotonic() < deadline:
-            try:
-                message = self.check()
-                failures = 0
-            except Exception:  # noqa: BLE001
-                failures += 1
-                message = self._store_lost_message() if failures >= STORE_FAILURES else None
+            message = self._round()
             if message:
                 return message
             time.sleep(self.interval)

@@ -395,12 +395,19 @@ def run_training(args: argparse.Namespace, rdv: Rendezvous, shape: ModelShape) -
         code = run.train()
         clean = True
         return code
-    except (RuntimeError, dist.DistError) as err:
+    except BaseException as err:
         # A peer that died (or hung past --pg-timeout) surfaces here as a gloo/NCCL/store
         # error; the watchdogs agree on which rank it was (within --peer-timeout), and this
-        # rank says so in one line and exits non-zero.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if not run.layout.is_distributed or not _PEER_LOST.search(first):
+        # rank says so in one line and exits non-zero. Any other error is this rank's own:
+        # the others hear of it through the watchdog, and it propagates.
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        peer_lost = (
+            isinstance(err, RuntimeError)  # dist.DistError is one
+            and run.layout.is_distributed
+            and _PEER_LOST.search(first)
+        )
+        if not peer_lost:
             if run.watchdog is not None:
                 run.watchdog.report_failure(f"{type(err).__name__}: {first}")
             raise
@@ -410,10 +417,6 @@ def run_training(args: argparse.Namespace, rdv: Rendezvous, shape: ModelShape) -
             f"stopping: {first[:300]}"
         )
         return 1
-    except BaseException as err:
-        if run.watchdog is not None:
-            run.watchdog.report_failure(f"{type(err).__name__}: {err}".splitlines()[0])
-        raise
     finally:
         if run.watchdog is not None:
             run.watchdog.stop(clean)
