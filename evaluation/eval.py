@@ -130,9 +130,10 @@ def output_dir(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from openchatkit.evaluation.report import check_writable
-    from openchatkit.evaluation.tasks import parse_tasks
+    from openchatkit.evaluation.tasks import check_lm_eval_tasks, parse_tasks
 
     plan = parse_tasks(args.tasks)
+    check_lm_eval_tasks(plan.lm_eval)
     check_model_exists(args.model)
     if args.compare is not None:
         check_model_exists(args.compare)
@@ -151,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_chat_prompts(CHAT_PROMPTS)
     out = output_dir(args)
     check_writable(out)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1") if not plan.lm_eval else None
+    if not plan.lm_eval:
+        # Every task reads local files: `datasets` must not ask the hub about anything.
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     import transformers
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,29 +195,76 @@ def offline_names() -> str:
     return ", ".join([PERPLEXITY, *OFFLINE_TASKS])
 
 
-def check_lm_eval_tasks(names: list[str], index: dict) -> None:
-    """Every name is in lm-eval's index; a hub-only task needs the hub. One-line UserError."""
+_NAME = re.compile(r"""^["']?(task|group)["']?:\s*["']?([^\s"']+)""", re.M)
+_TAG_LIST = re.compile(r"^tag:\s*\n((?:[ \t]+-[^\n]*\n?)+)", re.M)
+_TAG_ONE = re.compile(r"""^tag:\s*["']?([\w\-.]+)""", re.M)
+_DATASET = re.compile(r"""^["']?dataset_path["']?:\s*["']?([^\s"']+)""", re.M)
+_INCLUDE = re.compile(r"""^["']?include["']?:\s*["']?([^\s"']+)""", re.M)
+
+
+def lm_eval_task_files() -> dict[str, Path]:
+    """Every task, group and tag name of lm-eval's stock YAMLs -> the file defining it.
+
+    A text scan (~0.5 s) rather than lm-eval's TaskIndex (~10 s: it parses every YAML and its
+    includes), so a mistyped name fails at once.
+    """
+    names: dict[str, Path] = {}
+    for path in sorted(lm_eval_tasks_dir().rglob("*.yaml")):
+        text = path.read_text(errors="ignore")
+        for match in _NAME.finditer(text):
+            names.setdefault(match.group(2), path)
+        for match in _TAG_ONE.finditer(text):
+            names.setdefault(match.group(1), path)
+        for match in _TAG_LIST.finditer(text):
+            for line in match.group(1).splitlines():
+                tag = line.strip().lstrip("-").strip().strip("\"'")
+                if tag:
+                    names.setdefault(tag, path)
+    return names
+
+
+def dataset_of(path: Path, depth: int = 0) -> str | None:
+    """`dataset_path` of a task YAML, following its `include:` chain."""
+    text = path.read_text(errors="ignore")
+    found = _DATASET.search(text)
+    if found:
+        return found.group(1)
+    include = _INCLUDE.search(text)
+    if include and depth < 5:
+        target = (path.parent / include.group(1)).resolve()
+        if target.is_file():
+            return dataset_of(target, depth + 1)
+    return None
+
+
+def check_lm_eval_tasks(names: list[str]) -> None:
+    """Every name is one of lm-eval's tasks, and a task that reads hub data can reach it (or has
+    it cached). One-line UserError naming close names or the offline tasks otherwise."""
     from openchatkit.hub import check_hub_repo, is_cached
 
+    if not names:
+        return
+    known = lm_eval_task_files()
     for name in names:
-        entry = index.get(name)
-        if entry is None:
-            close = difflib.get_close_matches(name, [*OFFLINE_TASKS, PERPLEXITY, *index], n=4)
+        if name not in known:
+            candidates = dict.fromkeys([*OFFLINE_TASKS, PERPLEXITY, *known])
+            close = difflib.get_close_matches(name, list(candidates), n=4)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise UserError(
                 f"--tasks: unknown task '{name}'{hint} (offline: {offline_names()}; "
                 "or any lm-eval task name, or a path to an lm-eval YAML)"
             )
-        dataset = (entry.cfg or {}).get("dataset_path")
-        if dataset and "/" in str(dataset) and not Path(str(dataset)).exists():
-            if is_cached(str(dataset), "README.md", repo_type="dataset"):
-                continue
-            try:
-                check_hub_repo(str(dataset), repo_type="dataset", what=f"--tasks {name}")
-            except UserError as err:
-                raise UserError(
-                    f"{err} (task '{name}' reads hub data; offline tasks: {offline_names()})"
-                ) from None
+        dataset = dataset_of(known[name])
+        if not dataset or "/" not in dataset or Path(dataset).exists():
+            continue
+        if is_cached(dataset, "README.md", repo_type="dataset"):
+            continue
+        try:
+            check_hub_repo(dataset, repo_type="dataset", what=f"--tasks {name}")
+        except UserError as err:
+            raise UserError(
+                f"{err} (task '{name}' reads hub data; offline tasks: {offline_names()})"
+            ) from None
 
 
 def make_task_manager(plan: TaskPlan, folder: Path):
@@ -236,8 +284,6 @@ def make_task_manager(plan: TaskPlan, folder: Path):
         manager = TaskManager(include_path=include, include_defaults=bool(plan.lm_eval))
     finally:
         log.setLevel(level)
-    if plan.lm_eval:
-        check_lm_eval_tasks(plan.lm_eval, manager.task_index)
     return manager
 
 
