@@ -218,7 +218,11 @@ def plot(records: list[dict], out: Path) -> None:
             ax.bar(x + i * width, values, width, yerr=errors, capsize=3, label=record["model"])
         ax.set_xticks(x + width * (len(records) - 1) / 2)
         ax.set_xticklabels([f"{t}\n{m}" for t, m in panel], fontsize=8)
-        ax.set_ylabel("lower is better" if panel[0][1] in LOWER_IS_BETTER else "higher is better")
+        if panel[0][1] in LOWER_IS_BETTER:
+            ax.set_yscale("log")  # token and word perplexities differ by 10-100x
+            ax.set_ylabel("lower is better (log scale)")
+        else:
+            ax.set_ylabel("higher is better")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     with atomic_file(out, "wb") as f:
