@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             with atomic_file(Path(args.output)) as f:
                 f.write(render_report(records))
         except OSError as err:
-            raise UserError(f"--output: cannot write {args.output}: {err.strerror or err}") from None
+            raise UserError(
+                f"--output: cannot write {args.output}: {err.strerror or err}"
+            ) from None
     if args.plot:
         try:
             plot(records, Path(args.plot))

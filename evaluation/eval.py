@@ -49,8 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="embedded (default), an HF folder, a hub id, a layer-sharded folder or a trainer "
         "--checkpoint-path (its latest checkpoint)",
     )
-    p.add_argument("--compare", default=None, metavar="MODEL2", help="evaluate MODEL2 too, side by side")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated (default {DEFAULT_TASKS})")
+    p.add_argument(
+        "--compare", default=None, metavar="MODEL2", help="evaluate MODEL2 too, side by side"
+    )
+    p.add_argument(
+        "--tasks", default=DEFAULT_TASKS, help=f"comma-separated (default {DEFAULT_TASKS})"
+    )
     p.add_argument(
         "--limit",
         type=int,
@@ -58,10 +62,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"first N documents of each task, as lm-eval's --limit (default {DEFAULT_LIMIT}; "
         "0 = every document). Perplexity always scores every record of --data",
     )
-    p.add_argument("--data", nargs="+", default=None, metavar="FILE", help=f"perplexity data (default {DEFAULT_DATA})")
-    p.add_argument("--loss-on", choices=("all", "bot"), default="all", help="perplexity on all text or bot turns only")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help=f"perplexity data (default {DEFAULT_DATA})",
+    )
+    p.add_argument(
+        "--loss-on",
+        choices=("all", "bot"),
+        default="all",
+        help="perplexity on all text or bot turns only",
+    )
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (task default)")
-    p.add_argument("--batch-size", default="1", help="requests per forward pass, or auto (GPU); default 1")
+    p.add_argument(
+        "--batch-size", default="1", help="requests per forward pass, or auto (GPU); default 1"
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
         "--dtype",
@@ -70,10 +87,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default float32 on CPU, bf16/fp16 on GPU (auto)",
     )
     p.add_argument("--seed", type=int, default=1234, help="lm-eval's seeds (few-shot sampling)")
-    p.add_argument("--apply-chat-template", action="store_true", help="wrap task prompts in the model's chat template")
+    p.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="wrap task prompts in the model's chat template",
+    )
     p.add_argument("--chat-suite", action="store_true", help=f"answer {CHAT_PROMPTS.name} greedily")
-    p.add_argument("--chat-max-tokens", type=int, default=96, help="tokens per chat-suite answer (96)")
-    p.add_argument("--output", default=None, metavar="DIR", help="default eval_results/<model name>/")
+    p.add_argument(
+        "--chat-max-tokens", type=int, default=96, help="tokens per chat-suite answer (96)"
+    )
+    p.add_argument(
+        "--output", default=None, metavar="DIR", help="default eval_results/<model name>/"
+    )
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit must be >= 0 (0 = every document), got {args.limit}")
@@ -83,7 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         try:
             args.batch_size = int(args.batch_size)
         except ValueError:
-            raise UserError(f"--batch-size must be a number or auto, got {args.batch_size!r}") from None
+            raise UserError(
+                f"--batch-size must be a number or auto, got {args.batch_size!r}"
+            ) from None
         if args.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.chat_max_tokens < 1:

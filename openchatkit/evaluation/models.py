@@ -71,7 +71,11 @@ def load_sharded_in_memory(source: Path, device: str = "auto", dtype: str = "aut
     with quiet_transformers():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if manifest.tie_word_embeddings else set()
+    tied = (
+        {k for k in missing if k.endswith("lm_head.weight")}
+        if manifest.tie_word_embeddings
+        else set()
+    )
     missing = [k for k in missing if k not in tied and "rotary" not in k]
     if missing or unexpected:
         raise UserError(f"--model: {folder}: missing {missing[:3]}, unexpected {unexpected[:3]}")

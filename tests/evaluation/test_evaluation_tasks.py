@@ -16,7 +16,11 @@ from openchatkit.evaluation.tasks import parse_tasks
 
 DOCS = [
     {"question": "What is 32 times 55?", "choices": ["1,760", "1,670", "176", "seven"], "gold": 0},
-    {"question": "Which city is the capital of Armenia?", "choices": ["Paris", "Yerevan"], "gold": 1},
+    {
+        "question": "Which city is the capital of Armenia?",
+        "choices": ["Paris", "Yerevan"],
+        "gold": 1,
+    },
     {"question": "Convert 6 liters to milliliters.", "choices": ["600", "6,000", "60"], "gold": 1},
     {"question": "How many millimeters are in 3 centimeters?", "choices": ["30", "3"], "gold": 0},
     {"question": "What colour is the sky?", "choices": ["blue", "green", "red"], "gold": 0},
@@ -63,7 +67,10 @@ def test_multiple_choice_accuracy_equals_direct(tiny_loaded, tmp_path):
     acc, acc_norm = [], []
     for doc in DOCS:
         ll = direct_choice_logliks(
-            tiny_loaded.model, tiny_loaded.tokenizer, f"Question: {doc['question']}\nAnswer:", doc["choices"]
+            tiny_loaded.model,
+            tiny_loaded.tokenizer,
+            f"Question: {doc['question']}\nAnswer:",
+            doc["choices"],
         )
         lengths = np.array([len(c) for c in doc["choices"]], dtype=float)
         acc.append(int(np.argmax(ll)) == doc["gold"])
@@ -78,10 +85,22 @@ def test_multiple_choice_accuracy_equals_direct(tiny_loaded, tmp_path):
 
 def test_arc_easy_offline_from_the_cli(cli, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    env = cli.user_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    env = cli.user_env(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache")
+    )
     proc = cli.run(
-        "evaluation/eval.py", "--model", tiny_model_dir, "--tasks", "perplexity,arc_easy",
-        "--limit", "20", "--batch-size", "4", "--output", out, env=env,
+        "evaluation/eval.py",
+        "--model",
+        tiny_model_dir,
+        "--tasks",
+        "perplexity,arc_easy",
+        "--limit",
+        "20",
+        "--batch-size",
+        "4",
+        "--output",
+        out,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     assert "estimate for tiny-llama" in proc.stderr
@@ -93,7 +112,13 @@ def test_arc_easy_offline_from_the_cli(cli, tiny_model_dir, tmp_path):
     assert arc["n"] == 20 and all(isinstance(arc[k], float) for k in arc if k != "n")
     ppl = data["results"]["perplexity"]
     assert set(ppl) == {
-        "token_perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "tokens", "bytes", "n",
+        "token_perplexity",
+        "bits_per_byte",
+        "byte_perplexity",
+        "word_perplexity",
+        "tokens",
+        "bytes",
+        "n",
     }
     assert ppl["n"] == 64 and ppl["token_perplexity"] > 1
     assert data["settings"]["limit"] == 20 and data["versions"]["lm-eval"] == "0.4.13"
@@ -102,7 +127,9 @@ def test_arc_easy_offline_from_the_cli(cli, tiny_model_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.json"]
 
 
-def test_trainer_checkpoint_scores_as_its_hf_folder(tiny_model_dir, tiny_loaded, tmp_path, eval_texts):
+def test_trainer_checkpoint_scores_as_its_hf_folder(
+    tiny_model_dir, tiny_loaded, tmp_path, eval_texts
+):
     from openchatkit.evaluation.models import load_eval_model
     from openchatkit.models.convert import convert_hf_to_sharded
 
