@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -55,14 +56,19 @@ metric_list:
 """
 
 
-def run(cmd: list[str]) -> float:
+def run(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user+sys) of one run. CPU time is reported beside wall time
+    because on a shared machine the wall time mostly measures the neighbours."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return elapsed
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu
 
 
 def main() -> None:
@@ -123,11 +129,18 @@ def main() -> None:
     ]
     if args.records > args.limit:
         sys.exit("--records must be <= --limit (lm_eval's one --limit covers both tasks)")
-    times = {"ours": [], "lm_eval": []}
+    times: dict[str, list[float]] = {"ours": [], "lm_eval": []}
+    cpu: dict[str, list[float]] = {"ours": [], "lm_eval": []}
     for _ in range(args.repeats):
-        times["ours"].append(run(ours_cmd))
-        times["lm_eval"].append(run(theirs_cmd))
-        print(f"ours {times['ours'][-1]:.1f} s, lm_eval {times['lm_eval'][-1]:.1f} s", flush=True)
+        for name, cmd in (("ours", ours_cmd), ("lm_eval", theirs_cmd)):
+            wall, used = run(cmd)
+            times[name].append(wall)
+            cpu[name].append(used)
+        print(
+            f"wall: ours {times['ours'][-1]:.1f} s, lm_eval {times['lm_eval'][-1]:.1f} s; "
+            f"CPU: ours {cpu['ours'][-1]:.1f} s, lm_eval {cpu['lm_eval'][-1]:.1f} s",
+            flush=True,
+        )
 
     ours = json.loads((work / "ours" / "results.json").read_text())["results"]
     found = sorted((work / "theirs").rglob("results_*.json"))
@@ -146,13 +159,14 @@ def main() -> None:
     # Requests: arc_easy's (documents x choices) + one per perplexity record.
     n_choices = 4  # arc_easy: 4 choices for almost every question (a few have 3 or 5)
     requests = args.limit * n_choices + args.records
-    med = {k: statistics.median(v) for k, v in times.items()}
-    for k, v in times.items():
-        print(
-            f"{k:8s} median {med[k]:.1f} s (min {min(v):.1f}, max {max(v):.1f}), "
-            f"{1000 * med[k] / requests:.1f} ms/request (~{requests} requests)"
-        )
-    print(f"ratio ours / lm_eval: {med['ours'] / med['lm_eval']:.3f}")
+    for label, series in (("wall", times), ("CPU", cpu)):
+        med = {k: statistics.median(v) for k, v in series.items()}
+        for k, v in series.items():
+            print(
+                f"{label:4s} {k:8s} median {med[k]:.1f} s (min {min(v):.1f}, max {max(v):.1f}), "
+                f"{1000 * med[k] / requests:.1f} ms/request (~{requests} requests)"
+            )
+        print(f"{label} ratio ours / lm_eval: {med['ours'] / med['lm_eval']:.3f}")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -92,7 +92,6 @@ def load_sharded_in_memory(source: Path, device: str = "auto", dtype: str = "aut
 
         tokenizer.chat_template = OPENCHATKIT_CHAT_TEMPLATE
     window = getattr(config, "max_position_embeddings", None) or 2048
-    display = source.name if source.name.startswith("checkpoint_") else folder.name
-    if folder != source and folder.name.startswith("checkpoint_"):
-        display = f"{source.name}/{folder.name}"
+    # A trainer run is named by its folder and the checkpoint taken: "my-run/checkpoint_40".
+    display = folder.name if folder == source else f"{source.name}/{folder.name}"
     return LoadedModel(model, tokenizer, display, dev, str(torch_dtype).split(".")[-1], int(window))
