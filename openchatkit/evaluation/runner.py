@@ -179,7 +179,14 @@ def run_chat_suite(loaded, prompts: list[dict], max_tokens: int) -> list[dict]:
         )
         session.verbose = False
         answers = [session.say(turn) or "" for turn in prompt["turns"]]
-        out.append({"id": prompt["id"], "category": prompt["category"], "answers": answers})
+        out.append(
+            {
+                "id": prompt["id"],
+                "category": prompt["category"],
+                "turns": prompt["turns"],
+                "answers": answers,
+            }
+        )
     return out
 
 

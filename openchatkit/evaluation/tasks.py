@@ -277,7 +277,9 @@ def make_task_manager(plan: TaskPlan, folder: Path):
     from lm_eval.tasks import TaskManager
 
     write_packaged_yamls(plan.packaged, folder)
-    include = [folder, *{p.parent for p in plan.yaml_paths}]
+    # A YAML given by path is loaded by lm-eval from that path (its includes resolved beside it);
+    # only our folder of offline tasks is indexed.
+    include = [folder]
     # Our offline tasks replace the stock ones of the same name: lm-eval warns once per task.
     log = logging.getLogger("lm_eval.tasks._index")
     level = log.level

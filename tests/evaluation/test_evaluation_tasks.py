@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from openchatkit.evaluation.perplexity import ScoredText, perplexity
 from openchatkit.evaluation.runner import EvalSettings, run_harness
 from openchatkit.evaluation.tasks import parse_tasks
 
+REPO_PROMPTS = Path(__file__).resolve().parents[2] / "evaluation" / "chat_prompts.jsonl"
 DOCS = [
     {"question": "What is 32 times 55?", "choices": ["1,760", "1,670", "176", "seven"], "gold": 0},
     {
@@ -146,3 +148,33 @@ def test_trainer_checkpoint_scores_as_its_hf_folder(
     ref = perplexity(tiny_loaded.model, tiny_loaded.tokenizer, texts, batch_size=4, progress=False)
     assert ours.per_record == ref.per_record
     assert math.isfinite(ours.metrics()["token_perplexity"])
+
+
+def test_chat_suite_answers_through_the_bot_session(tiny_loaded):
+    import io
+
+    from openchatkit.evaluation.report import render_report
+    from openchatkit.evaluation.runner import read_chat_prompts, run_chat_suite
+    from openchatkit.inference.chat import ChatSession
+    from openchatkit.inference.generation import GenerationSettings
+
+    prompts = read_chat_prompts(REPO_PROMPTS)
+    assert len(prompts) >= 25 and {"facts", "multi-turn", "decline"} <= {
+        p["category"] for p in prompts
+    }
+    multi = next(p for p in prompts if len(p["turns"]) > 1)
+    chosen = [prompts[0], multi]
+    answers = run_chat_suite(tiny_loaded, chosen, max_tokens=6)
+    # The same answers as a bot session fed the same turns, greedily.
+    session = ChatSession(
+        tiny_loaded,
+        GenerationSettings(max_tokens=6, sample=False),
+        stream=False,
+        out=io.StringIO(),
+        err=io.StringIO(),
+    )
+    assert answers[1]["answers"] == [session.say(t) for t in multi["turns"]]
+    record = {"model": "tiny", "results": {}, "settings": {}, "chat": answers}
+    report = render_report([record, {**record, "model": "other"}])
+    assert f"> **user:** {multi['turns'][1]}" in report
+    assert report.count("- **other:**") == 3
