@@ -26,6 +26,17 @@ def is_sharded_source(name: str | None) -> bool:
     )
 
 
+def weight_file_part(name: str) -> tuple[str, int | None]:
+    """(key-map part, global layer index) of a layer-sharded weight file name."""
+    from openchatkit.models import sharded
+
+    if name == sharded.EMBEDDINGS_FILE:
+        return "embed", None
+    if name == sharded.HEAD_FILE:
+        return "head", None
+    return "layer", int(name.removeprefix("layer_").removesuffix(".safetensors"))
+
+
 def load_eval_model(name: str | None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load any MODEL `eval.py` accepts; user mistakes are one-line UserErrors."""
     if not is_sharded_source(name):
@@ -41,10 +52,10 @@ def load_sharded_in_memory(source: Path, device: str = "auto", dtype: str = "aut
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from openchatkit.models import sharded
-    from openchatkit.models.arch import get_architecture
-    from openchatkit.models.convert import _layer_of, _part_of, read_sharded_source
+    from openchatkit.models.convert import read_sharded_source
     from openchatkit.models.hf_weights import SafetensorsFile
     from openchatkit.models.loading import quiet_transformers
+    from openchatkit.models.registry import get_architecture
 
     if not (source / "latest").exists() and any(source.glob("checkpoint_*/meta.json")):
         from openchatkit.training.checkpoint import find_latest
@@ -60,11 +71,12 @@ def load_sharded_in_memory(source: Path, device: str = "auto", dtype: str = "aut
     expected = arch.expected_keys(config)
     state = {}
     for name in sharded.part_files(manifest.num_layers):
-        part, f = _part_of(name), SafetensorsFile(folder / name)
+        part, layer = weight_file_part(name)
+        f = SafetensorsFile(folder / name)
         for key in f.keys():
             if key not in expected[part]:
                 raise UserError(f"--model: {folder / name} has unknown tensor {key!r}")
-            hf_key, transform = arch.hf_key(part, key, _layer_of(name))
+            hf_key, transform = arch.hf_key(part, key, layer)
             state[hf_key] = transform.to_hf(f.get_tensor(key), config)
     dev = pick_device(device, 0)
     torch_dtype = pick_dtype(dtype, dev)

@@ -12,7 +12,7 @@ Metrics (lm-eval's definitions): `word_perplexity = exp(-sum ll / words)` with w
 `bits_per_byte = -sum ll / bytes / ln 2`; ours adds `token_perplexity = exp(-sum ll / tokens)`.
 
 `loss_on="bot"` (ours, lm-eval has no such mode) scores only the bot turns: the same windows, but
-only tokens that fall inside the trainer's learned spans (`openchatkit.data.chat`) count, and
+only tokens that fall inside the trainer's learned spans (`openchatkit.data.rendering`) count, and
 bytes and words are those of the spans.
 """
 
@@ -81,7 +81,7 @@ def read_records(paths: Iterable[str | Path]) -> list[dict]:
 
 def render_records(records: list[dict], tokenizer, loss_on: str = "all") -> list[ScoredText]:
     """OIG `text` as it stands; `messages` rendered as the trainer renders them."""
-    from openchatkit.data.chat import render_document
+    from openchatkit.data.rendering import render_document
     from openchatkit.data.sources import Document
 
     out = []

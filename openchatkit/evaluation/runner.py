@@ -164,8 +164,8 @@ def run_chat_suite(loaded, prompts: list[dict], max_tokens: int) -> list[dict]:
 
     from tqdm.auto import tqdm
 
-    from openchatkit.inference.chat import ChatSession
     from openchatkit.inference.generation import GenerationSettings
+    from openchatkit.inference.session import ChatSession
 
     out = []
     for prompt in tqdm(prompts, desc="chat suite", unit="prompt"):

@@ -155,8 +155,8 @@ def test_chat_suite_answers_through_the_bot_session(tiny_loaded):
 
     from openchatkit.evaluation.report import render_report
     from openchatkit.evaluation.runner import read_chat_prompts, run_chat_suite
-    from openchatkit.inference.chat import ChatSession
     from openchatkit.inference.generation import GenerationSettings
+    from openchatkit.inference.session import ChatSession
 
     prompts = read_chat_prompts(REPO_PROMPTS)
     assert len(prompts) >= 25 and {"facts", "multi-turn", "decline"} <= {
