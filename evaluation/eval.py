@@ -231,15 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("evaluating {} on {} ({})", loaded.name, loaded.device, loaded.dtype)
         texts = render_records(records, loaded.tokenizer, args.loss_on) if records else None
         if plan.perplexity or plan.packaged:
-            batch = args.batch_size if isinstance(args.batch_size, int) else 8
             ppl_tokens = sum(len(t.text) // 4 for t in texts or [])
-            speed = measure_tokens_per_s(loaded.model, batch, loaded.device)
+            speed = measure_tokens_per_s(loaded.model, loaded.device)
             requests, seconds = estimate_seconds(plan, limit, ppl_tokens, speed)
             extra = " (plus the hub tasks)" if plan.lm_eval or plan.yaml_paths else ""
             print(
                 f"estimate for {loaded.name}: {requests} benchmark requests + "
-                f"{len(texts or [])} perplexity records, about {seconds / 60:.1f} min{extra} "
-                f"({speed:.0f} tokens/s at batch {batch}, window {model_max_length(loaded.model, loaded.tokenizer)})",
+                f"{len(texts or [])} perplexity records, up to about {seconds / 60:.1f} min{extra} "
+                f"({speed:.0f} tokens/s unbatched, window {model_max_length(loaded.model, loaded.tokenizer)})",
                 file=sys.stderr,
                 flush=True,
             )
