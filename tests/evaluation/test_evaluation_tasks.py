@@ -178,3 +178,43 @@ def test_chat_suite_answers_through_the_bot_session(tiny_loaded):
     report = render_report([record, {**record, "model": "other"}])
     assert f"> **user:** {multi['turns'][1]}" in report
     assert report.count("- **other:**") == 3
+
+
+def test_compare_checkpoint_with_its_hf_folder_from_the_cli(cli, tiny_model_dir, tmp_path):
+    from openchatkit.models.convert import convert_hf_to_sharded
+
+    sharded = convert_hf_to_sharded(tiny_model_dir, tmp_path / "tiny-sharded", "llama")
+    out = tmp_path / "out"
+    proc = cli.run(
+        "evaluation/eval.py",
+        "--model",
+        sharded,
+        "--compare",
+        tiny_model_dir,
+        "--tasks",
+        "perplexity",
+        "--chat-suite",
+        "--chat-max-tokens",
+        "3",
+        "--output",
+        out,
+        env=cli.user_env(HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads((out / "results.json").read_text())
+    second = json.loads((out / "results_2.json").read_text())
+    assert (first["model"], second["model"]) == ("tiny-sharded", "tiny-llama")
+    assert first["results"]["perplexity"] == second["results"]["perplexity"]
+    assert len(first["chat"]) == len(second["chat"]) >= 25
+    report = (out / "report.md").read_text()
+    assert "| perplexity | token_perplexity | 64 |" in report and "Δ tiny-llama" in report
+    assert report.count("- **tiny-llama:**") == report.count("- **tiny-sharded:**") >= 30
+
+
+@pytest.mark.slow
+def test_mmlu_offline_runs_every_subject(tiny_loaded):
+    plan = parse_tasks("mmlu")
+    results = run_harness(tiny_loaded, plan, EvalSettings(tasks="mmlu", limit=1, batch_size=4))
+    subjects = [t for t in results if t.startswith("mmlu_")]  # 57 subjects + 4 categories
+    assert results["mmlu"]["n"] == 57 and len(subjects) == 61
+    assert 0 <= results["mmlu"]["acc"] <= 1
