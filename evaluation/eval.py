@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help=f"first N documents of each task, as lm-eval's --limit (default {DEFAULT_LIMIT}; "
-        "0 = every document). Perplexity always scores every record of --data",
+        "0 = every document); perplexity: the first N records of --data",
     )
     p.add_argument(
         "--data",
@@ -169,12 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         check_model_exists(args.compare)
         if same_model(args.model, args.compare):
             raise UserError("--compare names the same model as --model; give a different one")
+    limit = DEFAULT_LIMIT if args.limit is None else (args.limit or None)  # None: all
     data = args.data or ([str(REPO / DEFAULT_DATA)] if plan.perplexity else [])
     records = None
     if plan.perplexity:
         from openchatkit.evaluation.perplexity import read_records
 
         records = read_records(data)
+        if limit:  # lm-eval's --limit: the first N documents of every task, this one too
+            records = records[:limit]
     prompts = None
     if args.chat_suite:
         from openchatkit.evaluation.runner import read_chat_prompts
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    import torch
     from loguru import logger
 
     from openchatkit.evaluation.models import load_eval_model
@@ -201,9 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_model,
         measure_tokens_per_s,
     )
-
-    limit = DEFAULT_LIMIT if args.limit is None else (args.limit or None)
-    import torch
 
     device = args.device
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
