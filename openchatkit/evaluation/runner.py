@@ -129,6 +129,8 @@ def run_harness(loaded, plan: TaskPlan, settings: EvalSettings) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    if settings.apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+        raise UserError(f"--apply-chat-template: {loaded.name}'s tokenizer has no chat template")
     with tempfile.TemporaryDirectory(prefix="openchatkit-tasks-") as folder:
         manager = make_task_manager(plan, Path(folder))
         model = HFLM(
