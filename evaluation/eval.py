@@ -245,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         results.append(evaluate_model(loaded, plan, settings, texts, prompts))
         del loaded
-    write_outputs(out, results)
+    try:
+        write_outputs(out, results)
+    except OSError as err:
+        raise UserError(f"--output: cannot write to {out}: {err.strerror or err}") from None
     from openchatkit.evaluation.report import comparison_table
 
     print(comparison_table(results))

@@ -180,15 +180,19 @@ def write_outputs(folder: Path, records: list[dict]) -> None:
 
 
 def check_writable(folder: Path) -> None:
-    """Fail before any work when `folder` cannot be created or written."""
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise UserError(f"--output: cannot write to {folder}: {err.strerror or err}") from None
+    """Fail before any work when `folder` could not be written; creates nothing (the folder is
+    made when the results are written)."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output: {folder} exists and is not a folder")
+    if not probe.is_dir():
+        raise UserError(f"--output: cannot write to {folder}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--output: cannot write to {folder}: {probe} is not writable")
 
 
 def plot(records: list[dict], out: Path) -> None:

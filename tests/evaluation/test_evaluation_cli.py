@@ -41,6 +41,13 @@ def test_bad_inputs_are_one_line_errors(cli, tmp_path):
         proc = cli.run(EVAL, *args, env=env, timeout=120)
         cli.assert_one_line_error(proc, *needles)
     assert default_out.exists() == existed  # nothing written for any of them
+    # A model that fails only when loaded (after the cheap checks) leaves no output folder either.
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    out = tmp_path / "late" / "out"
+    proc = cli.run(EVAL, "--model", not_a_model, "--tasks", "arc_easy", "--output", out, env=env)
+    cli.assert_one_line_error(proc, "has no config.json")
+    assert not (tmp_path / "late").exists()
 
 
 def records(model: str, acc: float, ppl: float) -> dict:
