@@ -9,8 +9,9 @@
 #
 # Environment: FINETUNE_TOTAL_STEPS (default 40), FINETUNE_CHECKPOINT_STEPS (default 20),
 # FINETUNE_CHECKPOINT_PATH (default model_ckpts/smollm2-135m-oig-demo), DEMO_OUTPUT (the HF
-# folder, default huggingface_models/SmolLM2-135M-OIG-demo), DEMO_EVAL_LIMIT (arc_easy documents
-# of the before/after evaluation, default 100), PYTHON.
+# folder, default huggingface_models/SmolLM2-135M-OIG-demo), DEMO_EVAL_LIMIT (documents per task
+# of the before/after evaluation, default 100), DEMO_EVAL_OUTPUT (its folder, default
+# eval_results/demo-before-after), PYTHON.
 # A rerun resumes from the newest checkpoint (and does no training once it is complete).
 set -euo pipefail
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -47,7 +48,7 @@ echo "== 4/4 evaluate before/after: perplexity on the held-out sample + arc_easy
 # HF folder; the table is printed and written to eval_results/demo-before-after/report.md.
 "$PYTHON" "$ROOT/evaluation/eval.py" --model "$BASE_MODEL" --compare "$OUT" \
   --tasks perplexity,arc_easy --limit "${DEMO_EVAL_LIMIT:-100}" --batch-size 8 \
-  --data "$ROOT/data/OIG-sample/valid.jsonl" --output "$ROOT/eval_results/demo-before-after"
+  --data "$ROOT/data/OIG-sample/valid.jsonl" --output "${DEMO_EVAL_OUTPUT:-$ROOT/eval_results/demo-before-after}"
 
 echo "fine-tuned model: $OUT" >&2
 echo "chat with it:     python inference/bot.py --model $OUT" >&2
