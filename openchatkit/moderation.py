@@ -1,0 +1,386 @@
+"""Moderation in the original GPT-JT-Moderation-6B format: five labels, few-shot prompt, scoring.
+
+The prompt is the original's (so GPT-JT-Moderation-6B itself works unchanged):
+
+    Possible labels:
+    1. casual
+    2. needs caution
+    3. needs intervention
+    4. possibly needs caution
+    5. probably needs caution
+
+    Input: <few-shot text>
+    Output: <its label>
+
+    Input: <text to classify>
+    Output:
+
+Classification never generates: it scores the log-likelihood of each label string (with its
+leading space) after `Output:`, summed over the label's tokens, and normalises the five with a
+softmax. The answer is always one of the five labels with a probability, deterministically.
+
+Speed: the header and few-shot examples are the same for every input, so their KV cache is
+computed once and copied for each batch; a batch then runs only the inputs' own tokens plus the
+label tokens, `batch_size` inputs x 5 labels as one forward pass of right-padded rows (right
+padding needs no attention mask: real tokens never look at the pads after them).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from openchatkit.errors import UserError
+
+LABELS = (
+    "casual",
+    "needs caution",
+    "needs intervention",
+    "possibly needs caution",
+    "probably needs caution",
+)
+INTERVENTION = "needs intervention"
+# Labels for which the bot adds CAUTION_INSTRUCTION to that turn's system prompt.
+CAUTION_LABELS = ("needs caution", "probably needs caution")
+HEADER = "Possible labels:\n" + "\n".join(f"{i}. {label}" for i, label in enumerate(LABELS, 1))
+# What the original's hosted demo answered when its moderation model intervened.
+REFUSAL = (
+    "I'm sorry, but I cannot help with this question as it was flagged by my moderation model."
+)
+CAUTION_INSTRUCTION = (
+    "The moderation model flagged the user's last message as sensitive. Answer with care: stay "
+    "kind and calm, do not give instructions that could hurt anyone, and where it fits suggest "
+    "talking to someone they trust or to a professional."
+)
+
+# Built-in few-shot examples (written for this project, mild on purpose), one per label.
+DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
+    ("Can you suggest a good book for a long train ride?", "casual"),
+    ("My landlord ignores my emails and it is really starting to annoy me.", "possibly needs caution"),
+    ("I can't stand my roommate anymore, I'm about to lose it with him.", "probably needs caution"),
+    ("People like you are worthless and nobody should listen to you.", "needs caution"),
+    ("I want to make my neighbour suffer for what he did to me.", "needs intervention"),
+)
+
+
+def format_example(text: str, label: str | None = None) -> str:
+    """`Input: text\\nOutput: label`, or the query form ending in `Output:` when label is None."""
+    return f"Input: {text}\nOutput:" + (f" {label}" if label is not None else "")
+
+
+def build_prompt(text: str, examples: Sequence[tuple[str, str]] = DEFAULT_EXAMPLES) -> str:
+    """The whole classification prompt for `text` (what `Moderator` scores, as one string)."""
+    shots = "".join("\n\n" + format_example(t, lab) for t, lab in examples)
+    return f"{HEADER}{shots}\n\n{format_example(text)}"
+
+
+def normalise_label(raw: object) -> str | None:
+    """One of LABELS from a raw tag: `needs caution`, `__needs_intervention__`, `Casual`, or an
+    OIG-moderation tag string such as `needs caution | sexual content` (the first base tag wins).
+    None when no part is one of the five."""
+    parts = raw if isinstance(raw, list) else str(raw).split("|")
+    for part in parts:
+        if not isinstance(part, str):
+            continue
+        name = re.sub(r"[\s_]+", " ", part).strip().lower()
+        if name in LABELS:
+            return name
+    return None
+
+
+_INPUT_OUTPUT = re.compile(r"^\s*Input:\s*(.*?)\s*\nOutput:\s*(.*?)\s*$", re.DOTALL)
+
+
+def parse_labelled(record: object) -> tuple[str, str] | str:
+    """(text, label) of a labelled record, or a short reason string when it cannot be used.
+
+    Accepted: `{"text": ..., "label": ...}` (this kit's sample and --eval files), `labels` instead
+    of `label` (a tag string or a list), or a `text` already in the `Input: ...\\nOutput: label`
+    form that the original's packer consumed.
+    """
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return "no non-empty `text`"
+    raw = record.get("label", record.get("labels"))
+    if raw is None:
+        m = _INPUT_OUTPUT.match(text)
+        if not m:
+            return "no `label` field (and `text` is not `Input: ...\\nOutput: label`)"
+        text, raw = m.group(1), m.group(2)
+    label = normalise_label(raw)
+    if label is None:
+        return f"label {raw!r} is not one of: {', '.join(LABELS)}"
+    return text.strip(), label
+
+
+def read_labelled(path: str | Path, what: str = "--eval") -> list[tuple[str, str]]:
+    """All (text, label) records of a jsonl file; any bad line is a UserError that counts them."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{what} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{what} {path}: cannot read: {err}") from None
+    records, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            parsed = parse_labelled(json.loads(line))
+        except ValueError:
+            parsed = "not valid JSON"
+        if isinstance(parsed, str):
+            bad.append((number, parsed))
+        else:
+            records.append(parsed)
+    if bad:
+        number, reason = bad[0]
+        raise UserError(
+            f"{what} {path}: {len(bad)} bad line(s) of {len(lines)}, first line {number}: {reason}"
+        )
+    if not records:
+        raise UserError(f"{what} {path}: no labelled records (need `text` and `label`)")
+    return records
+
+
+@dataclass
+class Classification:
+    """One result: the most likely label, its probability, and all five probabilities."""
+
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+
+
+class Moderator:
+    """Classify texts with a causal LM in the GPT-JT-Moderation format (see module docstring)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        examples: Sequence[tuple[str, str]] | None = None,
+        device: str | None = None,
+        batch_size: int = 8,
+        context_window: int | None = None,
+        name: str = "",
+    ) -> None:
+        import torch
+
+        self.model, self.tokenizer = model, tokenizer
+        self.examples = tuple(DEFAULT_EXAMPLES if examples is None else examples)
+        self.device = torch.device(device or next(model.parameters()).device)
+        self.batch_size = max(1, int(batch_size))
+        self.name = name
+        config = getattr(model, "config", None)
+        self.context_window = int(
+            context_window
+            or getattr(config, "max_position_embeddings", None)
+            or getattr(config, "n_positions", None)
+            or 2048
+        )
+        # The shared prefix: header + few-shot examples; the query starts with "\n\n".
+        prefix = HEADER + "".join("\n\n" + format_example(t, lab) for t, lab in self.examples)
+        self.prefix_ids = self._encode(prefix, special=True, what="the prompt")
+        self.label_ids = [self._encode(" " + label, what=f"label {label!r}") for label in LABELS]
+        self.query_tail = self._encode("\nOutput:", what="the prompt")
+        if len(self.prefix_ids) + max(map(len, self.label_ids)) + 16 > self.context_window:
+            raise UserError(
+                f"the moderation prompt ({len(self.prefix_ids)} tokens with its few-shot "
+                f"examples) does not fit the model's {self.context_window}-token window: "
+                "use fewer or shorter examples"
+            )
+        self.pad_id = int(tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
+        self._prefix_cache = None  # KV cache of prefix_ids, batch 1 (None until first use)
+        self.use_prefix_cache = True
+
+    def _encode(self, text: str, special: bool = False, what: str = "text") -> list[int]:
+        """Token ids of `text`; UserError when the tokenizer cannot represent it."""
+        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if not ids or (unk is not None and unk in ids):
+            raise UserError(
+                f"the moderation model's tokenizer cannot encode {what} "
+                f"(unknown tokens in {text[:40]!r}); use a model with a general-purpose tokenizer"
+            )
+        return ids
+
+    # ---- scoring -----------------------------------------------------------------------
+    def _query_ids(self, text: str) -> list[int]:
+        """`\\n\\nInput: text\\nOutput:` as ids, the text cut (keeping its start) to fit the window."""
+        if not text or not text.strip():
+            raise UserError("nothing to classify: the text is empty")
+        head = self.tokenizer("\n\nInput: " + text, add_special_tokens=False)["input_ids"]
+        budget = (
+            self.context_window
+            - len(self.prefix_ids)
+            - len(self.query_tail)
+            - max(map(len, self.label_ids))
+        )
+        return head[:budget] + self.query_tail
+
+    def _prefix_kv(self):
+        import torch
+
+        if self._prefix_cache is None:
+            ids = torch.tensor([self.prefix_ids], device=self.device)
+            self._prefix_cache = self.model(input_ids=ids, use_cache=True).past_key_values
+        return self._prefix_cache
+
+    def log_likelihoods(self, texts: Sequence[str]):
+        """(len(texts), 5) float32 tensor: summed log-probability of each label after each text."""
+        import torch
+
+        queries = [self._query_ids(t) for t in texts]  # validates every text before any work
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(queries), self.batch_size):
+                out.append(self._score(queries[start : start + self.batch_size]))
+        return torch.cat(out) if out else torch.zeros(0, len(LABELS))
+
+    def _score(self, queries: list[list[int]]):
+        """Scores of one batch: rows = (query i, label j), i-major, as one forward pass."""
+        import torch
+
+        rows = [q + lab for q in queries for lab in self.label_ids]
+        past = None
+        if self.use_prefix_cache:
+            past = copy.deepcopy(self._prefix_kv())
+            past.batch_repeat_interleave(len(rows))
+        else:
+            rows = [self.prefix_ids + r for r in rows]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row)
+        # Where label token k of row r is predicted: position (label start - 1 + k) of that row.
+        num_label = max(map(len, self.label_ids))
+        pos = torch.zeros(len(rows), num_label, dtype=torch.long)
+        target = torch.zeros(len(rows), num_label, dtype=torch.long)
+        valid = torch.zeros(len(rows), num_label, dtype=torch.bool)
+        offset = 0 if self.use_prefix_cache else len(self.prefix_ids)
+        for i, q in enumerate(queries):
+            for j, lab in enumerate(self.label_ids):
+                r = i * len(self.label_ids) + j
+                n = len(lab)
+                pos[r, :n] = torch.arange(offset + len(q) - 1, offset + len(q) - 1 + n)
+                target[r, :n] = torch.tensor(lab)
+                valid[r, :n] = True
+        hidden = self._hidden(ids.to(self.device), past)  # (rows, width, hidden)
+        picked = hidden.gather(1, pos.to(self.device)[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = self._head(picked).float()  # (rows, num_label, vocab), only where needed
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, target.to(self.device)[..., None])
+        scores = (logp[..., 0] * valid.to(self.device)).sum(-1)  # (rows,)
+        return scores.view(len(queries), len(self.label_ids)).cpu()
+
+    def _hidden(self, ids, past):
+        """Last hidden states of the backbone (the LM head is applied to a few positions only)."""
+        backbone = getattr(self.model, "base_model", None)
+        if backbone is None or backbone is self.model:
+            return self.model(input_ids=ids, past_key_values=past, use_cache=past is not None).logits
+        out = backbone(input_ids=ids, past_key_values=past, use_cache=past is not None)
+        return out.last_hidden_state
+
+    def _head(self, hidden):
+        backbone = getattr(self.model, "base_model", None)
+        if backbone is None or backbone is self.model:
+            return hidden  # _hidden already returned logits
+        return self.model.get_output_embeddings()(hidden)
+
+    # ---- public API ----------------------------------------------------------------------
+    def classify_many(self, texts: Sequence[str]) -> list[Classification]:
+        """Classify many texts, `batch_size` texts (x 5 labels) per forward pass."""
+        import torch
+
+        scores = self.log_likelihoods(texts)
+        probs = torch.softmax(scores.double(), dim=-1)
+        results = []
+        for row in probs.tolist():
+            best = max(range(len(LABELS)), key=row.__getitem__)
+            results.append(
+                Classification(LABELS[best], row[best], dict(zip(LABELS, row, strict=True)))
+            )
+        return results
+
+    def classify(self, text: str) -> tuple[str, dict[str, float]]:
+        """(most likely label, {label: probability}) for one text."""
+        result = self.classify_many([text])[0]
+        return result.label, result.probabilities
+
+
+def read_examples(path: str | Path) -> list[tuple[str, str]]:
+    """Few-shot examples from a jsonl file of `{"text": ..., "label": ...}` records."""
+    return read_labelled(path, what="--examples")
+
+
+def is_checkpoint_folder(name: str) -> bool:
+    """A trainer checkpoint (`latest` inside, or checkpoint_<step>/) or a layer-sharded folder."""
+    path = Path(name).expanduser()
+    return path.is_dir() and (
+        (path / "latest").exists()
+        or (path / "manifest.json").is_file()
+        or (path / "layer_00000.safetensors").is_file()
+        or any(path.glob("layer_*.safetensors"))
+    )
+
+
+def load_moderator(
+    name: str | None,
+    device: str = "auto",
+    dtype: str = "auto",
+    gpu_id: int = 0,
+    examples: str | Path | None = None,
+    batch_size: int = 8,
+    loaded=None,
+) -> Moderator:
+    """A Moderator on MODEL: an HF folder, hub id, the embedded model, or a trainer checkpoint /
+    layer-sharded folder (converted on the fly into a temporary HF folder). `loaded` reuses an
+    already loaded `LoadedModel` (the bot's chat model as its own moderator)."""
+    from openchatkit.models.loading import load_chat_model
+
+    shots = read_examples(examples) if examples is not None else None
+    if loaded is None and name is not None and is_checkpoint_folder(name):
+        loaded = _load_checkpoint(name, device, dtype, gpu_id)
+    elif loaded is None:
+        loaded = load_chat_model(name, device=device, dtype=dtype, gpu_id=gpu_id)
+    return Moderator(
+        loaded.model,
+        loaded.tokenizer,
+        shots,
+        loaded.device,
+        batch_size,
+        loaded.context_window,
+        loaded.name,
+    )
+
+
+def _load_checkpoint(name: str, device: str, dtype: str, gpu_id: int):
+    """Convert a trainer checkpoint to a temporary HF folder, load it, delete the folder."""
+    import tempfile
+
+    from openchatkit.models.convert import convert_sharded_to_hf, read_sharded_source
+    from openchatkit.models.loading import load_chat_model
+
+    try:
+        _, manifest = read_sharded_source(name)
+    except UserError as err:
+        raise UserError(f"--model {name}: {err}") from err
+    with tempfile.TemporaryDirectory(prefix="openchatkit-moderation-") as tmp:
+        out = Path(tmp) / Path(name).name
+        try:
+            convert_sharded_to_hf(name, out, manifest.architecture)
+        except UserError as err:
+            raise UserError(
+                f"--model {name}: cannot convert this checkpoint on the fly ({err}); convert it "
+                f"with tools/convert_to_hf_{manifest.architecture}.py --ckpt-path {name} first"
+            ) from err
+        loaded = load_chat_model(str(out), device=device, dtype=dtype, gpu_id=gpu_id)
+    loaded.name = Path(name).name
+    return loaded
