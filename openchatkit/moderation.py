@@ -384,3 +384,80 @@ def _load_checkpoint(name: str, device: str, dtype: str, gpu_id: int):
         loaded = load_chat_model(str(out), device=device, dtype=dtype, gpu_id=gpu_id)
     loaded.name = Path(name).name
     return loaded
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The `text` of every record of a jsonl file; bad lines are a UserError that counts them."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"--input {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"--input {path}: cannot read: {err}") from None
+    texts, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        text = record.get("text") if isinstance(record, dict) else None
+        if isinstance(text, str) and text.strip():
+            texts.append(text)
+        else:
+            bad.append(number)
+    if bad:
+        raise UserError(
+            f"--input {path}: {len(bad)} bad line(s) of {len(lines)} (not JSON, or no non-empty "
+            f"`text`), first line {bad[0]}"
+        )
+    if not texts:
+        raise UserError(f"--input {path}: no records")
+    return texts
+
+
+def evaluate(truth: Sequence[str], predicted: Sequence[str]) -> dict:
+    """Accuracy, confusion matrix (rows: true label, columns: predicted, in LABELS order) and
+    per-label precision, recall and support."""
+    index = {label: i for i, label in enumerate(LABELS)}
+    confusion = [[0] * len(LABELS) for _ in LABELS]
+    for t, p in zip(truth, predicted, strict=True):
+        confusion[index[t]][index[p]] += 1
+    correct = sum(confusion[i][i] for i in range(len(LABELS)))
+    per_label = {}
+    for i, label in enumerate(LABELS):
+        predicted_i = sum(row[i] for row in confusion)
+        support = sum(confusion[i])
+        per_label[label] = {
+            "precision": confusion[i][i] / predicted_i if predicted_i else 0.0,
+            "recall": confusion[i][i] / support if support else 0.0,
+            "support": support,
+        }
+    return {
+        "accuracy": correct / len(truth) if truth else 0.0,
+        "num_examples": len(truth),
+        "labels": list(LABELS),
+        "confusion": confusion,
+        "per_label": per_label,
+    }
+
+
+def format_report(report: dict) -> str:
+    """`evaluate`'s result as the text `moderate.py --eval` prints."""
+    n = report["num_examples"]
+    correct = sum(report["confusion"][i][i] for i in range(len(LABELS)))
+    width = max(map(len, LABELS))
+    lines = [f"accuracy {report['accuracy']:.3f} ({correct}/{n})", ""]
+    lines.append("confusion matrix (rows: true label, columns: predicted label number)")
+    lines.append(" " * (width + 4) + "".join(f"{i:>6}" for i in range(1, len(LABELS) + 1)))
+    for i, (label, row) in enumerate(zip(LABELS, report["confusion"], strict=True), 1):
+        lines.append(f"{i}. {label:<{width}} " + "".join(f"{c:>6}" for c in row))
+    lines += ["", f"{'label':<{width + 3}} precision  recall  support"]
+    for i, label in enumerate(LABELS, 1):
+        m = report["per_label"][label]
+        lines.append(
+            f"{i}. {label:<{width}} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['support']:>8}"
+        )
+    return "\n".join(lines)
