@@ -60,7 +60,10 @@ CAUTION_INSTRUCTION = (
 # Built-in few-shot examples (written for this project, mild on purpose), one per label.
 DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
     ("Can you suggest a good book for a long train ride?", "casual"),
-    ("My landlord ignores my emails and it is really starting to annoy me.", "possibly needs caution"),
+    (
+        "My landlord ignores my emails and it is really starting to annoy me.",
+        "possibly needs caution",
+    ),
     ("I can't stand my roommate anymore, I'm about to lose it with him.", "probably needs caution"),
     ("People like you are worthless and nobody should listen to you.", "needs caution"),
     ("I want to make my neighbour suffer for what he did to me.", "needs intervention"),
@@ -284,7 +287,9 @@ class Moderator:
         """Last hidden states of the backbone (the LM head is applied to a few positions only)."""
         backbone = getattr(self.model, "base_model", None)
         if backbone is None or backbone is self.model:
-            return self.model(input_ids=ids, past_key_values=past, use_cache=past is not None).logits
+            return self.model(
+                input_ids=ids, past_key_values=past, use_cache=past is not None
+            ).logits
         out = backbone(input_ids=ids, past_key_values=past, use_cache=past is not None)
         return out.last_hidden_state
 
