@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.moderation and args.moderation.startswith(("/", "./", "../", "~")):
+        if not Path(args.moderation).expanduser().is_dir():  # before loading the chat model
+            raise UserError(f"--moderation: folder {args.moderation} does not exist")
     from openchatkit.inference.chat import ChatSession
     from openchatkit.models.loading import load_chat_model
 

@@ -10,7 +10,7 @@
 #
 # The data goes in as `data/moderation-sample/train.jsonl:moderation` (the moderation packer:
 # header, then examples until --seq-length) with `--loss-on bot` (only the labels are learned).
-# Environment: FINETUNE_TOTAL_STEPS (default 60), FINETUNE_CHECKPOINT_PATH (default
+# Environment: FINETUNE_TOTAL_STEPS (default 40), FINETUNE_CHECKPOINT_PATH (default
 # model_ckpts/smollm2-135m-moderation-demo), DEMO_OUTPUT (the HF folder, default
 # huggingface_models/SmolLM2-135M-moderation-demo), PYTHON. Extra arguments go to the trainer.
 # A rerun resumes from the newest checkpoint (and does no training once it is complete).
@@ -24,7 +24,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 BASE_MODEL="$ROOT/pretrained/SmolLM2-135M-Instruct/HuggingFaceTB_SmolLM2-135M-Instruct"
 CKPT="${FINETUNE_CHECKPOINT_PATH:-$ROOT/model_ckpts/smollm2-135m-moderation-demo}"
 OUT="${DEMO_OUTPUT:-$ROOT/huggingface_models/SmolLM2-135M-moderation-demo}"
-STEPS="${FINETUNE_TOTAL_STEPS:-60}"
+STEPS="${FINETUNE_TOTAL_STEPS:-40}"
 DATA="$ROOT/data/moderation-sample"
 
 echo "== 1/4 prepare the embedded model as layer-sharded files" >&2
@@ -35,8 +35,8 @@ echo "== 2/4 fine-tune on $DATA/train.jsonl (moderation format, loss on the labe
   --model-name "$BASE_MODEL" --model-type llama --load-pretrained-model true \
   --task-name "$DATA/train.jsonl:moderation" --loss-on bot \
   --checkpoint-path "$CKPT" \
-  --total-steps "$STEPS" --warmup-steps 6 --checkpoint-steps "$STEPS" --num-checkpoints 1 \
-  --lr 1e-4 --seq-length 256 --batch-size 4 --micro-batch-size 2 \
+  --total-steps "$STEPS" --warmup-steps 4 --checkpoint-steps "$STEPS" --num-checkpoints 1 \
+  --lr 1e-4 --seq-length 128 --batch-size 4 --micro-batch-size 4 \
   --pipeline-group-size 1 --data-group-size 1 \
   --device cpu --dp-backend gloo --optimizer adam --seed 42 "$@"
 
