@@ -20,9 +20,9 @@ leading space) after `Output:`, summed over the label's tokens, and normalises t
 softmax. The answer is always one of the five labels with a probability, deterministically.
 
 Speed: the header and few-shot examples are the same for every input, so their KV cache is
-computed once and copied for each batch; a batch then runs only the inputs' own tokens plus the
-label tokens, `batch_size` inputs x 5 labels as one forward pass of right-padded rows (right
-padding needs no attention mask: real tokens never look at the pads after them).
+computed once and copied for each batch. A batch then takes two forward passes: its `batch_size`
+queries (right-padded, pads masked) on the prefix cache, and the 5 labels of every query on a
+copy of that cache repeated 5 times, so each query's tokens are computed once, not five times.
 """
 
 from __future__ import annotations
@@ -249,49 +249,94 @@ class Moderator:
         return torch.cat(out) if out else torch.zeros(0, len(LABELS))
 
     def _score(self, queries: list[list[int]]):
-        """Scores of one batch: rows = (query i, label j), i-major, as one forward pass."""
+        """(len(queries), 5) summed label log-probabilities of one batch."""
         import torch
 
-        rows = [q + lab for q in queries for lab in self.label_ids]
-        past = None
+        n_lab = len(self.label_ids)
+        width_l = max(map(len, self.label_ids))
         if self.use_prefix_cache:
-            past = copy.deepcopy(self._prefix_kv())
-            past.batch_repeat_interleave(len(rows))
+            first, later = self._cached_hidden(queries)
         else:
-            rows = [self.prefix_ids + r for r in rows]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            first, later = self._full_hidden(queries)
+        # Row r = (query i, label j), i-major. The state predicting label token 0 is the query's
+        # last one; token k >= 1 is predicted by the state of label token k - 1.
+        states = torch.cat([first.repeat_interleave(n_lab, 0), later[:, : width_l - 1]], dim=1)
+        target = torch.zeros(len(queries) * n_lab, width_l, dtype=torch.long)
+        valid = torch.zeros(len(queries) * n_lab, width_l, dtype=torch.bool)
+        for r in range(len(queries) * n_lab):
+            lab = self.label_ids[r % n_lab]
+            target[r, : len(lab)] = torch.tensor(lab)
+            valid[r, : len(lab)] = True
+        logits = self._head(states).float()  # (rows, width_l, vocab): label positions only
+        target, valid = target.to(logits.device), valid.to(logits.device)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0]
+        return (logp * valid).sum(-1).view(len(queries), n_lab).cpu()
+
+    def _cached_hidden(self, queries: list[list[int]]):
+        """Two passes over the cached prefix: the queries (batch B), then the labels (5B rows)
+        on a copy of the prefix+query cache, so each query's tokens are computed once.
+        Returns (B, 1, H) states at each query's last token and (5B, Lmax, H) label states."""
+        import torch
+
+        dev, n_lab, p = self.device, len(self.label_ids), len(self.prefix_ids)
+        lengths = torch.tensor([len(q) for q in queries])
+        width_q = int(lengths.max())
+        ids = torch.full((len(queries), width_q), self.pad_id, dtype=torch.long)
+        for i, q in enumerate(queries):
+            ids[i, : len(q)] = torch.tensor(q)
+        q_mask = (torch.arange(width_q)[None] < lengths[:, None]).long()  # (B, Lq), pads 0
+        past = copy.deepcopy(self._prefix_kv())
+        past.batch_repeat_interleave(len(queries))
+        mask = torch.cat([torch.ones(len(queries), p, dtype=torch.long), q_mask], dim=1)
+        pos = p + torch.arange(width_q).expand(len(queries), -1)
+        hidden = self._hidden(ids.to(dev), past, mask.to(dev), pos.to(dev))  # (B, Lq, H)
+        first = hidden[torch.arange(len(queries)), (lengths - 1).to(dev)][:, None]
+        # Labels: every query's cache row repeated 5 times; query pads stay masked out.
+        past.batch_repeat_interleave(n_lab)
+        width_l = max(map(len, self.label_ids))
+        lab_ids = torch.full((len(queries) * n_lab, width_l), self.pad_id, dtype=torch.long)
+        for r in range(len(queries) * n_lab):
+            lab = self.label_ids[r % n_lab]
+            lab_ids[r, : len(lab)] = torch.tensor(lab)
+        mask = torch.cat(
+            [mask.repeat_interleave(n_lab, 0), torch.ones(len(lab_ids), width_l, dtype=torch.long)],
+            dim=1,
+        )
+        pos = p + lengths.repeat_interleave(n_lab)[:, None] + torch.arange(width_l)[None]
+        later = self._hidden(lab_ids.to(dev), past, mask.to(dev), pos.to(dev))
+        return first, later
+
+    def _full_hidden(self, queries: list[list[int]]):
+        """Reference path without any cache: one row prefix + query + label per (query, label),
+        right-padded (real tokens never attend to the pads after them, so no mask)."""
+        import torch
+
+        n_lab, p = len(self.label_ids), len(self.prefix_ids)
+        rows = [self.prefix_ids + q + lab for q in queries for lab in self.label_ids]
+        ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)
         for r, row in enumerate(rows):
             ids[r, : len(row)] = torch.tensor(row)
-        # Where label token k of row r is predicted: position (label start - 1 + k) of that row.
-        num_label = max(map(len, self.label_ids))
-        pos = torch.zeros(len(rows), num_label, dtype=torch.long)
-        target = torch.zeros(len(rows), num_label, dtype=torch.long)
-        valid = torch.zeros(len(rows), num_label, dtype=torch.bool)
-        offset = 0 if self.use_prefix_cache else len(self.prefix_ids)
-        for i, q in enumerate(queries):
-            for j, lab in enumerate(self.label_ids):
-                r = i * len(self.label_ids) + j
-                n = len(lab)
-                pos[r, :n] = torch.arange(offset + len(q) - 1, offset + len(q) - 1 + n)
-                target[r, :n] = torch.tensor(lab)
-                valid[r, :n] = True
-        hidden = self._hidden(ids.to(self.device), past)  # (rows, width, hidden)
-        picked = hidden.gather(1, pos.to(self.device)[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = self._head(picked).float()  # (rows, num_label, vocab), only where needed
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, target.to(self.device)[..., None])
-        scores = (logp[..., 0] * valid.to(self.device)).sum(-1)  # (rows,)
-        return scores.view(len(queries), len(self.label_ids)).cpu()
+        hidden = self._hidden(ids.to(self.device), None, None, None)
+        width_l = max(map(len, self.label_ids))
+        starts = [p + len(q) for q in queries for _ in range(n_lab)]  # first label position
+        first = torch.stack([hidden[i * n_lab, starts[i * n_lab] - 1] for i in range(len(queries))])
+        index = torch.tensor(starts)[:, None] + torch.arange(width_l)[None]
+        index = index.clamp(max=hidden.shape[1] - 1).to(hidden.device)
+        later = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        return first[:, None], later
 
-    def _hidden(self, ids, past):
+    def _hidden(self, ids, past, mask, positions):
         """Last hidden states of the backbone (the LM head is applied to a few positions only)."""
         backbone = getattr(self.model, "base_model", None)
-        if backbone is None or backbone is self.model:
-            return self.model(
-                input_ids=ids, past_key_values=past, use_cache=past is not None
-            ).logits
-        out = backbone(input_ids=ids, past_key_values=past, use_cache=past is not None)
-        return out.last_hidden_state
+        target = self.model if backbone is None or backbone is self.model else backbone
+        out = target(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=past is not None,
+        )
+        return out.logits if target is self.model else out.last_hidden_state
 
     def _head(self, hidden):
         backbone = getattr(self.model, "base_model", None)
