@@ -254,9 +254,15 @@ class Moderator:
 
         n_lab = len(self.label_ids)
         width_l = max(map(len, self.label_ids))
+        first = None
         if self.use_prefix_cache:
-            first, later = self._cached_hidden(queries)
-        else:
+            try:
+                first, later = self._cached_hidden(queries)
+            except (AttributeError, TypeError, NotImplementedError):
+                # A model whose cache cannot be copied and repeated (not a transformers Cache):
+                # score without it from now on (slower, same numbers).
+                self.use_prefix_cache = False
+        if first is None:
             first, later = self._full_hidden(queries)
         # Row r = (query i, label j), i-major. The state predicting label token 0 is the query's
         # last one; token k >= 1 is predicted by the state of label token k - 1.
