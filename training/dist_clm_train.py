@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     from openchatkit.training.config import TrainConfig, read_model_shape
 
     config = TrainConfig.from_flags(flags, read_model_shape(flags.model_name), _cuda_available)
+    if config.lora is not None:
+        from transformers import AutoConfig
+
+        from openchatkit.models.lora import check_targets
+
+        check_targets(AutoConfig.from_pretrained(config.model_name), config.lora.target_modules)
     rdv = resolve_rendezvous(config.rank, config.world_size, config.dist_url, config.pp, config.dp)
     setup_logging(rank=rdv.rank)
     from openchatkit.training.trainer import run_training
