@@ -318,61 +318,30 @@ class TrainConfig:
                 "CUDA-only; on CPU train LoRA on the full-precision base (leave it out)"
             )
         # fp16 is allowed on CPU (kernels exist, just slow): tests use it for the loss scale.
-        return cls(
-            model_name=f.model_name,
+        # Fields named as their flag take the flag's value; the rest are derived here.
+        same = {
+            fld.name: getattr(f, fld.name)
+            for fld in dataclasses.fields(cls)
+            if hasattr(f, fld.name)
+        }
+        derived = dict(
             tokenizer_name=f.tokenizer_name or f.model_name,
             model=shape,
-            load_pretrained_model=f.load_pretrained_model,
             layer_ranges=tuple(layer_ranges),
             pp=pp,
             dp=dp,
-            pp_mode=f.pp_mode,
             device=device,
             dp_backend=dp_backend,
-            rank=f.rank,
-            world_size=f.world_size,
-            dist_url=f.dist_url,
-            cuda_id=f.cuda_id,
-            net_interface=f.net_interface,
-            pg_timeout=f.pg_timeout,
-            peer_timeout=f.peer_timeout,
-            task_name=f.task_name,
             tasks=tuple(parse_task_spec(f.task_name)) if check_files else (),
-            evaluation_data=f.evaluation_data,
             eval_tasks=(
                 tuple(parse_task_spec(f.evaluation_data))
                 if check_files and f.evaluation_data
                 else None
             ),
-            seq_length=f.seq_length,
-            batch_size=f.batch_size,
-            micro_batch_size=f.micro_batch_size,
-            gradient_accumulate_step=f.gradient_accumulate_step,
-            loss_on=f.loss_on,
-            reset_position_ids=f.reset_position_ids,
-            seed=f.seed,
-            total_steps=f.total_steps,
-            warmup_steps=f.warmup_steps,
-            lr=f.lr,
-            weight_decay=f.weight_decay,
-            max_grad_norm=f.max_grad_norm,
-            optimizer=f.optimizer,
             precision="fp16" if f.fp16 else "bf16" if f.bf16 else "fp32",
             lora=lora,
-            load_in_4bit=f.load_in_4bit,
-            initial_loss_scale=f.initial_loss_scale,
-            loss_scale_window=f.loss_scale_window,
-            checkpoint_path=f.checkpoint_path,
-            checkpoint_steps=f.checkpoint_steps,
-            num_checkpoints=f.num_checkpoints,
-            evaluation_steps=f.evaluation_steps,
-            evaluation_num_batches=f.evaluation_num_batches,
-            train_log_backend=f.train_log_backend,
-            project_name=f.project_name,
-            profiling=f.profiling,
-            profile_steps=f.profile_steps,
-            stop_after_steps=f.stop_after_steps,
         )
+        return cls(**(same | derived))
 
 
 def _lora_settings(f: Any, shape: ModelShape) -> LoraSettings | None:

@@ -91,7 +91,6 @@ class Run:
     def build(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from openchatkit.data import GlobalBatchLoader, PackedSequenceStream
         from openchatkit.models.stage import StageModel
 
         config, layout = self.config, self.layout
@@ -133,36 +132,33 @@ class Run:
             # The last stage's copy of a randomly initialised tied embedding starts equal to it.
             self.engine.share_tied_init()
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name)
-        stream = PackedSequenceStream(
-            list(config.tasks),
-            self.tokenizer,
-            config.seq_length,
-            seed=config.seed,
-            loss_on=config.loss_on,
-            reset_position_ids=config.reset_position_ids,
-        )
-        self.loader = GlobalBatchLoader(stream, config.batch_size, layout.dp_rank, layout.dp)
+        self.loader = self.make_loader(config.tasks, cycle=True)
         self.eval_batches = self.read_eval_batches() if config.evaluation_steps else []
         if self.meta is not None:
             self.resume()
         self.num_params, self.num_trainable = self.count_params()
 
-    def read_eval_batches(self) -> list[dict[str, torch.Tensor]]:
-        """This rank's rows of the first --evaluation-num-batches global batches of the
-        evaluation data, read once: every evaluation scores the same batches."""
+    def make_loader(self, tasks, cycle: bool):
+        """This rank's loader over the one global packed stream of `tasks`."""
         from openchatkit.data import GlobalBatchLoader, PackedSequenceStream
 
         config, layout = self.config, self.layout
         stream = PackedSequenceStream(
-            list(config.eval_tasks),
+            list(tasks),
             self.tokenizer,
             config.seq_length,
             seed=config.seed,
             loss_on=config.loss_on,
             reset_position_ids=config.reset_position_ids,
-            cycle=False,
+            cycle=cycle,
         )
-        loader = GlobalBatchLoader(stream, config.batch_size, layout.dp_rank, layout.dp)
+        return GlobalBatchLoader(stream, config.batch_size, layout.dp_rank, layout.dp)
+
+    def read_eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's rows of the first --evaluation-num-batches global batches of the
+        evaluation data, read once: every evaluation scores the same batches."""
+        config = self.config
+        loader = self.make_loader(config.eval_tasks, cycle=False)
         batches = []
         for batch in loader:
             batches.append(batch)
