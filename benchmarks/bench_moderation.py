@@ -42,8 +42,8 @@ def main() -> None:
     args = parse_args()
     import torch
 
-    from openchatkit.inference.chat import ChatSession
     from openchatkit.inference.generation import GenerationSettings
+    from openchatkit.inference.session import ChatSession
     from openchatkit.models.loading import load_chat_model
     from openchatkit.moderation import LABELS, Moderator, build_prompt
 

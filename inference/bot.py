@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "-r", "--cpu-ram", type=float, metavar="GiB", help="CPU RAM for offloaded layers"
     )
     p.add_argument("--load-in-8bit", action="store_true", help="int8 weights (bitsandbytes)")
+    p.add_argument(
+        "--adapter", metavar="DIR", help="a PEFT LoRA adapter on top of --model (export_lora.py)"
+    )
     p.add_argument("--retrieval", metavar="INDEX_DIR", help="answer from a FAISS index folder")
     p.add_argument("--retrieval-k", type=int, default=3, help="passages per question (3)")
     p.add_argument(
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.moderation and args.moderation.startswith(("/", "./", "../", "~")):
         if not Path(args.moderation).expanduser().is_dir():  # before loading the chat model
             raise UserError(f"--moderation: folder {args.moderation} does not exist")
-    from openchatkit.inference.chat import ChatSession
+    from openchatkit.inference.session import ChatSession
     from openchatkit.models.loading import load_chat_model
 
     loaded = load_chat_model(
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu_vram=args.gpu_vram,
         cpu_ram=args.cpu_ram,
         load_in_8bit=args.load_in_8bit,
+        adapter=args.adapter,
     )
     retriever = None
     if args.retrieval is not None:

@@ -8,8 +8,8 @@ import io
 import pytest
 import torch
 
-from openchatkit.inference.chat import ChatSession
 from openchatkit.inference.generation import GenerationSettings
+from openchatkit.inference.session import ChatSession
 from openchatkit.models.loading import LoadedModel
 from openchatkit.moderation import CAUTION_INSTRUCTION, REFUSAL, Moderator, build_prompt
 
