@@ -29,12 +29,19 @@ import sys
 
 from openchatkit.cli import run_main
 from openchatkit.training.args import build_parser, read_model_shape, validate_args
+from openchatkit.training.memory import check_before_training
 
 
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _device_bytes(cuda_id: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(cuda_id).total_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parse_task_spec(args.task_name)
     if args.evaluation_data:
         parse_task_spec(args.evaluation_data)
+    # Refuse before any allocation when a stage will not fit its GPU (CUDA only).
+    check_before_training(args, device_bytes=_device_bytes)
     rdv = resolve_rendezvous(
         args.rank,
         args.world_size,

@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--loss-on", choices=["all", "bot"], default="all")
     t.add_argument("--reset-position-ids", action="store_true")
+    # Memory (issue 11): recompute layers in the backward; the planner's GPU size.
+    t.add_argument(
+        "--activation-checkpointing",
+        choices=["none", "layers"],
+        default=None,
+        help="recompute each layer in the backward (default: layers on CUDA, none on CPU)",
+    )
+    t.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (default: detected)")
 
     c = p.add_argument_group("checkpoints, evaluation, logs")
     c.add_argument("--checkpoint-path", default="model_ckpts/run")
@@ -262,6 +270,15 @@ def validate_args(
         args.dp_backend = "nccl" if args.device == "cuda" else "gloo"
     if args.dp_backend == "nccl" and args.device != "cuda":
         raise UserError("--dp-backend nccl needs --device cuda; use --dp-backend gloo on CPU")
+    if args.dp_backend == "gloo" and args.device == "cuda" and pp > 1:
+        raise UserError(
+            "--dp-backend gloo cannot send CUDA tensors between pipeline stages; use "
+            "--dp-backend nccl with --device cuda"
+        )
+    if args.activation_checkpointing is None:
+        args.activation_checkpointing = "layers" if args.device == "cuda" else "none"
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        raise UserError(f"--gpu-memory must be > 0 GiB, got {args.gpu_memory}")
     if args.fp16 and args.device == "cpu":
         # Allowed (CPU kernels exist for fp16), just slow; tests use it for the loss scale.
         pass

@@ -189,10 +189,11 @@ class TrainEngine:
             args = (ids,) if self.layout.is_first_stage else ()
             target = labels if self.layout.is_last_stage else None
             runner = self.schedule.step if grad else self.schedule.eval
+            # return_outputs=False: the last stage keeps no micro-batch's logits past its loss.
             if self.layout.is_last_stage:
-                runner(*args, target=target, losses=losses, position_ids=pos)
+                runner(*args, target=target, losses=losses, position_ids=pos, return_outputs=False)
             else:
-                runner(*args, position_ids=pos)
+                runner(*args, position_ids=pos, return_outputs=False)
         if not losses:
             return torch.zeros((), dtype=torch.float64, device=self.device)
         return torch.stack([x.detach().double() for x in losses]).sum()

@@ -126,6 +126,7 @@ class Run:
                 config, layer_range, first, last, dtype=dtype, device=self.device
             )
             ckpt.seed_everything(args.seed)
+        self.stage.set_activation_checkpointing(args.activation_checkpointing)
         tied = (self.stage.tied_embed_param, self.stage.tied_head_param)
         tied_names = None
         if self.shape.tie_word_embeddings and layout.pp > 1:
