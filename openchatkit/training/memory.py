@@ -219,9 +219,18 @@ def stage_tokens_bytes(dims: ModelDims, setup: TrainSetup, stage: int) -> dict[s
     per_layer = h * e if setup.checkpointing == "layers" else full_layer
     kept = layers * per_layer
     kept += 8  # position ids (int64), passed to every stage
-    kept += 2 * dims.rotary_dim * 4 if dims.model_type != "gptj" else 0  # fp32 cos/sin tables
+    if dims.model_type != "gptj":
+        # cos/sin tables, (seq, rotary) each, shared by the stage's layers; Llama also keeps
+        # the fp32 originals of its half-precision copies unless the layers are recomputed.
+        kept += 2 * dims.rotary_dim * e
+        if dims.model_type == "llama" and e == 2 and setup.checkpointing == "none":
+            kept += 4 * dims.rotary_dim
     if first:
         kept += h * e + 8  # embedding output (layer 0's input) and the token ids
+    if dims.attention == "eager" and setup.checkpointing == "layers":
+        # The additive causal mask, (seq, seq) per sequence, is an input of every recomputed
+        # layer and lives until the last of them has run its backward.
+        kept += setup.seq_length * e
     logits = 0.0
     if last:
         norm = h * e + (4 * h if dims.model_type == "llama" else 8)
@@ -269,7 +278,9 @@ def plan_memory(dims: ModelDims, setup: TrainSetup) -> list[StageMemory]:
         grads = params * e
         master = params * 4 if e != 4 else 0
         if setup.optimizer == "8bit-adam":
-            optimizer = 2 * (params - small) + 8 * small
+            # Two uint8 states and two fp32 absmax per 256-element block; fp32 states below
+            # the 8-bit size.
+            optimizer = math.ceil((2 + 8 / 256) * (params - small)) + 8 * small
         else:
             optimizer = 8 * params
         per_token = stage_tokens_bytes(dims, setup, s)
