@@ -53,8 +53,10 @@ def optimizer_state_by_name(
         name = names[position]
         if name in skip or index not in sd["state"]:
             continue
+        # Copied to host memory one tensor at a time: a device clone of the whole state
+        # (+8 bytes per parameter with Adam) would be a memory peak at every save.
         out[name] = {
-            k: (v.detach().clone() if torch.is_tensor(v) else v)
+            k: (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v)
             for k, v in sd["state"][index].items()
         }
     return out

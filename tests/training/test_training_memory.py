@@ -359,3 +359,22 @@ def test_pipeline_with_checkpointing_matches_single_process(tiny, tt, reference,
     assert tt.max_weight_diff(ckpt / "checkpoint_4", reference["llama"] / "checkpoint_4") < 1e-5
     meta = json.loads((ckpt / "checkpoint_4" / "meta.json").read_text())
     assert meta["args"]["activation_checkpointing"] == "layers"
+
+
+def test_saved_optimizer_state_and_masters_are_host_copies():
+    """Item 4: a save copies state to host memory (on CPU this shows the copy is on the CPU
+    and shares nothing with the live state; on a GPU it is what keeps the save off the card)."""
+    from openchatkit.training.optim import optimizer_state_by_name
+
+    stage = StageModel(tiny_config("llama"), range(2), True, False, dtype=torch.bfloat16)
+    master = MasterWeights(list(stage.named_parameters()))
+    optimizer = build_optimizer(master.params, "adam", 1e-3, 0.0)
+    stage(torch.randint(0, 96, (1, 8))).float().sum().backward()
+    master.grads_to_master()
+    optimizer.step()
+    live = {t.untyped_storage().data_ptr() for s in optimizer.state.values() for t in s.values()}
+    live |= {m.untyped_storage().data_ptr() for m in master.params}
+    saved = optimizer_state_by_name(optimizer, master.names, set())
+    tensors = [t for s in saved.values() for t in s.values()] + list(master.master_state().values())
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    assert not {t.untyped_storage().data_ptr() for t in tensors} & live
