@@ -21,14 +21,19 @@ import torch
 import torch.distributed as dist
 from loguru import logger
 
-from openchatkit.distributed.env import Rendezvous
+from openchatkit.distributed.env import Rendezvous, cuda_device_index
 from openchatkit.distributed.layout import ParallelLayout
 from openchatkit.distributed.watchdog import PeerWatchdog
 from openchatkit.errors import UserError
 from openchatkit.training import checkpoint as ckpt
 from openchatkit.training.args import ModelShape, derived_summary
 from openchatkit.training.engine import TrainEngine
-from openchatkit.training.metrics import MetricsLogger, model_flops_per_token, peak_flops
+from openchatkit.training.metrics import (
+    MetricsLogger,
+    matmul_params,
+    model_flops_per_token,
+    peak_flops,
+)
 from openchatkit.training.optim import (
     build_optimizer,
     build_scheduler,
@@ -38,9 +43,13 @@ from openchatkit.training.optim import (
 from openchatkit.training.precision import LossScaler
 from openchatkit.training.profiling import StepProfiler
 
-# Error messages from gloo, NCCL or the TCP store that mean another rank is gone or stuck.
+# Error messages from gloo, NCCL or the TCP store that mean another rank is gone or stuck. Not
+# every NCCL error: a rank's own CUDA fault (ncclUnhandledCudaError, out of memory, invalid
+# usage) is its own error and is reported at once, not as "lost contact".
 _PEER_LOST = re.compile(
-    r"Connection (reset|closed)|Broken pipe|timed? ?out|NCCL|waiting for clients|peer", re.I
+    r"Connection (reset|closed)|Broken pipe|timed? ?out|waiting for clients|peer|"
+    r"ncclRemoteError|remote process exit|communicator was aborted|NCCL_ERROR_REMOTE",
+    re.I,
 )
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -69,11 +78,10 @@ class Run:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", args.net_interface)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", args.net_interface)
         if args.device == "cuda":
-            cuda_id = args.cuda_id if args.cuda_id is not None else self.rdv.local_rank
-            if cuda_id >= torch.cuda.device_count():
-                raise UserError(
-                    f"--cuda-id {cuda_id}, but only {torch.cuda.device_count()} GPUs are visible"
-                )
+            rdv = self.rdv
+            cuda_id = cuda_device_index(
+                args.cuda_id, rdv.local_rank, rdv.rank, rdv.world_size, torch.cuda.device_count()
+            )
             torch.cuda.set_device(cuda_id)
             self.device = torch.device("cuda", cuda_id)
         if self.layout.is_distributed:
@@ -308,8 +316,14 @@ class Run:
             profiler = StepProfiler(self.root, layout.rank, self.start_step + 1, args.profile_steps)
             self.engine.enable_tracing(profiler)
         peak = peak_flops(args.device)
+        shape = self.shape
         flops_tok = model_flops_per_token(
-            self.num_params, self.shape.num_layers, self.shape.hidden_size, args.seq_length
+            matmul_params(
+                self.num_params, shape.vocab_size, shape.hidden_size, shape.tie_word_embeddings
+            ),
+            shape.num_layers,
+            shape.hidden_size,
+            args.seq_length,
         )
         last = args.total_steps
         if args.stop_after_steps is not None:
