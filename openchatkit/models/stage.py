@@ -96,6 +96,9 @@ class StageModel(nn.Module):
             self.head = self.arch.build_head(self.config) if self.is_last else None
         self.rotary = None
         self.activation_checkpointing = "none"  # or "layers", see the module docstring
+        # Last stage only: return the hidden state; the head runs inside the trainer's loss
+        # (openchatkit/training/loss.py), so GPipe keeps no logits per micro-batch.
+        self.head_in_loss = False
         if device.type != "meta":
             self._materialize_buffers(device)
             if init_weights:
@@ -195,7 +198,7 @@ class StageModel(nn.Module):
                 hidden = checkpoint(self.arch.forward_layer, *args, use_reentrant=False)
             else:
                 hidden = self.arch.forward_layer(*args)
-        return self.head(hidden) if self.is_last else hidden
+        return self.head(hidden) if self.is_last and not self.head_in_loss else hidden
 
     # -- loading and saving -----------------------------------------------------------------
     @classmethod

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from openchatkit.distributed.layout import ParallelLayout
+from openchatkit.training.loss import move_head_into_loss
 from openchatkit.training.precision import LossScaler, MasterWeights
 
 # Elements per all-reduce bucket (fp32: 100 MB): big enough to amortise latency, small enough
@@ -117,6 +118,9 @@ class TrainEngine:
         self.max_grad_norm = max_grad_norm
         self.scaler = loss_scaler or LossScaler(enabled=False)
         self.loss_fn = TokenMeanLoss()
+        if layout.pp > 1 and pp_mode == "gpipe" and layout.is_last_stage:
+            # GPipe holds every micro-batch on the last stage: keep hidden states, not logits.
+            self.loss_fn = move_head_into_loss(module, self.loss_fn)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.master = MasterWeights(named)
         self.tied_names = tied_names

@@ -7,7 +7,8 @@ Pure arithmetic over the model's config and the trainer's flags (no torch import
   state (AdamW: 8 bytes per parameter; bitsandbytes 8-bit AdamW: 2, small tensors 8);
 - activations: the bytes one micro-batch keeps for its backward on this stage, times the number
   of micro-batches in flight (GPipe: all of them; 1F1B: min(pp - stage, micro-batches); pp = 1:
-  one), plus the last stage's logits and loss buffers per micro-batch in flight;
+  one), plus the last stage's logits and loss buffers per micro-batch in flight (none under
+  GPipe, where the head runs inside a recomputed loss: openchatkit/training/loss.py);
 - communication: torch.distributed.pipelining allocates a receive buffer per micro-batch, for
   activations (every stage but the first) and for their gradients (every stage but the last);
   data parallel adds the all-reduce bucket during the optimizer step;
@@ -231,17 +232,28 @@ def stage_tokens_bytes(dims: ModelDims, setup: TrainSetup, stage: int) -> dict[s
         # The additive causal mask, (seq, seq) per sequence, is an input of every recomputed
         # layer and lives until the last of them has run its backward.
         kept += setup.seq_length * e
-    logits = 0.0
-    if last:
-        norm = h * e + (4 * h if dims.model_type == "llama" else 8)
-        kept += norm
+    logits, loss = 0.0, 0.0
+    if last and head_in_loss(setup):
+        # The head runs inside the loss and is recomputed (openchatkit/training/loss.py): a
+        # micro-batch keeps its hidden state (counted above) and labels; the logits, their fp32
+        # copy, the log-softmax and its gradient exist for one micro-batch at a time.
+        logits = 16
+        loss = dims.vocab * (2 * e + 12)
+    elif last:
+        kept += h * e + (4 * h if dims.model_type == "llama" else 8)  # final norm
         # logits (model dtype, held by the schedule until the backward) and the fp32
         # log-softmax cross-entropy keeps; labels.
         logits = dims.vocab * (e + 4) + 16
+        # Loss forward/backward: an fp32 copy of the logits and the fp32 softmax gradient.
+        loss = dims.vocab * (8 + e)
     backward = full_layer * (2 if setup.checkpointing == "layers" else 1)
-    # Loss forward/backward: an fp32 copy of the logits and the fp32 gradient of the softmax.
-    loss = dims.vocab * (8 + e) if last else 0.0
     return {"kept": kept, "logits": logits, "transient": max(backward, loss)}
+
+
+def head_in_loss(setup: TrainSetup) -> bool:
+    """The trainer moves the last stage's head into a recomputed loss under GPipe with pp > 1
+    (openchatkit/training/engine.py), where that stage holds every micro-batch."""
+    return setup.pp > 1 and setup.schedule == "gpipe"
 
 
 def in_flight(schedule: str, stage: int, pp: int, num_microbatches: int) -> int:

@@ -20,6 +20,7 @@ import torch
 from openchatkit.errors import UserError
 from openchatkit.models.stage import StageModel
 from openchatkit.training.engine import TokenMeanLoss
+from openchatkit.training.loss import move_head_into_loss
 from openchatkit.training.memory import (
     GIB,
     KNOWN_CONFIGS,
@@ -89,7 +90,7 @@ def test_parameter_counts_match_the_models():
                 assert plan.params == sum(p.numel() for p in stage.parameters()), (arch, pp)
 
 
-def measure_in_flight(arch, precision, checkpointing, stage_index, pp, num_in_flight):
+def measure_in_flight(arch, precision, checkpointing, stage_index, pp, num_in_flight, gpipe):
     """Live bytes after `num_in_flight` micro-batch forwards of one stage (inputs received
     from outside, as the schedule's receive buffers), logits and loss kept as the schedule
     keeps them; and the peak during the backward of all of them."""
@@ -109,6 +110,8 @@ def measure_in_flight(arch, precision, checkpointing, stage_index, pp, num_in_fl
             inputs.append(torch.randn(MICRO, SEQ, hidden, dtype=DTYPES[precision]).requires_grad_())
     labels = torch.randint(0, config.vocab_size, (MICRO, SEQ))
     loss_fn = TokenMeanLoss()
+    if last and gpipe and pp > 1:  # as TrainEngine does
+        loss_fn = move_head_into_loss(stage, loss_fn)
     kept = []
     with LiveBytes(exclude=[*stage.parameters(), *stage.buffers(), *inputs, labels]) as probe:
         for x in inputs:
@@ -148,7 +151,7 @@ def test_activation_bytes_match_measurement(case):
     )  # fmt: skip
     for plan in plan_memory(dims, setup):
         held, peak = measure_in_flight(
-            arch, precision, checkpointing, plan.stage, PP, plan.in_flight
+            arch, precision, checkpointing, plan.stage, PP, plan.in_flight, schedule == "gpipe"
         )
         predicted = plan.activations + plan.logits
         assert abs(predicted - held) <= 0.10 * held, (plan.stage, predicted, held)
@@ -236,6 +239,38 @@ def test_checkpointing_gives_the_same_loss_and_gradients(arch):
     assert abs(loss_a - loss_b) <= 1e-6
     for name, g in grads_a.items():
         assert (g - grads_b[name]).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_head_inside_the_loss_gives_the_same_loss_and_gradients(arch):
+    config = tiny_config(arch)
+    torch.manual_seed(0)
+    stage = StageModel(config, range(2, NUM_LAYERS), False, True)
+    hidden = torch.randn(2, SEQ, 64)
+    labels = torch.randint(0, 96, (2, SEQ))
+    results = []
+    for inside in (False, True):
+        stage.head_in_loss = False
+        stage.zero_grad()
+        x = hidden.clone().requires_grad_()
+        loss_fn = TokenMeanLoss()
+        loss_fn.normalizer, loss_fn.scale = 50.0, 4.0
+        if inside:
+            loss_fn = move_head_into_loss(stage, loss_fn)
+            assert loss_fn.normalizer == 50.0 and loss_fn.scale == 4.0
+        out = stage(x)
+        assert out.shape[-1] == (64 if inside else 96)
+        loss = loss_fn(out, labels)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in stage.named_parameters()}
+        results.append((loss.item(), x.grad.clone(), grads))
+        with torch.no_grad():  # evaluation runs the head directly
+            assert torch.allclose(loss_fn(stage(x), labels), loss)
+    (loss_a, x_a, g_a), (loss_b, x_b, g_b) = results
+    assert abs(loss_a - loss_b) <= 1e-6
+    assert (x_a - x_b).abs().max().item() <= 1e-6
+    for name, g in g_a.items():
+        assert (g - g_b[name]).abs().max().item() <= 1e-6, name
 
 
 def test_checkpointing_is_off_in_eval_and_rejects_unknown_modes():
