@@ -381,10 +381,18 @@ def test_start_up_check_refuses_before_any_allocation(tmp_path):
 
 
 def test_pipeline_with_checkpointing_matches_single_process(tiny, tt, reference, tmp_path):
-    """The trainer end to end: 2 stages, 1F1B, every layer recomputed (and no outputs kept by
-    the schedule) against the plain single-process run: the same losses and weights."""
+    """The trainer end to end: 2 stages under GPipe, every layer recomputed, the last stage's
+    head inside the recomputed loss, no outputs kept by the schedule, an evaluation pass:
+    the same losses and weights as the plain single-process run."""
     ckpt = tmp_path / "ckpt"
-    flags = dict(pipeline_group_size=2, pp_mode="1f1b", activation_checkpointing="layers")
+    flags = dict(
+        pipeline_group_size=2,
+        pp_mode="gpipe",
+        activation_checkpointing="layers",
+        evaluation_steps=2,
+        evaluation_data=tiny["valid"],
+        evaluation_num_batches=1,
+    )
     r = tt.run_train(tt.train_args(tiny, "llama", ckpt, **flags), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     got, ref = tt.train_losses(ckpt), tt.train_losses(reference["llama"])
@@ -392,6 +400,9 @@ def test_pipeline_with_checkpointing_matches_single_process(tiny, tt, reference,
     for step in ref:
         assert abs(got[step] - ref[step]) < 1e-5, (step, got[step], ref[step])
     assert tt.max_weight_diff(ckpt / "checkpoint_4", reference["llama"] / "checkpoint_4") < 1e-5
+    records = [json.loads(x) for x in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    evals = [x["eval_loss"] for x in records if x.get("kind") == "eval"]
+    assert len(evals) == 2 and all(math.isfinite(x) for x in evals)
     meta = json.loads((ckpt / "checkpoint_4" / "meta.json").read_text())
     assert meta["args"]["activation_checkpointing"] == "layers"
 
