@@ -26,7 +26,8 @@ IMPORTS = """
 import json, os, resource, sys, time
 import torch, transformers, safetensors
 from transformers import AutoConfig, AutoModelForCausalLM
-from openchatkit.models import convert, gptj, gptneox, llama
+from openchatkit.models import convert, registry
+for name in registry.architecture_names(): registry.get_architecture(name)
 """
 
 OURS = (
@@ -72,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-name", default="embedded", help="HF folder (default: embedded SmolLM2)")
     args = p.parse_args(argv)
 
-    from openchatkit.models.convert import _read_model_type
     from openchatkit.models.pretrained import resolve_hf_source
+    from openchatkit.models.registry import name_for_model_type, read_model_type
 
     source = resolve_hf_source(args.model_name)
-    arch = {"gpt_neox": "gptneox", "gptj": "gptj", "llama": "llama"}[_read_model_type(source)]
+    arch = name_for_model_type(read_model_type(source))
     size_mb = sum(f.stat().st_size for f in source.glob("*.safetensors")) / 1e6
     work = tempfile.mkdtemp(prefix="bench-convert-")
 

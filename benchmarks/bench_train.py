@@ -55,17 +55,18 @@ def bench_ours(sharded: Path, batches: list[dict], lr: float):
     """A generator: each next() runs len(batches) steps and yields their step times."""
     import torch
 
+    from openchatkit.cli.train import config_with_defaults
     from openchatkit.distributed.layout import ParallelLayout
     from openchatkit.models.stage import StageModel
+    from openchatkit.training.config import read_model_shape
     from openchatkit.training.engine import TrainEngine
-    from openchatkit.training.optim import build_optimizer, build_scheduler
 
     stage = StageModel.from_sharded(sharded, range(30), True, True, dtype=torch.float32)
-    engine = TrainEngine(
-        stage, ParallelLayout(1, 1, 0), device=torch.device("cpu"), n_microbatches=1
+    rows = batches[0]["input_ids"].shape[0]
+    config = config_with_defaults(
+        read_model_shape(sharded), lr=lr, batch_size=rows, micro_batch_size=rows, total_steps=10_000
     )
-    opt = build_optimizer(engine.master.params, "adam", lr, 0.0)
-    engine.attach_optimizer(opt, build_scheduler(opt, 0, 10_000))
+    engine = TrainEngine(stage, ParallelLayout(1, 1, 0), config, device=torch.device("cpu"))
     while True:
         times = []
         for b in batches:

@@ -87,17 +87,24 @@ def sync(device) -> None:
 def bench_ours(config, batches, device):
     import torch
 
+    from openchatkit.cli.train import config_with_defaults
     from openchatkit.distributed.layout import ParallelLayout
     from openchatkit.models.stage import StageModel
+    from openchatkit.training.config import ModelShape
     from openchatkit.training.engine import TrainEngine
-    from openchatkit.training.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(0)
     layers = range(config.num_hidden_layers)
     stage = StageModel(config, layers, True, True, dtype=torch.bfloat16, device=device)
-    engine = TrainEngine(stage, ParallelLayout(1, 1, 0), device=device, n_microbatches=1)
-    opt = build_optimizer(engine.master.params, "adam", 1e-5, 0.0)
-    engine.attach_optimizer(opt, build_scheduler(opt, 0, 10_000))
+    rows = batches[0]["input_ids"].shape[0]
+    train_config = config_with_defaults(
+        ModelShape.from_dict(config.to_dict()),
+        bf16=True,
+        batch_size=rows,
+        micro_batch_size=rows,
+        total_steps=10_000,
+    )
+    engine = TrainEngine(stage, ParallelLayout(1, 1, 0), train_config, device=device)
     # One pass per micro-batch through the engine's accumulation path: the same work as the peer.
     return (lambda: engine.train_step(batches)), (lambda: engine.module)
 

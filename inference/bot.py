@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from openchatkit.inference.chat import ChatSession
+    from openchatkit.inference.session import ChatSession
     from openchatkit.models.loading import load_chat_model
 
     loaded = load_chat_model(

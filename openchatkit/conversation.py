@@ -1,4 +1,6 @@
-"""The conversation format: messages, prompt rendering and fitting history to the context window.
+"""The chat format, in one place: messages, OpenChatKit's `<human>:`/`<bot>:` markers and chat
+template, prompt rendering, and fitting history to the context window. Training data
+(`openchatkit/data/rendering.py`), the bot and evaluation all take the format from here.
 
 Two prompt formats:
 - the tokenizer's chat template, when it has one (SmolLM2, Llama-2-chat, RedPajama-chat HF folders);
@@ -20,17 +22,20 @@ from dataclasses import dataclass
 
 HUMAN = "<human>"
 BOT = "<bot>"
-OPENCHATKIT_STOP = f"{HUMAN}:"
+# The turn prefixes as they stand in the text (OIG data, prompts, the stop string).
+HUMAN_PREFIX = f"{HUMAN}:"
+BOT_PREFIX = f"{BOT}:"
+OPENCHATKIT_STOP = HUMAN_PREFIX
 
 # The same format as a Jinja chat template, written into HF folders of models fine-tuned on it
 # (tools/convert_to_hf_*.py), so `apply_chat_template` renders exactly `render_openchatkit`.
 OPENCHATKIT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] + '\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '<human>: ' + message['content'] + '\n' }}"
-    "{% else %}{{ '<bot>: ' + message['content'] + '\n' }}{% endif %}"
+    "{% elif message['role'] == 'user' %}{{ '" + HUMAN_PREFIX + " ' + message['content'] + '\n' }}"
+    "{% else %}{{ '" + BOT_PREFIX + " ' + message['content'] + '\n' }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<bot>:' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '" + BOT_PREFIX + "' }}{% endif %}"
 )
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
@@ -43,11 +48,11 @@ def render_openchatkit(messages: Sequence[Message], add_generation_prompt: bool 
         if m["role"] == "system":
             parts.append(m["content"] + "\n")
         elif m["role"] == "user":
-            parts.append(f"{HUMAN}: {m['content']}\n")
+            parts.append(f"{HUMAN_PREFIX} {m['content']}\n")
         else:
-            parts.append(f"{BOT}: {m['content']}\n")
+            parts.append(f"{BOT_PREFIX} {m['content']}\n")
     if add_generation_prompt:
-        parts.append(f"{BOT}:")
+        parts.append(BOT_PREFIX)
     return "".join(parts)
 
 

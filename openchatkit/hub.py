@@ -4,7 +4,7 @@ huggingface_hub retries a failed connection for ~45 s with a warning per try; a 
 offline deserves one line within seconds. So before a download or `from_pretrained` of a hub id
 that is not cached, `check_hub_repo` asks the hub once with a short timeout and turns every
 failure into a `UserError` that says what to do. `hub_error_message` words those failures, for
-models here and for datasets in `openchatkit.data.hub`.
+models here and for datasets in `openchatkit.data.download`.
 """
 
 from __future__ import annotations

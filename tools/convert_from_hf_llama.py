@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from openchatkit.cli import run_main
-from openchatkit.models.convert_cli import from_hf_parser, run_from_hf
+from openchatkit.cli.convert import from_hf_parser, run_from_hf
 
 ARCH = "llama"
 

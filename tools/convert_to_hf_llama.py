@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from openchatkit.cli import run_main
-from openchatkit.models.convert_cli import run_to_hf, to_hf_parser
+from openchatkit.cli.convert import run_to_hf, to_hf_parser
 
 ARCH = "llama"
 

@@ -53,16 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from openchatkit.errors import UserError
     from openchatkit.models import sharded
-    from openchatkit.models.arch import MODEL_TYPES
-    from openchatkit.models.convert import _read_model_type, convert_hf_to_sharded
+    from openchatkit.models.convert import convert_hf_to_sharded
     from openchatkit.models.pretrained import resolve_hf_source
+    from openchatkit.models.registry import name_for_model_type, read_model_type
     from openchatkit.models.stage import StageModel, split_layers
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     source = resolve_hf_source(args.model_name)
-    model_type = _read_model_type(source)
-    arch = {v: k for k, v in MODEL_TYPES.items()}.get(model_type)
+    model_type = read_model_type(source)
+    arch = name_for_model_type(model_type)
     if arch is None:
         raise UserError(f"--model-name {args.model_name}: unsupported model type {model_type!r}")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="load-bench-"))

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import sys
 
-from openchatkit.cli import run_main
-from openchatkit.training.args import build_parser, read_model_shape, validate_args
+from openchatkit.cli import run_main, setup_logging
+from openchatkit.cli.train import build_parser
 from openchatkit.training.memory import check_before_training
 
 
@@ -45,28 +45,20 @@ def _device_bytes(cuda_id: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    flags = build_parser().parse_args(argv)
     # Every check runs before torch is imported (unless the device must be detected) and before
     # any process group exists, so a bad flag costs a fraction of a second.
-    from openchatkit.data import parse_task_spec
     from openchatkit.distributed.env import resolve_rendezvous
+    from openchatkit.training.config import TrainConfig, read_model_shape
 
-    shape = read_model_shape(args.model_name)
-    validate_args(args, shape, cuda_available=_cuda_available)
-    parse_task_spec(args.task_name)
-    if args.evaluation_data:
-        parse_task_spec(args.evaluation_data)
+    config = TrainConfig.from_flags(flags, read_model_shape(flags.model_name), _cuda_available)
     # Refuse before any allocation when a stage will not fit its GPU (CUDA only).
-    check_before_training(args, device_bytes=_device_bytes)
-    rdv = resolve_rendezvous(
-        args.rank,
-        args.world_size,
-        args.dist_url,
-        args.pipeline_group_size * args.data_group_size,
-    )
+    check_before_training(config, device_bytes=_device_bytes)
+    rdv = resolve_rendezvous(config.rank, config.world_size, config.dist_url, config.pp, config.dp)
+    setup_logging(rank=rdv.rank)
     from openchatkit.training.trainer import run_training
 
-    return run_training(args, rdv, shape)
+    return run_training(config, rdv)
 
 
 if __name__ == "__main__":

@@ -27,15 +27,16 @@ import tempfile
 from pathlib import Path
 
 from openchatkit.cli import run_main
+from openchatkit.cli.train import build_parser
 from openchatkit.errors import UserError
-from openchatkit.training.args import ModelShape, build_parser, validate_args
+from openchatkit.training.config import ModelShape, TrainConfig
 from openchatkit.training.memory import (
     GIB,
     format_table,
     plan_memory,
     read_dims,
     refusal,
-    setup_from_args,
+    setup_from_config,
 )
 
 TRAINER = "dist_clm_train.py"
@@ -90,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     dims, source = read_dims(args.model_name)
     shape = ModelShape(dims.model_type, dims.num_layers, dims.hidden, dims.vocab, dims.tied)
     if args.device is None:
-        args.device = "cuda"
-    args.load_pretrained_model = False  # nothing is loaded: no manifest needed
-    validate_args(args, shape, cuda_available=lambda: True)
-    setup = setup_from_args(args)
+        args.device = "cuda"  # the plan is for GPUs, whatever this machine has
+    # check_files=False: no model weights, manifest or data are needed for a plan.
+    config = TrainConfig.from_flags(args, shape, cuda_available=lambda: True, check_files=False)
+    setup = setup_from_config(config)
     gpu = args.gpu_memory * GIB if args.gpu_memory is not None else _detected_bytes()
     plans = plan_memory(dims, setup)
     table = format_table(plans, gpu)

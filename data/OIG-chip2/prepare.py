@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 
 from openchatkit.cli import run_main
-from openchatkit.data.hub import build_prepare_parser, run_prepare
+from openchatkit.cli.download import download_parser, run_download
 
 HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_prepare_parser(__doc__, "laion/OIG", HERE / "files", "unified_chip2.jsonl*")
-    return run_prepare(parser.parse_args(argv))
+    parser = download_parser(__doc__, "laion/OIG", HERE / "files", "unified_chip2.jsonl*")
+    return run_download(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from openchatkit.cli import run_main
+from openchatkit.conversation import BOT_PREFIX, HUMAN_PREFIX
 from openchatkit.fileio import atomic_file
 
 HERE = Path(__file__).resolve().parent
@@ -205,7 +206,7 @@ WORDS_TO_SPELL = [
 
 def turns(*pairs: tuple[str, str]) -> str:
     """An OIG text from (human, bot) pairs."""
-    return "\n".join(f"<human>: {h}\n<bot>: {b}" for h, b in pairs)
+    return "\n".join(f"{HUMAN_PREFIX} {h}\n{BOT_PREFIX} {b}" for h, b in pairs)
 
 
 def record(source: str, *pairs: tuple[str, str]) -> dict:

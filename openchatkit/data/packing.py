@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from openchatkit.data.chat import LOSS_MODES, Spans, render_document
+from openchatkit.data.rendering import LOSS_MODES, Spans, render_document
 from openchatkit.data.sources import Document, make_source
 from openchatkit.data.tasks import TaskEntry, parse_task_spec
 from openchatkit.errors import UserError

@@ -255,7 +255,7 @@ class HubSource:
         self._iter = None
 
     def _open(self) -> Iterator[dict]:
-        from openchatkit.data.hub import hub_error_message, hub_is_offline
+        from openchatkit.data.download import hub_error_message, hub_is_offline
 
         if hub_is_offline():
             raise UserError(
@@ -274,7 +274,7 @@ class HubSource:
             ) from None
 
     def next_document(self) -> Document | None:
-        from openchatkit.data.hub import hub_error_message
+        from openchatkit.data.download import hub_error_message
 
         while not self.exhausted:
             if self._iter is None:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from openchatkit.distributed.layout import check_layout
 from openchatkit.errors import UserError
 
 DEFAULT_DIST_URL = "tcp://127.0.0.1:29500"
@@ -54,13 +55,13 @@ def resolve_rendezvous(
     rank: int | None,
     world_size: int | None,
     dist_url: str | None,
-    expected_world_size: int,
+    pipeline_size: int,
+    data_size: int,
     env: Mapping[str, str] | None = None,
 ) -> Rendezvous:
-    """Merge the flags with torchrun's environment; raise UserError on any contradiction.
-
-    `expected_world_size` is pipeline size x data size; the world size must equal it.
-    """
+    """Merge the flags with torchrun's environment; raise UserError on any contradiction,
+    including a world size other than pipeline size x data size (`check_layout`)."""
+    expected_world_size = pipeline_size * data_size
     env = os.environ if env is None else env
     env_rank = _env_int(env, "RANK")
     env_world = _env_int(env, "WORLD_SIZE")
@@ -83,11 +84,7 @@ def resolve_rendezvous(
                 "training/launch.py or torchrun, or pass --rank/--world-size/--dist-url"
             )
         world_size = 1
-    if world_size != expected_world_size:
-        raise UserError(
-            f"--pipeline-group-size x --data-group-size = {expected_world_size}, but the world "
-            f"size is {world_size} (--world-size / WORLD_SIZE); they must be equal"
-        )
+    check_layout(pipeline_size, data_size, world_size)
     if rank is None:
         if world_size != 1:
             raise UserError("--rank is not given and RANK is not set")

@@ -7,13 +7,14 @@ Rank layout, as upstream OpenChatKit: consecutive ranks form one pipeline, so
     pipeline rank (stage index) = rank % pp,    data rank (replica index) = rank // pp.
 With pp=2, dp=2: ranks 0,1 are replica 0 (stages 0,1) and ranks 2,3 are replica 1.
 
-Groups held by the object:
-- `pp_group`: the `pp` ranks of this replica (point-to-point activations, loss/grad-norm reductions).
-- `dp_group`: the `dp` ranks holding this rank's stage (gradient all-reduce).
+`init_groups` builds a `DeviceMesh` with named axes ("dp", "pp") (mesh[dp_rank][pp_rank] = rank)
+and takes the groups from it:
+- `pp_group` (axis "pp"): the `pp` ranks of this replica (point-to-point activations,
+  loss/grad-norm reductions).
+- `dp_group` (axis "dp"): the `dp` ranks holding this rank's stage (gradient all-reduce).
 - `tie_group`: first and last stage of this replica, when embeddings are tied and pp > 1
   (the two copies of the tied matrix get their gradients summed there).
-A device mesh with named axes ("dp", "pp") is built on request (`device_mesh()`); its layout
-matches the groups above (mesh[dp_rank][pp_rank] = rank).
+`check_layout` is the one place that checks pipeline x data size against the world size.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def check_layout(pipeline_size: int, data_size: int, world_size: int) -> None:
     if pipeline_size * data_size != world_size:
         raise UserError(
             f"--pipeline-group-size ({pipeline_size}) x --data-group-size ({data_size}) = "
-            f"{pipeline_size * data_size}, but the world size is {world_size}; they must be equal"
+            f"{pipeline_size * data_size}, but the world size (--world-size / WORLD_SIZE) is "
+            f"{world_size}; they must be equal"
         )
 
 
@@ -60,6 +62,7 @@ class ParallelLayout:
     pp: int
     dp: int
     rank: int = 0
+    mesh: Any = field(default=None, repr=False)  # DeviceMesh, axes ("dp", "pp")
     pp_group: Any = field(default=None, repr=False)
     dp_group: Any = field(default=None, repr=False)
     tie_group: Any = field(default=None, repr=False)
@@ -125,35 +128,25 @@ class ParallelLayout:
             f"replica {self.dp_rank}/{self.dp}"
         )
 
-    def init_groups(self, backend: str | None = None, tied: bool = False) -> None:
-        """Create this layout's process groups; every rank must call it (new_group is collective).
-
-        With one rank nothing is created and every collective in the engine is skipped.
-        """
+    def init_groups(self, device_type: str = "cpu", tied: bool = False) -> None:
+        """Build the device mesh and take this rank's groups from it; every rank must call it
+        (group creation is collective). With one rank nothing is created and every collective
+        in the engine is skipped."""
         import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
 
         if not self.is_distributed:
             return
-        # Every rank creates every group in the same order, as torch requires, and keeps its own.
-        for replica in range(self.dp):
-            g = dist.new_group(pipeline_ranks(replica, self.pp), backend=backend)
-            if replica == self.dp_rank:
-                self.pp_group = g
-        for stage in range(self.pp):
-            g = dist.new_group(data_ranks(stage, self.pp, self.dp), backend=backend)
-            if stage == self.pp_rank:
-                self.dp_group = g
+        # mesh[dp_rank][pp_rank] = dp_rank * pp + pp_rank = rank: consecutive ranks form one
+        # pipeline, as the rank arithmetic above (and upstream) has it.
+        self.mesh = init_device_mesh(device_type, (self.dp, self.pp), mesh_dim_names=("dp", "pp"))
+        self.pp_group = self.mesh.get_group("pp")
+        self.dp_group = self.mesh.get_group("dp")
         if tied and self.pp > 1:
+            # First and last stage of each replica: not an axis of the mesh. Every rank creates
+            # every such group in the same order, as torch requires, and keeps its own.
             for replica in range(self.dp):
                 ranks = pipeline_ranks(replica, self.pp)
-                g = dist.new_group([ranks[0], ranks[-1]], backend=backend)
+                g = dist.new_group([ranks[0], ranks[-1]])
                 if replica == self.dp_rank:
                     self.tie_group = g
-
-    def device_mesh(self, device_type: str = "cpu") -> Any:
-        """A DeviceMesh with named axes ("dp", "pp"), laid out like the groups above."""
-        import torch
-        from torch.distributed.device_mesh import DeviceMesh
-
-        ranks = torch.arange(self.world_size).reshape(self.dp, self.pp)
-        return DeviceMesh(device_type, ranks, mesh_dim_names=("dp", "pp"))

@@ -1,4 +1,4 @@
-"""What every architecture module (`gptneox.py`, `gptj.py`, `llama.py`) provides, and the registry.
+"""What every architecture module (`gptneox.py`, `gptj.py`, `llama.py`) provides.
 
 An `Architecture` pairs a declarative key map (HF checkpoint key <-> our layer-sharded key, with a
 small named transform per entry) with builders for the three kinds of module a pipeline stage
@@ -6,7 +6,8 @@ holds: the token embedding, one transformer layer (the transformers class itself
 are HF's), and the head (final norm + LM head). A new architecture is one new file of that shape.
 
 Our keys are relative to their file: `embeddings.safetensors`, `layer_XXXXX.safetensors` or
-`head.safetensors` (see `openchatkit/models/sharded.py`).
+`head.safetensors` (see `openchatkit/models/sharded.py`). The list of architectures is
+`openchatkit/models/registry.py`; this module imports none of them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ class KeyRule:
     transform: Transform = IDENTITY
 
 
+def forward_layer_by_keywords(layer, hidden, attention_mask, position_ids, position_embeddings):
+    """The layer call of GPTNeoXModel / LlamaModel.forward without a KV cache: (B,S,H) -> (B,S,H)."""
+    return layer(
+        hidden,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        position_embeddings=position_embeddings,
+    )
+
+
+def no_buffers(layer: nn.Module, device: torch.device) -> None:
+    """For layers that hold no buffers (rotary tables live in the stage's shared rotary module)."""
+
+
 @dataclass(frozen=True)
 class Architecture:
     """An architecture's key map and module builders (see the module docstring)."""
@@ -66,9 +81,9 @@ class Architecture:
     build_head: Callable[[Any], nn.Module]
     build_rotary: Callable[[Any], nn.Module | None]
     # (layer, hidden (B,S,H), mask, position_ids (1|B,S), position_embeddings) -> hidden (B,S,H)
-    forward_layer: Callable[..., torch.Tensor]
+    forward_layer: Callable[..., torch.Tensor] = forward_layer_by_keywords
     # Recompute non-persistent buffers of a layer built on the meta device.
-    materialize_buffers: Callable[[nn.Module, torch.device], None]
+    materialize_buffers: Callable[[nn.Module, torch.device], None] = no_buffers
     attn_implementation: str = "sdpa"  # when the config names none
     _compiled: list = field(default_factory=list, compare=False, repr=False)
 
@@ -132,28 +147,6 @@ class Architecture:
 def is_tied(config: Any) -> bool:
     """Whether the LM head reuses the input embedding matrix."""
     return bool(getattr(config, "tie_word_embeddings", False))
-
-
-# Our name -> HF model_type, readable without importing the transformers modeling code (so a
-# script can refuse a wrong architecture within a second).
-MODEL_TYPES = {"gptneox": "gpt_neox", "gptj": "gptj", "llama": "llama"}
-
-
-def architecture_names() -> list[str]:
-    return list(MODEL_TYPES)
-
-
-def get_architecture(name_or_model_type: str) -> Architecture:
-    """The architecture for our name (`gptneox`) or an HF model type (`gpt_neox`)."""
-    from openchatkit.models import gptj, gptneox, llama
-
-    for module in (gptneox, gptj, llama):
-        arch = module.ARCHITECTURE
-        if name_or_model_type in (arch.name, arch.model_type):
-            return arch
-    raise UserError(
-        f"unsupported architecture {name_or_model_type!r}: supported are gpt_neox, gptj, llama"
-    )
 
 
 def prepare_config(config: Any, arch: Architecture) -> Any:

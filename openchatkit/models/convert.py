@@ -20,12 +20,18 @@ from loguru import logger
 from openchatkit.errors import UserError
 from openchatkit.fileio import atomic_dir
 from openchatkit.models import sharded
-from openchatkit.models.arch import MODEL_TYPES, get_architecture, is_tied
+from openchatkit.models.arch import is_tied
 from openchatkit.models.hf_weights import (
     HFWeights,
     SafetensorsFile,
     plan_shards,
     write_hf_shards,
+)
+from openchatkit.models.registry import (
+    MODEL_TYPES,
+    get_architecture,
+    name_for_model_type,
+    read_model_type,
 )
 
 CHAT_FORMATS = ("openchatkit",)
@@ -54,20 +60,9 @@ def _check_arch(name: str, model_type: str, what: str, direction: str) -> None:
     if name not in MODEL_TYPES:
         raise UserError(f"unsupported architecture {name!r}: use one of {', '.join(MODEL_TYPES)}")
     if model_type != MODEL_TYPES[name]:
-        right = {v: k for k, v in MODEL_TYPES.items()}.get(model_type)
+        right = name_for_model_type(model_type)
         hint = f"; use tools/convert_{direction}_{right}.py" if right else " (unsupported)"
         raise UserError(f"{what} is a {model_type!r} model, not {MODEL_TYPES[name]!r}{hint}")
-
-
-def _read_model_type(folder: Path) -> str:
-    """`model_type` from config.json, read as plain JSON (no transformers import)."""
-    path = folder / "config.json"
-    try:
-        return str(json.loads(path.read_text())["model_type"])
-    except FileNotFoundError:
-        raise UserError(f"{folder} has no config.json (not an HF model folder)") from None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"cannot read model_type from {path}: {err}") from None
 
 
 # -- HF -> layer-sharded ------------------------------------------------------------------------
@@ -86,7 +81,7 @@ def convert_hf_to_sharded(
     hf_dir, out = Path(hf_dir), Path(out)
     check_output_dir(out, overwrite)
     chat_format = _check_chat_format(chat_format)
-    _check_arch(architecture, _read_model_type(hf_dir), str(hf_dir), "from_hf")
+    _check_arch(architecture, read_model_type(hf_dir), str(hf_dir), "from_hf")
     arch = get_architecture(architecture)
     config = _load_config(hf_dir)
     weights = HFWeights(hf_dir)
@@ -214,7 +209,7 @@ def read_sharded_source(
     ):
         config = _load_config(config_name or folder)
         manifest = sharded.Manifest(
-            architecture={v: k for k, v in MODEL_TYPES.items()}.get(config.model_type, "?"),
+            architecture=name_for_model_type(config.model_type) or "?",
             num_layers=config.num_hidden_layers,
             dtype="",
             tie_word_embeddings=is_tied(config),

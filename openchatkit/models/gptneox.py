@@ -71,20 +71,6 @@ def build_rotary(config: Any) -> nn.Module:
     return GPTNeoXRotaryEmbedding(config=config)
 
 
-def forward_layer(layer, hidden, attention_mask, position_ids, position_embeddings):
-    # Same call as GPTNeoXModel.forward, without a KV cache.
-    return layer(
-        hidden,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        position_embeddings=position_embeddings,
-    )
-
-
-def materialize_buffers(layer: nn.Module, device: torch.device) -> None:
-    """GPTNeoXLayer holds no buffers (rotary tables live in the shared rotary module)."""
-
-
 ARCHITECTURE = Architecture(
     name="gptneox",
     model_type="gpt_neox",
@@ -96,6 +82,4 @@ ARCHITECTURE = Architecture(
     build_layer=build_layer,
     build_head=Head,
     build_rotary=build_rotary,
-    forward_layer=forward_layer,
-    materialize_buffers=materialize_buffers,
 )

@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 from openchatkit.errors import UserError
 from openchatkit.models import sharded
-from openchatkit.models.arch import get_architecture, is_tied, prepare_config
+from openchatkit.models.arch import is_tied, prepare_config
+from openchatkit.models.registry import get_architecture
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -127,6 +128,15 @@ class StageModel(nn.Module):
         if self.tie_word_embeddings and self.is_last and not self.is_first:
             return f"head.{self.arch.lm_head_weight}"
         return None
+
+    @property
+    def tied_copy_names(self) -> tuple[str, str] | None:
+        """(embedding name, LM head copy name) of a tied embedding split over several stages,
+        the same on every stage of the pipeline (each holds at most one of the two); None when
+        nothing is tied or one stage holds both."""
+        if not self.tie_word_embeddings or (self.is_first and self.is_last):
+            return None
+        return f"embed.{self.arch.embed_weight}", f"head.{self.arch.lm_head_weight}"
 
     def _shares_tied_weight(self) -> bool:
         return self.tie_word_embeddings and self.is_first and self.is_last

@@ -1,6 +1,6 @@
 """Retrieval: FAISS indexes built from any corpus, queried in memory, for the chat bot.
 
-Public API (CONTRACTS.md "Retrieval"): `RetrievalIndex.load(index_dir)`,
+Public API: `RetrievalIndex.load(index_dir)`,
 `RetrievalIndex.search(query, k) -> list[Hit]`, `format_context(hits, tokenizer, max_tokens)`,
 `CONTEXT_INSTRUCTION`; building: `read_corpus`, `Embedder`, `build_index`.
 Importing this package does not import torch or faiss; they load on first use.

@@ -141,3 +141,14 @@ class Embedder:
     def encode_query(self, query: str) -> np.ndarray:
         """One query -> float32 array (1, dimension)."""
         return self.encode([query], batch_size=1)
+
+
+def check_dimension(
+    embedder: Embedder, index_dim: int, index_dir: Path | str, built_with: str
+) -> None:
+    """UserError when the query embedder's vectors cannot be compared with the index's."""
+    if embedder.dimension != index_dim:
+        raise UserError(
+            f"{index_dir}: embedder {embedder.name} gives {embedder.dimension}-dim vectors but the "
+            f"index holds {index_dim}-dim vectors (built with {built_with}); query with that embedder"
+        )

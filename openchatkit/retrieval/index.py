@@ -25,8 +25,9 @@ from loguru import logger
 
 from openchatkit.errors import UserError
 from openchatkit.fileio import atomic_dir, write_json
+from openchatkit.retrieval import wikipedia
 from openchatkit.retrieval.corpus import Passage
-from openchatkit.retrieval.embedder import Embedder
+from openchatkit.retrieval.embedder import Embedder, check_dimension
 from openchatkit.retrieval.faiss_index import (
     IVFPQ_MIN,
     apply_search_params,
@@ -35,6 +36,7 @@ from openchatkit.retrieval.faiss_index import (
     place_index,
     read_faiss_index,
 )
+from openchatkit.retrieval.passages import PassageTable, read_passages, write_passages
 
 INDEX_FILE = "index.faiss"
 PASSAGES_FILE = "passages.parquet"
@@ -66,47 +68,6 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class PassageTable:
-    """Column access to passages.parquet without materialising Python objects for every row."""
-
-    def __init__(self, table: Any) -> None:
-        self.table = table.combine_chunks()
-        self._text = self.table.column("text")
-        self._title = self.table.column("title")
-        self._source = self.table.column("source")
-        self._position = self.table.column("position")
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def text(self, row: int) -> str:
-        return self._text[row].as_py() or ""
-
-    def title(self, row: int) -> str:
-        return self._title[row].as_py() or ""
-
-    def source(self, row: int) -> str:
-        return self._source[row].as_py() or ""
-
-    def position(self, row: int) -> int:
-        return int(self._position[row].as_py())
-
-
-def write_passages(path: Path, passages: Sequence[Passage]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table(
-        {
-            "text": pa.array([p.text for p in passages], pa.string()),
-            "title": pa.array([p.title for p in passages], pa.string()),
-            "source": pa.array([p.source for p in passages], pa.string()),
-            "position": pa.array([p.position for p in passages], pa.int32()),
-        }
-    )
-    pq.write_table(table, path)
 
 
 def build_index(
@@ -185,32 +146,6 @@ def read_meta(index_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def read_passages(path: Path, columns: dict[str, str] | None = None) -> PassageTable:
-    """passages.parquet as a PassageTable; `columns` renames file columns (e.g. text_snippet)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as err:
-        raise UserError(f"{path}: unreadable parquet ({str(err).splitlines()[0]})") from err
-    if columns:
-        table = table.rename_columns([columns.get(n, n) for n in table.column_names])
-    if "text" not in table.column_names:
-        raise UserError(f"{path}: no 'text' column (has {', '.join(table.column_names)})")
-    n = table.num_rows
-    defaults = {
-        "title": pa.array([""] * n, pa.string()),
-        "source": pa.array([path.name] * n, pa.string()),
-        # Without positions the rows are one long document in reading order (Wikipedia layout).
-        "position": pa.array(np.arange(n, dtype=np.int64)),
-    }
-    for name, column in defaults.items():
-        if name not in table.column_names:
-            table = table.append_column(name, column)
-    return PassageTable(table)
-
-
 class RetrievalIndex:
     """An index folder loaded for querying: faiss index + passages + the query embedder."""
 
@@ -248,13 +183,11 @@ class RetrievalIndex:
         read-only (None: for IVF or large files). Raises UserError naming what is wrong:
         missing folder or file, unreadable file, count mismatch, embedder dimension mismatch.
         """
-        from openchatkit.retrieval import wikipedia
-
         index_dir = Path(index_dir)
         if not index_dir.is_dir():
             raise UserError(f"{index_dir}: no such index folder")
         if wikipedia.is_wikipedia_layout(index_dir):
-            return wikipedia.load(cls, index_dir, embedder=embedder, device=device, mmap=mmap)
+            return cls(*wikipedia.load(index_dir, embedder=embedder, device=device, mmap=mmap))
         missing = [
             n for n in (META_FILE, INDEX_FILE, PASSAGES_FILE) if not (index_dir / n).is_file()
         ]
@@ -390,12 +323,3 @@ class RetrievalIndex:
                 # IVF indexes without a direct map (the original's Wikipedia index) cannot.
                 self._can_reconstruct = False
         return self.embedder.encode([self.passages.text(int(r)) for r in rows], batch_size=16)
-
-
-def check_dimension(embedder: Embedder, index_dim: int, index_dir: Path, built_with: str) -> None:
-    """UserError when the query embedder's vectors cannot be compared with the index's."""
-    if embedder.dimension != index_dim:
-        raise UserError(
-            f"{index_dir}: embedder {embedder.name} gives {embedder.dimension}-dim vectors but the "
-            f"index holds {index_dim}-dim vectors (built with {built_with}); query with that embedder"
-        )

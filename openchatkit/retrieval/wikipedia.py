@@ -12,14 +12,12 @@ are merged like neighbouring passages of our own folders.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from openchatkit.errors import UserError
-from openchatkit.retrieval.embedder import Embedder
+from openchatkit.retrieval.embedder import Embedder, check_dimension
 from openchatkit.retrieval.faiss_index import place_index, read_faiss_index
-
-if TYPE_CHECKING:
-    from openchatkit.retrieval.index import RetrievalIndex
+from openchatkit.retrieval.passages import PassageTable, read_passages
 
 HUB_REPO = "ChristophSchuhmann/wikipedia-3sentence-level-retrieval-index"
 INDEX_FILE = "knn.index"
@@ -45,15 +43,13 @@ def passages_file(folder: Path) -> Path:
 
 
 def load(
-    cls: type[RetrievalIndex],
     folder: Path,
     embedder: Embedder | str | None = None,
     device: str = "auto",
     mmap: bool | None = None,
-) -> RetrievalIndex:
-    """A RetrievalIndex over the Wikipedia folder (memory-mapped, like the original)."""
-    from openchatkit.retrieval.index import check_dimension, read_passages
-
+) -> tuple[Any, PassageTable, dict[str, Any], Embedder, str, Any]:
+    """What a RetrievalIndex over the Wikipedia folder is made of (memory-mapped, like the
+    original): (index, passages, meta, embedder, device placed on, cpu index)."""
     cpu_index = read_faiss_index(folder / INDEX_FILE, mmap=True if mmap is None else mmap)
     passages = read_passages(passages_file(folder), columns={TEXT_COLUMN: "text"})
     if cpu_index.ntotal != len(passages):
@@ -75,4 +71,4 @@ def load(
         "index_type": "prebuilt",
     }
     index, placed = place_index(cpu_index, device)
-    return cls(index, passages, meta, embedder, device=placed, cpu_index=cpu_index)
+    return index, passages, meta, embedder, placed, cpu_index

@@ -28,7 +28,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from openchatkit.distributed.layout import ParallelLayout
+from openchatkit.training.config import TrainConfig
 from openchatkit.training.loss import move_head_into_loss
+from openchatkit.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    load_optimizer_state_by_name,
+    optimizer_state_by_name,
+)
 from openchatkit.training.precision import LossScaler, MasterWeights
 
 # Elements per all-reduce bucket (fp32: 100 MB): big enough to amortise latency, small enough
@@ -102,28 +109,32 @@ class TrainEngine:
         self,
         module: torch.nn.Module,
         layout: ParallelLayout,
+        config: TrainConfig,
         *,
         device: torch.device,
-        n_microbatches: int,
-        pp_mode: str = "gpipe",
-        tied_names: tuple[str, str] | None = None,
-        loss_scaler: LossScaler | None = None,
-        max_grad_norm: float = 1.0,
     ):
-        """`tied_names` = (embedding name, head copy name) when pp > 1 and embeddings are tied."""
+        """`module` is this rank's stage (a `StageModel`; its `tied_copy_names` say whether a
+        tied embedding is split over the pipeline). The engine owns what the optimizer updates:
+        the fp32 master weights, the optimizer, the LR schedule and the loss scale."""
         self.module = module
         self.layout = layout
         self.device = device
-        self.n_microbatches = n_microbatches
-        self.max_grad_norm = max_grad_norm
-        self.scaler = loss_scaler or LossScaler(enabled=False)
+        self.n_microbatches = config.num_microbatches
+        self.max_grad_norm = config.max_grad_norm
+        self.scaler = LossScaler(
+            config.precision == "fp16", config.initial_loss_scale, config.loss_scale_window
+        )
         self.loss_fn = TokenMeanLoss()
-        if layout.pp > 1 and pp_mode == "gpipe" and layout.is_last_stage:
+        if layout.pp > 1 and config.pp_mode == "gpipe" and layout.is_last_stage:
             # GPipe holds every micro-batch on the last stage: keep hidden states, not logits.
             self.loss_fn = move_head_into_loss(module, self.loss_fn)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.master = MasterWeights(named)
+        tied_names = getattr(module, "tied_copy_names", None)
         self.tied_names = tied_names
+        # name -> the name its state is saved under (the head copy of a tied embedding is
+        # saved once, as the embedding).
+        self.alias = {tied_names[1]: tied_names[0]} if tied_names is not None else {}
         self._tied_local = None
         if tied_names is not None:
             params = dict(named)
@@ -134,9 +145,11 @@ class TrainEngine:
                 self._tied_local = params[tied_names[1]]
         # Names counted in the grad norm; the head copy of a tied embedding is counted once
         # (as the embedding on the first stage).
-        self._norm_skip = {tied_names[1]} if tied_names is not None else set()
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler = None
+        self._norm_skip = set(self.alias)
+        self.optimizer = build_optimizer(
+            self.master.params, config.optimizer, config.lr, config.weight_decay
+        )
+        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.total_steps)
         self.tracer = None  # set by the trainer when profiling (a torch profiler span helper)
         if layout.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -144,12 +157,56 @@ class TrainEngine:
             self.stage = PipelineStage(
                 module, layout.pp_rank, layout.pp, device, group=layout.pp_group
             )
-            cls = ScheduleGPipe if pp_mode == "gpipe" else Schedule1F1B
+            cls = ScheduleGPipe if config.pp_mode == "gpipe" else Schedule1F1B
             # scale_grads=False: the loss is already divided by the global token count.
-            self.schedule = cls(self.stage, n_microbatches, loss_fn=self.loss_fn, scale_grads=False)
+            self.schedule = cls(
+                self.stage, self.n_microbatches, loss_fn=self.loss_fn, scale_grads=False
+            )
         else:
             self.stage = None
-            self.schedule = LocalSchedule(module, n_microbatches, self.loss_fn)
+            self.schedule = LocalSchedule(module, self.n_microbatches, self.loss_fn)
+
+    @torch.no_grad()
+    def share_tied_init(self) -> None:
+        """After a random init, give the last stage's copy of a tied embedding the first
+        stage's values (collective over the tie group; a no-op without tied copies)."""
+        if self._tied_local is None:
+            return
+        dist.broadcast(
+            self._tied_local.data, src=self.layout.first_stage_rank, group=self.layout.tie_group
+        )
+        self.master.model_to_master()
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+        """(optimizer state by parameter name, fp32 masters by name), the tied copy left out:
+        its state is the embedding's."""
+        skip = set(self.alias)
+        state = optimizer_state_by_name(self.optimizer, self.master.names, skip)
+        masters = {k: v for k, v in self.master.master_state().items() if k not in skip}
+        return state, masters
+
+    def load_state_dict(
+        self, states: dict[str, dict], masters: dict[str, torch.Tensor]
+    ) -> list[str]:
+        """Load what `state_dict` saved, under any layout; returns the parameters that had no
+        saved optimizer state."""
+        missing = load_optimizer_state_by_name(
+            self.optimizer, self.master.names, states, self.alias
+        )
+        self.master.load_master_state(masters, self.alias)
+        return missing
+
+    def schedule_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "loss_scale": self.scaler.state_dict()}
+
+    def load_schedule_state(self, meta: dict) -> None:
+        self.scheduler.load_state_dict(meta["scheduler"])
+        for group, lr in zip(
+            self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
+        ):
+            group["lr"] = lr
+        self.scaler.load_state_dict(meta["loss_scale"])
 
     def enable_tracing(self, tracer: object) -> None:
         """Name forward/backward regions per micro-batch for the profiler (1F1B has none)."""
@@ -246,13 +303,8 @@ class TrainEngine:
         flush()
 
     # -- public ---------------------------------------------------------------------------------
-    def attach_optimizer(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step over this replica's accumulation batches."""
-        assert self.optimizer is not None, "attach_optimizer first"
         self.module.train()
         num_tokens = self._global_tokens(batches)
         self.loss_fn.normalizer = float(max(num_tokens, 1))

@@ -461,32 +461,30 @@ def read_dims(model_name: str | Path) -> tuple[ModelDims, str]:
     return ModelDims.from_config(known), f"the published config of {folder.name}"
 
 
-def setup_from_args(args: Any) -> TrainSetup:
-    """TrainSetup from validated trainer flags (after `validate_args`)."""
-    local_batch = args.batch_size // args.data_group_size
-    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+def setup_from_config(config: Any) -> TrainSetup:
+    """TrainSetup from a `TrainConfig` (openchatkit/training/config.py)."""
     return TrainSetup(
-        layer_ranges=tuple(args.layer_ranges),
-        micro_batch_size=args.micro_batch_size,
-        seq_length=args.seq_length,
-        num_microbatches=local_batch // args.micro_batch_size,
-        schedule=args.pp_mode,
-        precision=precision,
-        optimizer=args.optimizer,
-        checkpointing=args.activation_checkpointing,
-        dp=args.data_group_size,
+        layer_ranges=tuple(config.layer_ranges),
+        micro_batch_size=config.micro_batch_size,
+        seq_length=config.seq_length,
+        num_microbatches=config.num_microbatches,
+        schedule=config.pp_mode,
+        precision=config.precision,
+        optimizer=config.optimizer,
+        checkpointing=config.activation_checkpointing,
+        dp=config.dp,
     )
 
 
-def check_before_training(args: Any, device_bytes: Callable[[int], int]) -> None:
+def check_before_training(config: Any, device_bytes: Callable[[int], int]) -> None:
     """The trainer's start-up check (CUDA only, before any allocation): refuse in one line
     when a stage will not fit `--gpu-memory` GiB (default: the device's memory, from
     `device_bytes(cuda_id)`)."""
-    if args.device != "cuda":
+    if config.device != "cuda":
         return
-    dims, _ = read_dims(args.model_name)
-    if args.gpu_memory is not None:
-        gpu = args.gpu_memory * GIB
+    dims, _ = read_dims(config.model_name)
+    if config.gpu_memory is not None:
+        gpu = config.gpu_memory * GIB
     else:
-        gpu = device_bytes(args.cuda_id if args.cuda_id is not None else 0)
-    check_fits(dims, setup_from_args(args), gpu, UserError)
+        gpu = device_bytes(config.cuda_id if config.cuda_id is not None else 0)
+    check_fits(dims, setup_from_config(config), gpu, UserError)

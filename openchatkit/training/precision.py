@@ -86,6 +86,13 @@ class MasterWeights:
             p.grad = None
 
     @torch.no_grad()
+    def model_to_master(self) -> None:
+        """Copy the model's values into the masters (in place: the optimizer keeps them)."""
+        if self.uses_master:
+            for m, p in zip(self.params, self.model_params, strict=True):
+                m.copy_(p)
+
+    @torch.no_grad()
     def master_to_model(self) -> None:
         if self.uses_master:
             for m, p in zip(self.params, self.model_params, strict=True):

@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 
 from openchatkit.cli import run_main
-from openchatkit.models.convert_cli import prepare_parser, run_prepare
+from openchatkit.cli.convert import pretrained_parser, run_prepare_pretrained
 
 FOLDER = "RedPajama-7B"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = prepare_parser(FOLDER, __doc__).parse_args(argv)
-    return run_prepare(args, FOLDER, Path(__file__).resolve().parent)
+    args = pretrained_parser(FOLDER, __doc__).parse_args(argv)
+    return run_prepare_pretrained(args, FOLDER, Path(__file__).resolve().parent)
 
 
 if __name__ == "__main__":

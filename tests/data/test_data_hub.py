@@ -13,7 +13,7 @@ import httpx2
 import pytest
 from huggingface_hub import errors as hf_errors
 
-from openchatkit.data import hub
+from openchatkit.data import download as hub
 from openchatkit.errors import UserError
 
 SCRIPTS = ["data/OIG/prepare.py", "data/OIG-moderation/prepare.py", "data/OIG-chip2/prepare.py"]

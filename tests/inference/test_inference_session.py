@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from openchatkit.inference.chat import ChatSession
 from openchatkit.inference.generation import GenerationSettings
+from openchatkit.inference.session import ChatSession
 from openchatkit.models.loading import LoadedModel
 
 

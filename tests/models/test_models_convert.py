@@ -11,12 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from openchatkit.errors import UserError
 from openchatkit.models import sharded
-from openchatkit.models.arch import get_architecture
 from openchatkit.models.convert import (
     check_stage_layout,
     convert_hf_to_sharded,
     convert_sharded_to_hf,
 )
+from openchatkit.models.registry import get_architecture
 
 ARCH = {"gpt_neox": "gptneox", "gptj": "gptj", "llama": "llama"}
 

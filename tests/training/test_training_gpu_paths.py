@@ -81,7 +81,7 @@ def test_gpu_count_falls_back_to_torch_without_nvidia_smi(monkeypatch):
 
 def test_local_rank_is_never_guessed_from_the_global_rank_across_nodes():
     env = {"RANK": "9", "WORLD_SIZE": "16", "MASTER_ADDR": "n0", "MASTER_PORT": "7"}
-    rdv = resolve_rendezvous(None, None, None, 16, env=env)
+    rdv = resolve_rendezvous(None, None, None, 8, 2, env=env)
     assert rdv.local_rank is None
     with pytest.raises(UserError, match="LOCAL_RANK is not set"):
         cuda_device_index(None, rdv.local_rank, rdv.rank, rdv.world_size, device_count=8)
@@ -90,5 +90,5 @@ def test_local_rank_is_never_guessed_from_the_global_rank_across_nodes():
     assert cuda_device_index(None, None, 3, 8, device_count=8) == 3  # one node: rank is local
     with pytest.raises(UserError, match="only 8 GPUs are visible"):
         cuda_device_index(9, None, 9, 16, device_count=8)
-    single = resolve_rendezvous(None, None, None, 1, env={})
+    single = resolve_rendezvous(None, None, None, 1, 1, env={})
     assert single.local_rank == 0

@@ -11,6 +11,7 @@ AdamW state) must match what the trainer's own classes allocate.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -340,42 +341,42 @@ def test_plan_refuses_what_does_not_fit_in_one_line(cli):
     cli.assert_one_line_error(r, "--pp-mode 1f1b needs at least --pipeline-group-size (8)")
 
 
+def _config(shape, flags):
+    from openchatkit.cli.train import build_parser
+    from openchatkit.training.config import TrainConfig
+
+    parsed = build_parser().parse_args(["--model-name", "x", "--task-name", "y", *flags])
+    return TrainConfig.from_flags(parsed, shape, lambda: True, check_files=False)
+
+
 def test_trainer_refuses_gloo_for_cuda_pipelines_and_defaults_checkpointing():
-    from openchatkit.training.args import ModelShape, build_parser, validate_args
+    from openchatkit.training.config import ModelShape
 
     shape = ModelShape("llama", 4, 64, 96, True)
-    base = ["--model-name", "x", "--task-name", "y", "--load-pretrained-model", "false"]
-    args = build_parser().parse_args(
-        [*base, "--device", "cuda", "--dp-backend", "gloo", "--pipeline-group-size", "2"]
-    )
     with pytest.raises(UserError, match="gloo cannot send CUDA tensors"):
-        validate_args(args, shape, cuda_available=lambda: True)
+        _config(shape, ["--device", "cuda", "--dp-backend", "gloo", "--pipeline-group-size", "2"])
     for device, expected in (("cuda", "layers"), ("cpu", "none")):
-        args = build_parser().parse_args([*base, "--device", device])
-        validate_args(args, shape, cuda_available=lambda: True)
-        assert args.activation_checkpointing == expected
-    args = build_parser().parse_args([*base, "--device", "cpu", "--gpu-memory", "0"])
+        assert _config(shape, ["--device", device]).activation_checkpointing == expected
     with pytest.raises(UserError, match="--gpu-memory must be > 0"):
-        validate_args(args, shape, cuda_available=lambda: True)
+        _config(shape, ["--device", "cpu", "--gpu-memory", "0"])
 
 
 def test_start_up_check_refuses_before_any_allocation(tmp_path):
-    from openchatkit.training.args import ModelShape, build_parser, validate_args
+    from openchatkit.training.config import ModelShape
     from openchatkit.training.memory import check_before_training
 
     folder = tmp_path / "EleutherAI_gpt-neox-20b"  # no config.json: the published one is used
     shape = ModelShape("gpt_neox", 44, 6144, 50432, False)
     flags = [
-        "--model-name", str(folder), "--task-name", "y", "--load-pretrained-model", "false",
-        "--device", "cuda", "--fp16", "--pipeline-group-size", "8", "--num-layers", "6",
-        "--batch-size", "64", "--activation-checkpointing", "none",
+        "--model-name", str(folder), "--device", "cuda", "--fp16", "--pipeline-group-size", "8",
+        "--num-layers", "6", "--batch-size", "64",
     ]  # fmt: skip
-    args = build_parser().parse_args(flags)
-    validate_args(args, shape, cuda_available=lambda: True)
+    refused = _config(shape, [*flags, "--activation-checkpointing", "none"])
+    refused = dataclasses.replace(refused, model_name=str(folder))
     with pytest.raises(UserError, match="out of GPU memory before starting: stage 0"):
-        check_before_training(args, device_bytes=lambda cuda_id: 80 * GIB)
-    args.activation_checkpointing = "layers"
-    check_before_training(args, device_bytes=lambda cuda_id: 80 * GIB)
+        check_before_training(refused, device_bytes=lambda cuda_id: 80 * GIB)
+    fits = dataclasses.replace(refused, activation_checkpointing="layers")
+    check_before_training(fits, device_bytes=lambda cuda_id: 80 * GIB)
     cpu = argparse.Namespace(device="cpu")
     check_before_training(cpu, device_bytes=lambda cuda_id: math.nan)  # CPU: no check
 

@@ -55,10 +55,10 @@ def test_rendezvous_falls_back_to_torchrun_env_and_checks_it():
         "MASTER_ADDR": "h",
         "MASTER_PORT": "7",
     }
-    rdv = resolve_rendezvous(None, None, None, 4, env)
+    rdv = resolve_rendezvous(None, None, None, 2, 2, env)
     assert (rdv.rank, rdv.world_size, rdv.local_rank, rdv.init_method) == (3, 4, 1, "tcp://h:7")
-    assert resolve_rendezvous(3, 4, "tcp://h:7", 4, env).rank == 3
-    assert resolve_rendezvous(None, None, None, 1, {}).init_method.startswith("tcp://")
+    assert resolve_rendezvous(3, 4, "tcp://h:7", 2, 2, env).rank == 3
+    assert resolve_rendezvous(None, None, None, 1, 1, {}).init_method.startswith("tcp://")
     for kwargs, word in (
         (dict(rank=2), "--rank"),
         (dict(world_size=8), "--world-size"),
@@ -66,14 +66,14 @@ def test_rendezvous_falls_back_to_torchrun_env_and_checks_it():
     ):
         with pytest.raises(UserError, match=word):
             resolve_rendezvous(
-                kwargs.get("rank"), kwargs.get("world_size"), kwargs.get("dist_url"), 4, env
+                kwargs.get("rank"), kwargs.get("world_size"), kwargs.get("dist_url"), 2, 2, env
             )
     with pytest.raises(UserError, match="world size"):
-        resolve_rendezvous(None, None, None, 2, env)
+        resolve_rendezvous(None, None, None, 2, 1, env)
 
 
 def test_stage_layer_ranges_are_strict_except_upstreams_remainder():
-    from openchatkit.training.args import stage_layer_ranges
+    from openchatkit.training.config import stage_layer_ranges
 
     # GPT-NeoX-20B: 44 layers as 8 stages x 6, the last stage takes the remaining 2.
     ranges = stage_layer_ranges(44, 8, 6)
@@ -280,3 +280,52 @@ def test_recipes_honour_finetune_env(tt):
         assert "--checkpoint-path /x/ckpt" in lines[0]
     text = (tt.REPO / "training" / "train-gpt-neox-chat-base-20b.sh").read_text()
     assert "--pipeline-group-size 8" in text and "--num-layers 6" in text
+
+
+def test_train_config_derives_once_and_is_frozen(tiny):
+    import dataclasses
+    import json
+
+    from openchatkit.cli.train import build_parser, config_with_defaults
+    from openchatkit.training.config import TrainConfig, read_model_shape
+
+    flags = build_parser().parse_args(
+        [
+            "--model-name",
+            str(tiny["llama"]),
+            "--task-name",
+            f"{tiny['train']}:2",
+            "--pipeline-group-size",
+            "2",
+            "--data-group-size",
+            "2",
+            "--batch-size",
+            "8",
+            "--micro-batch-size",
+            "2",
+            "--gradient-accumulate-step",
+            "3",
+            "--seq-length",
+            "16",
+            "--bf16",
+            "--device",
+            "cpu",
+        ]  # fmt: skip
+    )
+    config = TrainConfig.from_flags(flags, read_model_shape(tiny["llama"]), lambda: False)
+    assert config.layer_ranges == (range(0, 2), range(2, 4))
+    assert (config.replica_batch_sequences, config.num_microbatches) == (4, 2)
+    assert (config.global_batch_sequences, config.tokens_per_step) == (24, 24 * 16)
+    assert (config.precision, config.dp_backend, config.tokenizer_name) == (
+        "bf16",
+        "gloo",
+        str(tiny["llama"]),
+    )
+    assert [t.name for t in config.tasks] == [str(tiny["train"])] and config.eval_tasks is None
+    assert config.summary()["layers_per_stage"] == [2, 2]
+    json.dumps(config.flags())  # meta.json and the tracker take it as it is
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    # The in-process constructor checks the same way.
+    with pytest.raises(UserError, match="--micro-batch-size 3"):
+        config_with_defaults(config.model, batch_size=8, micro_batch_size=3)

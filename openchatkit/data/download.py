@@ -125,7 +125,6 @@ def quiet_hub_logs() -> Iterator[None]:
     # Importing these (re)sets the library's log level, so import them before changing it.
     import huggingface_hub.file_download  # noqa: F401
     import huggingface_hub.hf_api  # noqa: F401
-    import huggingface_hub.utils._http  # noqa: F401
 
     loggers = [logging.getLogger(n) for n in ("huggingface_hub", "huggingface_hub.utils._http")]
     levels = [lg.level for lg in loggers]
@@ -236,63 +235,3 @@ def _download_dataset(
         # Every chosen file is in place, so what is left there is only hub metadata.
         shutil.rmtree(download_dir, ignore_errors=True)
     return done
-
-
-def build_prepare_parser(doc: str, repo_id: str, default_dest: Path, default_files: str):
-    """The argument parser shared by the `data/*/prepare.py` scripts (argparse only: fast)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--files",
-        default=default_files,
-        metavar="GLOB",
-        help=f"which files of {repo_id} to fetch, matched against file names (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--dest",
-        type=Path,
-        default=default_dest,
-        help="folder for the decompressed .jsonl files (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--repo", default=repo_id, help="hub dataset id to download from (default: %(default)s)"
-    )
-    parser.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
-    parser.add_argument(
-        "--keep-gz",
-        action="store_true",
-        help="keep the downloaded .gz files under DEST/.download (default: delete them)",
-    )
-    return parser
-
-
-def use_network_timeouts(connect_s: float = 10.0, read_s: float = 60.0) -> None:
-    """Give the hub client timeouts (it has none): a connection that goes silent during a long
-    download then fails after `read_s` seconds instead of hanging; the rerun resumes it.
-
-    This changes huggingface_hub's process-wide client, so only scripts call it.
-    """
-    import httpx2
-    import huggingface_hub
-    from huggingface_hub.utils._http import default_client_factory
-
-    def factory():
-        client = default_client_factory()
-        client.timeout = httpx2.Timeout(read_s, connect=connect_s)
-        return client
-
-    huggingface_hub.set_client_factory(factory)
-
-
-def run_prepare(args) -> int:
-    """Body of the prepare scripts: download, decompress, print the final files."""
-    use_network_timeouts()
-    paths = download_dataset(
-        args.repo, args.dest, args.files, revision=args.revision, keep_compressed=args.keep_gz
-    )
-    for path in paths:
-        print(path)
-    return 0

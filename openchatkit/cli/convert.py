@@ -128,7 +128,7 @@ def run_to_hf(args: argparse.Namespace, arch: str) -> int:
     return 0
 
 
-def prepare_parser(folder: str, doc: str | None = None) -> argparse.ArgumentParser:
+def pretrained_parser(folder: str, doc: str | None = None) -> argparse.ArgumentParser:
     from openchatkit.models.pretrained import PRETRAINED_MODELS
 
     spec = PRETRAINED_MODELS[folder]
@@ -148,7 +148,7 @@ def prepare_parser(folder: str, doc: str | None = None) -> argparse.ArgumentPars
     return p
 
 
-def run_prepare(args: argparse.Namespace, folder: str, script_dir: Path) -> int:
+def run_prepare_pretrained(args: argparse.Namespace, folder: str, script_dir: Path) -> int:
     from openchatkit.models.pretrained import prepare_pretrained
 
     out = prepare_pretrained(

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import re
 
+from openchatkit.conversation import BOT_PREFIX as BOT
+from openchatkit.conversation import HUMAN_PREFIX as HUMAN
 from openchatkit.data.sources import Document
 from openchatkit.errors import UserError
 
-HUMAN = "<human>:"
-BOT = "<bot>:"
 LOSS_MODES = ("all", "bot")
 _MARKER = re.compile(re.escape(HUMAN) + "|" + re.escape(BOT))
 

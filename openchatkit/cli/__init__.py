@@ -1,4 +1,9 @@
-"""Shared plumbing for the command-line scripts: one-line errors and exit codes."""
+"""The command-line edge of the kit: one-line errors, exit codes and logging for every script,
+and (in the submodules) the argument parsers that several scripts share:
+`openchatkit.cli.train` (the trainer's flags), `openchatkit.cli.convert` (weight converters and
+`pretrained/*/prepare.py`) and `openchatkit.cli.download` (`data/*/prepare.py`).
+
+Only scripts import this package; the rest of the library never parses arguments."""
 
 from __future__ import annotations
 
@@ -12,18 +17,28 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str = "INFO", rank: int | None = None) -> None:
     """Library logs (loguru) to stderr at `level`; OPENCHATKIT_LOG_LEVEL overrides it.
 
-    loguru's default handler prints DEBUG lines, which would drown a CLI's own output.
+    loguru's default handler prints DEBUG lines, which would drown a CLI's own output. In a
+    distributed job (`rank` given) every line names its rank, and ranks other than 0 log only
+    warnings and errors, so the step lines come once.
     """
     from loguru import logger
 
+    level = os.environ.get("OPENCHATKIT_LOG_LEVEL", level).upper()
+    where = ""
+    if rank is not None:
+        where = f"rank {rank} | "
+        if rank != 0:
+            level = "WARNING"
     logger.remove()
     logger.add(
         sys.stderr,
-        level=os.environ.get("OPENCHATKIT_LOG_LEVEL", level).upper(),
-        format="<green>{time:HH:mm:ss}</green> | <level>{level: <7}</level> | {message}",
+        level=level,
+        format="<green>{time:HH:mm:ss}</green> | <level>{level: <7}</level> | "
+        + where
+        + "{message}",
     )
 
 

@@ -1,0 +1,152 @@
+"""TrainEngine's collectives tested in process: ranks spawned by torch.multiprocessing in one test,
+each building its stage and engine from a `TrainConfig`, against the same steps in one process.
+
+The end-to-end comparisons (`test_training_parity.py`) go through the CLI, the data stream and
+checkpoints; these isolate the engine: pipeline sends, the data-parallel all-reduce, the tied
+embedding's two copies, the token-count normalisation and the grad norm over the pp group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from openchatkit.cli.train import config_with_defaults
+from openchatkit.distributed.layout import ParallelLayout
+from openchatkit.models.stage import StageModel
+from openchatkit.training.config import read_model_shape, stage_layer_ranges
+from openchatkit.training.engine import TrainEngine
+
+STEPS = 3
+BATCH, SEQ = 8, 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batches(vocab: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """STEPS global batches of BATCH random rows, a few labels masked as -100."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(STEPS):
+        ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+        labels = ids.clone()
+        labels[torch.rand(BATCH, SEQ, generator=g) < 0.2] = -100
+        pos = torch.arange(SEQ).expand(BATCH, SEQ).clone()
+        out.append({"input_ids": ids, "labels": labels, "position_ids": pos})
+    return out
+
+
+def _train(rank: int, folder: str, flags: dict, port: int, out: str) -> None:
+    """One rank: build its stage and engine, run STEPS steps on its rows, save what it saw."""
+    torch.set_num_threads(1)
+    shape = read_model_shape(folder)
+    config = config_with_defaults(shape, **flags)
+    layout = ParallelLayout(config.pp, config.dp, rank)
+    if layout.is_distributed:
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=layout.world_size
+        )
+        layout.init_groups("cpu", tied=shape.tie_word_embeddings)
+    stage = StageModel.from_sharded(
+        folder,
+        config.layer_ranges[layout.pp_rank],
+        layout.is_first_stage,
+        layout.is_last_stage,
+        dtype=torch.float32,
+    )
+    engine = TrainEngine(stage, layout, config, device=torch.device("cpu"))
+    rows = config.replica_batch_sequences  # replica r takes rows [r*rows, (r+1)*rows)
+    results = []
+    for batch in _batches(shape.vocab_size, seed=7):
+        mine = {k: v[layout.dp_rank * rows : (layout.dp_rank + 1) * rows] for k, v in batch.items()}
+        r = engine.train_step([mine])
+        results.append((r.loss, r.grad_norm, r.num_tokens))
+    params = {n: p.detach().clone() for n, p in stage.named_parameters()}
+    torch.save({"steps": results, "params": params}, Path(out) / f"rank{rank}.pt")
+    if layout.is_distributed:
+        torch.distributed.destroy_process_group()
+
+
+def _run(folder: Path, flags: dict, tmp: Path) -> list[dict]:
+    tmp.mkdir()
+    world = flags.get("pipeline_group_size", 1) * flags.get("data_group_size", 1)
+    if world == 1:
+        _train(0, str(folder), flags, 0, str(tmp))
+    else:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        # fork: the children inherit this module as it is, so nothing has to be importable by
+        # name (pytest imports test modules under --import-mode=importlib).
+        torch.multiprocessing.start_processes(
+            _train,
+            args=(str(folder), flags, _free_port(), str(tmp)),
+            nprocs=world,
+            join=True,
+            start_method="fork",
+        )
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.mark.parametrize(
+    "arch,pp,dp,mode",
+    [("llama", 2, 2, "gpipe"), ("gpt_neox", 2, 1, "1f1b")],
+    ids=["llama-tied-pp2dp2-gpipe", "neox-pp2-1f1b"],
+)
+def test_engine_ranks_equal_one_process(tiny, tmp_path, arch, pp, dp, mode):
+    folder = tiny[arch]
+    common = dict(batch_size=BATCH, micro_batch_size=2, lr=1e-3, total_steps=10, seed=1)
+    ref = _run(folder, common, tmp_path / "ref")[0]
+    ranks = _run(
+        folder,
+        dict(common, pipeline_group_size=pp, data_group_size=dp, pp_mode=mode),
+        tmp_path / "par",
+    )
+    # Every rank reports the same global loss, grad norm and token count as one process.
+    for got in ranks:
+        for (loss, norm, n), (ref_loss, ref_norm, ref_n) in zip(
+            got["steps"], ref["steps"], strict=True
+        ):
+            assert n == ref_n
+            assert loss == pytest.approx(ref_loss, rel=1e-5)
+            assert norm == pytest.approx(ref_norm, rel=1e-5)
+    # Final weights: each stage's parameters (every replica, both tied copies) equal the
+    # single process's parameter of the same name.
+    shape = read_model_shape(folder)
+    ranges = stage_layer_ranges(shape.num_layers, pp, None)
+    assert sum(len(r) for r in ranges) == shape.num_layers
+    checked = set()
+    for got in ranks:
+        for name, value in got["params"].items():
+            ref_name = name
+            if name not in ref["params"] and name == "head.lm_head.weight":
+                ref_name = "embed.embed_tokens.weight"  # the last stage's tied copy
+            torch.testing.assert_close(value, ref["params"][ref_name], rtol=1e-5, atol=1e-6)
+            checked.add(ref_name)
+    assert checked == set(ref["params"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_on_cuda_bf16_matches_cpu_fp32(tiny, tmp_path):
+    """The engine's CUDA path: bf16 weights with fp32 masters on one GPU follow the fp32 CPU run
+    (bf16's 8-bit mantissa bounds the agreement)."""
+    folder = tiny["gpt_neox"]
+    shape = read_model_shape(folder)
+    losses = {}
+    for device, precision in (("cpu", {}), ("cuda", {"bf16": True})):
+        config = config_with_defaults(
+            shape, batch_size=BATCH, micro_batch_size=2, lr=1e-3, total_steps=10, **precision
+        )
+        dtype = torch.bfloat16 if precision else torch.float32
+        stage = StageModel.from_sharded(folder, range(shape.num_layers), True, True, dtype=dtype)
+        stage.to(device)
+        engine = TrainEngine(stage, ParallelLayout(1, 1, 0), config, device=torch.device(device))
+        losses[device] = [engine.train_step([b]).loss for b in _batches(shape.vocab_size, 7)]
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=2e-2)
