@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{title}\n\n```\n{table}\n```")
     else:
         print(f"{title}\n{table}")
-    if gpu is not None:
+    if gpu is None:
+        print("no GPU detected here: pass --gpu-memory GiB for a verdict")
+    else:
         message = refusal(dims, setup, gpu)
         if message is not None:
             raise UserError(f"will not fit: {message}")
