@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     from openchatkit.training.config import TrainConfig, read_model_shape
 
     config = TrainConfig.from_flags(flags, read_model_shape(flags.model_name), _cuda_available)
+    if config.lora is not None:
+        from transformers import AutoConfig
+
+        from openchatkit.models.lora import check_targets
+
+        check_targets(AutoConfig.from_pretrained(config.model_name), config.lora.target_modules)
     # Refuse before any allocation when a stage will not fit its GPU (CUDA only).
     check_before_training(config, device_bytes=_device_bytes)
     rdv = resolve_rendezvous(config.rank, config.world_size, config.dist_url, config.pp, config.dp)

@@ -130,7 +130,8 @@ class TrainEngine:
             self.loss_fn = move_head_into_loss(module, self.loss_fn)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.master = MasterWeights(named)
-        tied_names = getattr(module, "tied_copy_names", None)
+        # Under LoRA the embeddings are frozen: no tied gradients to keep in step.
+        tied_names = getattr(module, "tied_copy_names", None) if config.lora is None else None
         self.tied_names = tied_names
         # name -> the name its state is saved under (the head copy of a tied embedding is
         # saved once, as the embedding).
