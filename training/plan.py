@@ -98,11 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     gpu = args.gpu_memory * GIB if args.gpu_memory is not None else _detected_bytes()
     plans = plan_memory(dims, setup)
     table = format_table(plans, gpu)
+    lora = ""
+    if setup.lora_r:
+        lora = f", LoRA r={setup.lora_r} on {','.join(setup.lora_targets)}"
+        lora += " over an NF4 base" if setup.load_in_4bit else ""
     title = (
         f"{Path(args.model_name).name}: pp={setup.pp} dp={setup.dp}, {setup.num_microbatches} "
         f"micro-batches of {setup.micro_batch_size} x {setup.seq_length} tokens, "
         f"{setup.schedule}, {setup.precision}, {setup.optimizer}, checkpointing "
-        f"{setup.checkpointing} (dims from {source})"
+        f"{setup.checkpointing}{lora} (dims from {source})"
     )
     if args.markdown:
         print(f"{title}\n\n```\n{table}\n```")

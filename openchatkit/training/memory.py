@@ -65,6 +65,10 @@ KNOWN_CONFIGS: dict[str, dict] = {
         model_type="gpt_neox", hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
         intermediate_size=10240, vocab_size=50432, rotary_pct=1.0, tie_word_embeddings=False,
     ),
+    "togethercomputer_RedPajama-INCITE-Chat-3B-v1": dict(
+        model_type="gpt_neox", hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
+        intermediate_size=10240, vocab_size=50432, rotary_pct=1.0, tie_word_embeddings=False,
+    ),
     "togethercomputer_RedPajama-INCITE-7B-Base": dict(
         model_type="gpt_neox", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
         intermediate_size=16384, vocab_size=50432, rotary_pct=1.0, tie_word_embeddings=False,
@@ -158,6 +162,11 @@ class TrainSetup:
     optimizer: str = "adam"  # adam | 8bit-adam
     checkpointing: str = "none"  # none | layers
     dp: int = 1
+    # LoRA (openchatkit/models/lora.py): r = 0 is full fine-tuning.
+    lora_r: int = 0
+    lora_targets: tuple[str, ...] = ()
+    lora_dropout: float = 0.0
+    load_in_4bit: bool = False  # QLoRA: every layer linear in NF4
 
     @property
     def pp(self) -> int:
@@ -217,6 +226,7 @@ def stage_tokens_bytes(dims: ModelDims, setup: TrainSetup, stage: int) -> dict[s
     first, last = stage == 0, stage == setup.pp - 1
     full_layer = layer_activation_bytes(dims, setup.precision, setup.seq_length)
     # Each layer's output (the next one's input) is the only thing a recomputed layer keeps.
+    full_layer += _lora_activation_bytes(dims, setup)
     per_layer = h * e if setup.checkpointing == "layers" else full_layer
     kept = layers * per_layer
     kept += 8  # position ids (int64), passed to every stage
@@ -287,14 +297,27 @@ def plan_memory(dims: ModelDims, setup: TrainSetup) -> list[StageMemory]:
             params += dims.head_params() - (dims.embed_params() if dims.tied and first else 0)
             small += dims.head_params() - dims.vocab * dims.hidden
         weights = params * e
-        grads = params * e
-        master = params * 4 if e != 4 else 0
+        trainable = params
+        if setup.lora_r > 0:
+            # Frozen base; only the adapters (in the model dtype, as peft casts them) train.
+            small = 0  # adapter matrices are above the 8-bit size
+            trainable = len(layers) * sum(
+                setup.lora_r * (a + b) for a, b in _lora_targets(dims, setup)
+            )
+            if setup.load_in_4bit:
+                # NF4: half a byte per weight and an fp32 absmax per 64 of the layers' linears.
+                linear = len(layers) * sum(a * b for a, b in linear_shapes(dims).values())
+                weights -= linear * e - math.ceil(linear * (0.5 + 4 / 64))
+            weights += trainable * e
+            params += trainable
+        grads = trainable * e
+        master = trainable * 4 if e != 4 else 0
         if setup.optimizer == "8bit-adam":
             # Two uint8 states and two fp32 absmax per 256-element block; fp32 states below
             # the 8-bit size.
-            optimizer = math.ceil((2 + 8 / 256) * (params - small)) + 8 * small
+            optimizer = math.ceil((2 + 8 / 256) * (trainable - small)) + 8 * small
         else:
-            optimizer = 8 * params
+            optimizer = 8 * trainable
         per_token = stage_tokens_bytes(dims, setup, s)
         n = in_flight(setup.schedule, s, pp, m)
         act = math.ceil(per_token["kept"] * tokens)
@@ -306,10 +329,10 @@ def plan_memory(dims: ModelDims, setup: TrainSetup) -> list[StageMemory]:
         transient = math.ceil(per_token["transient"] * tokens)
         state = weights + master + optimizer
         pipeline = state + grads + act * n + logits + comm + transient
-        bucket = 2 * min(BUCKET_NUMEL, params) * e if setup.dp > 1 else 0
+        bucket = 2 * min(BUCKET_NUMEL, trainable) * e if setup.dp > 1 else 0
         # fp32 gradients on the masters (in fp32 the model's own gradients), one model-dtype
         # gradient being converted, and the data-parallel bucket and its copy.
-        step = state + params * 4 + bucket + comm
+        step = state + trainable * 4 + bucket + comm
         peak = max(pipeline, step) + RUNTIME_BYTES
         out.append(
             StageMemory(
@@ -332,6 +355,40 @@ def plan_memory(dims: ModelDims, setup: TrainSetup) -> list[StageMemory]:
             )
         )
     return out
+
+
+def linear_shapes(dims: ModelDims) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear module in one layer, by module name."""
+    h, i = dims.hidden, dims.intermediate
+    if dims.model_type == "gpt_neox":
+        return {"query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, i),
+                "dense_4h_to_h": (i, h)}  # fmt: skip
+    if dims.model_type == "gptj":
+        return {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "out_proj": (h, h),
+                "fc_in": (h, i), "fc_out": (i, h)}  # fmt: skip
+    kv = dims.kv_heads * dims.head_dim
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+
+
+def _lora_targets(dims: ModelDims, setup: TrainSetup) -> list[tuple[int, int]]:
+    """(in, out) of each adapted module in one layer (peft matches a target by name suffix)."""
+    shapes = linear_shapes(dims)
+    return [
+        shapes[t.rsplit(".", 1)[-1]] for t in setup.lora_targets if t.rsplit(".", 1)[-1] in shapes
+    ]
+
+
+def _lora_activation_bytes(dims: ModelDims, setup: TrainSetup) -> float:
+    """Per token and layer, what the adapters add: A's output (r) and, with dropout, the
+    dropped input and its mask (a bool mask on CUDA, one of the input's dtype on CPU). The base
+    layer's own bytes are counted as in full fine-tuning: an upper bound, since a frozen linear
+    keeps no input for a weight gradient (measured on tiny layers: 1.2-1.5x what LoRA keeps)."""
+    e = ELEMENT_BYTES[setup.precision]
+    total = 0.0
+    for fan_in, _ in _lora_targets(dims, setup):
+        total += setup.lora_r * e + (fan_in * 2 * e if setup.lora_dropout > 0 else 0)
+    return total
 
 
 def _small_layer_params(dims: ModelDims) -> int:
@@ -473,6 +530,10 @@ def setup_from_config(config: Any) -> TrainSetup:
         optimizer=config.optimizer,
         checkpointing=config.activation_checkpointing,
         dp=config.dp,
+        lora_r=config.lora.r if config.lora is not None else 0,
+        lora_targets=tuple(config.lora.target_modules) if config.lora is not None else (),
+        lora_dropout=config.lora.dropout if config.lora is not None else 0.0,
+        load_in_4bit=config.load_in_4bit,
     )
 
 

@@ -39,6 +39,7 @@ ARCHS = ("gpt_neox", "llama", "gptj")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NUM_LAYERS, SEQ, MICRO, NUM_MICRO, PP = 4, 48, 2, 4, 2
 GPU_RECIPES = (
+    "lora/finetune-redpajama-incite-chat-3b-lora.sh",
     "train-gpt-neox-chat-base-20b.sh",
     "finetune_Pythia-Chat-Base-7B.sh",
     "finetune_RedPajama-INCITE-Chat-3B-v1.sh",
@@ -198,6 +199,49 @@ def test_state_bytes_match_the_trainer_classes(arch, precision):
             masters,
             state,
         )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_lora_state_and_activation_bytes(arch, precision):
+    """LoRA: a frozen base, so gradients, fp32 masters and Adam state only for the adapters
+    (exact); activations counted as full fine-tuning plus the adapters' own, an upper bound."""
+    from openchatkit.models.lora import LoraSettings, apply_lora
+    from openchatkit.models.registry import LORA_TARGETS
+
+    torch.manual_seed(0)
+    config = tiny_config(arch)
+    lora = LoraSettings(r=8, alpha=16.0, dropout=0.05, target_modules=LORA_TARGETS[arch])
+    setup = TrainSetup(
+        ranges(2), MICRO, SEQ, 1, precision=precision, lora_r=8,
+        lora_targets=lora.target_modules, lora_dropout=0.05,
+    )  # fmt: skip
+    plan = plan_memory(dims_of(config), setup)[1]  # the last stage: layers 2-3 and the head
+    stage = StageModel(config, ranges(2)[1], False, True, dtype=DTYPES[precision])
+    apply_lora(stage, lora)
+    trainable = [(n, p) for n, p in stage.named_parameters() if p.requires_grad]
+    master = MasterWeights(trainable)
+    optimizer = build_optimizer(master.params, "adam", 1e-3, 0.0)
+    x = torch.randn(MICRO, SEQ, 64, dtype=DTYPES[precision], requires_grad=True)
+    labels = torch.randint(0, 96, (MICRO, SEQ))
+    with LiveBytes(exclude=[x, labels, *stage.parameters(), *stage.buffers()]) as probe:
+        loss = TokenMeanLoss()(stage(x), labels)
+        held = probe.live
+    loss.backward()
+    grads = sum(p.grad.nbytes for _, p in trainable)
+    master.grads_to_master()
+    optimizer.step()
+    state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    weights = sum(p.nbytes for p in stage.parameters())
+    masters = sum(m.nbytes for m in master.params) if master.uses_master else 0
+    assert (plan.weights, plan.grads, plan.master, plan.optimizer) == (
+        weights,
+        grads,
+        masters,
+        state,
+    )
+    predicted = plan.activations + plan.logits
+    assert held <= predicted <= 1.6 * held, (predicted, held)
 
 
 def test_eight_bit_adam_state_is_about_two_bytes_per_parameter():
