@@ -58,6 +58,7 @@ class Run:
         self.device = torch.device("cpu")
         self.start_step = 0
         self.watchdog: PeerWatchdog | None = None
+        self.save_group = None  # gloo group for checkpoint barriers (see init_distributed)
 
     # -- setup --------------------------------------------------------------------------------
     def init_distributed(self) -> None:
@@ -81,6 +82,11 @@ class Run:
                 timeout=datetime.timedelta(seconds=config.pg_timeout),
             )
             self.layout.init_groups(config.device, tied=config.model.tie_word_embeddings)
+            # Checkpoint barriers wait for the slowest rank's write (a 20B checkpoint is ~290
+            # GB): a CPU group with its own --checkpoint-timeout, not NCCL's --pg-timeout.
+            self.save_group = dist.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=config.checkpoint_timeout)
+            )
             if config.peer_timeout > 0:
                 host, port = self.rdv.address
                 self.watchdog = PeerWatchdog(
@@ -94,7 +100,7 @@ class Run:
 
     def barrier(self) -> None:
         if self.layout.is_distributed:
-            dist.barrier()
+            dist.barrier(group=self.save_group)
 
     def build(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
