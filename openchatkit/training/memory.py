@@ -15,7 +15,9 @@ Pure arithmetic over the model's config and the trainer's flags (no torch import
 - a transient: the backward working set of one layer (two with recomputation) or of the loss;
 - a fixed runtime allowance (CUDA context, cuBLAS workspaces, NCCL, allocator slack).
 
-The peak is the larger of two phases: pipeline (state with model-dtype grads + activations +
+Under LoRA only the adapters have gradients, masters and optimizer state (the base may be NF4
+with --load-in-4bit); activations are counted as for full fine-tuning plus the adapters' own,
+an upper bound. The peak is the larger of two phases: pipeline (state with model-dtype grads + activations +
 buffers) and optimizer step (state with fp32 grads + all-reduce bucket).
 
 Activation bytes per token per layer were measured on CPU with `memory_probe.LiveBytes` (a
