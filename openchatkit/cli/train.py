@@ -110,10 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint-steps", type=int, default=100, help="0: only at the end")
     c.add_argument("--num-checkpoints", type=int, default=0, help="keep the newest N; 0: all")
     c.add_argument(
-        "--checkpoint-timeout",
+        "--save-timeout",
         type=float,
         default=7200.0,
-        help="seconds a checkpoint barrier waits for the slowest rank's write",
+        help="seconds ranks wait for each other while a checkpoint is written (a 20B "
+        "checkpoint is ~288 GB; NCCL's --pg-timeout would abort a slow shared file system)",
     )
     c.add_argument("--evaluation-steps", type=int, default=0, help="0: no evaluation")
     c.add_argument("--evaluation-data", default=None, help="data spec for evaluation")

@@ -292,8 +292,13 @@ def attach_adapter(model: Any, adapter_dir: str | os.PathLike, what: str = "--ad
     folder = Path(adapter_dir)
     if not (folder / PEFT_CONFIG).is_file():
         raise UserError(f"{what} {folder}: no {PEFT_CONFIG} (export one with tools/export_lora.py)")
+    import warnings
+
     try:
-        return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        with warnings.catch_warnings():
+            # peft calls a transformers method deprecated in 5.x (FutureWarning): not the user's.
+            warnings.simplefilter("ignore", FutureWarning)
+            return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError, OSError) as err:
         base = getattr(model.config, "_name_or_path", "the base model")
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__

@@ -179,7 +179,7 @@ class TrainConfig:
     checkpoint_path: str
     checkpoint_steps: int
     num_checkpoints: int
-    checkpoint_timeout: float  # seconds a checkpoint barrier waits for the slowest writer
+    save_timeout: float  # seconds, for the barriers around a checkpoint write
     evaluation_steps: int
     evaluation_num_batches: int
     train_log_backend: str
@@ -294,8 +294,8 @@ class TrainConfig:
             raise UserError(f"--lr must be > 0, got {f.lr}")
         for name in ("checkpoint_steps", "num_checkpoints", "evaluation_steps"):
             _at_least(f, name, 0)
-        if f.checkpoint_timeout <= 0:
-            raise UserError(f"--checkpoint-timeout must be > 0 seconds, got {f.checkpoint_timeout}")
+        if f.save_timeout <= 0:
+            raise UserError(f"--save-timeout must be > 0 seconds, got {f.save_timeout}")
         if f.evaluation_steps > 0 and not f.evaluation_data:
             raise UserError("--evaluation-steps needs --evaluation-data")
         _at_least(f, "peer_timeout", 0, " (0 turns it off)")

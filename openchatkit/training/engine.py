@@ -12,8 +12,9 @@ Per optimizer step, on every rank:
    embedding (first stage's `embed.*`, last stage's `head.lm_head.weight`) are summed over the
    tie group so both stay identical.
 4. Grad norm and the overflow check are reduced over the pp group (the tied copy counted once),
-   the step is skipped on a non-finite norm (fp16: the loss scale halves), grads are clipped,
-   the optimizer and LR schedule step, and fp32 masters are copied back into the model.
+   the step is skipped on a non-finite norm (fp16: the loss scale halves, the LR schedule does
+   not advance), grads are clipped, the optimizer and LR schedule step, and fp32 masters are
+   copied back into the model.
 """
 
 from __future__ import annotations
@@ -350,7 +351,10 @@ class TrainEngine:
             with self.span("optimizer"):
                 self.optimizer.step()
                 self.master.master_to_model()
-        self.scheduler.step()
+        if not skipped:
+            # The schedule counts applied updates: a step skipped on fp16 overflow leaves the
+            # LR where it was (as Megatron does), so warm-up and decay see only real updates.
+            self.scheduler.step()
         self.scaler.update(skipped)
         self.master.zero_grad()
         return StepResult(

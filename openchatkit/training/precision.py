@@ -109,7 +109,7 @@ class MasterWeights:
         """fp32 masters by name (empty in fp32, where the model weights are the masters)."""
         if not self.uses_master:
             return {}
-        # Host copies, one tensor at a time (no device-memory peak at a save).
+        # Copied to host memory (not cloned on the device): saving must not need more GPU memory.
         return {
             n: m.detach().to("cpu", copy=True) for n, m in zip(self.names, self.params, strict=True)
         }

@@ -58,7 +58,7 @@ class Run:
         self.device = torch.device("cpu")
         self.start_step = 0
         self.watchdog: PeerWatchdog | None = None
-        self.save_group = None  # gloo group for checkpoint barriers (see init_distributed)
+        self.save_group = None  # gloo group for checkpoint barriers (distributed runs)
 
     # -- setup --------------------------------------------------------------------------------
     def init_distributed(self) -> None:
@@ -73,6 +73,9 @@ class Run:
             )
             torch.cuda.set_device(cuda_id)
             self.device = torch.device("cuda", cuda_id)
+            if config.precision == "fp32":
+                # TF32 tensor cores for fp32 matmuls (10-bit mantissa products, fp32 sums).
+                torch.set_float32_matmul_precision("high")
         if self.layout.is_distributed:
             dist.init_process_group(
                 backend=config.dp_backend,
@@ -80,12 +83,14 @@ class Run:
                 rank=self.rdv.rank,
                 world_size=self.rdv.world_size,
                 timeout=datetime.timedelta(seconds=config.pg_timeout),
+                # NCCL binds its communicator to this GPU eagerly instead of guessing it.
+                device_id=self.device if config.device == "cuda" else None,
             )
             self.layout.init_groups(config.device, tied=config.model.tie_word_embeddings)
-            # Checkpoint barriers wait for the slowest rank's write (a 20B checkpoint is ~290
-            # GB): a CPU group with its own --checkpoint-timeout, not NCCL's --pg-timeout.
+            # Checkpoint barriers on their own CPU group with their own timeout: ranks wait for
+            # the slowest writer without tripping --pg-timeout of the NCCL group.
             self.save_group = dist.new_group(
-                backend="gloo", timeout=datetime.timedelta(seconds=config.checkpoint_timeout)
+                backend="gloo", timeout=datetime.timedelta(seconds=config.save_timeout)
             )
             if config.peer_timeout > 0:
                 host, port = self.rdv.address
@@ -99,6 +104,7 @@ class Run:
                 ).start()
 
     def barrier(self) -> None:
+        """Wait for every rank around a checkpoint write (--save-timeout)."""
         if self.layout.is_distributed:
             dist.barrier(group=self.save_group)
 
@@ -293,7 +299,11 @@ class Run:
         profiler = None
         if config.profiling == "tidy_profiling":
             profiler = StepProfiler(
-                self.root, layout.rank, self.start_step + 1, config.profile_steps
+                self.root,
+                layout.rank,
+                self.start_step + 1,
+                config.profile_steps,
+                cuda=config.device == "cuda",
             )
             self.engine.enable_tracing(profiler)
         peak = peak_flops(config.device)
@@ -309,6 +319,10 @@ class Run:
         last = config.total_steps
         if config.stop_after_steps is not None:
             last = min(last, self.start_step + config.stop_after_steps)
+        from openchatkit.data.packing import PrefetchingLoader
+
+        # From here the batches are read ahead in a thread; save() asks it for the data state.
+        self.loader = PrefetchingLoader(self.loader)
         try:
             for step in range(self.start_step + 1, last + 1):
                 maybe_fault("step", step, self.rdv.rank)
@@ -347,6 +361,7 @@ class Run:
                 ):
                     self.save(step)
         finally:
+            self.loader.close()
             metrics.close()
         return 0
 

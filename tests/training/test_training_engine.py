@@ -141,8 +141,13 @@ def test_engine_ranks_equal_one_process(tiny, tmp_path, arch, pp, dp, mode):
 
 @pytest.mark.parametrize(
     "arch,pp,dp,mode",
-    [("llama", 2, 2, "gpipe"), ("gpt_neox", 4, 1, "1f1b"), ("llama", 4, 1, "gpipe")],
-    ids=["llama-tied-pp2dp2-gpipe", "neox-pp4-1f1b", "llama-tied-pp4-gpipe"],
+    [
+        ("llama", 2, 2, "gpipe"),
+        ("gpt_neox", 2, 2, "1f1b"),
+        ("gpt_neox", 4, 1, "1f1b"),
+        ("llama", 4, 1, "gpipe"),
+    ],
+    ids=["llama-tied-pp2dp2-gpipe", "neox-pp2dp2-1f1b", "neox-pp4-1f1b", "llama-tied-pp4-gpipe"],
 )
 def test_lora_ranks_equal_one_process_and_leave_the_base_alone(tiny, tmp_path, arch, pp, dp, mode):
     folder = tiny[arch]

@@ -1,7 +1,6 @@
-"""The GPU paths' decisions that CPU can check (issue 11, items 5, 9-11): the checkpoint
-barrier's own timeout, the MFU peak by exact device name and N without the input embedding,
-which errors mean a lost peer, and the launcher's environment (multi-node address,
-LOCAL_RANK, GPU count without nvidia-smi)."""
+"""The GPU paths' decisions that CPU can check (issue 11, items 9-11): the MFU peak by exact
+device name and N without the input embedding, which errors mean a lost peer, and the
+launcher's environment (multi-node address, LOCAL_RANK, GPU count without nvidia-smi)."""
 
 from __future__ import annotations
 
@@ -93,19 +92,3 @@ def test_local_rank_is_never_guessed_from_the_global_rank_across_nodes():
         cuda_device_index(9, None, 9, 16, device_count=8)
     single = resolve_rendezvous(None, None, None, 1, 1, env={})
     assert single.local_rank == 0
-
-
-def test_checkpoint_barriers_have_their_own_timeout():
-    from openchatkit.cli.train import build_parser
-    from openchatkit.training.config import ModelShape, TrainConfig
-
-    shape = ModelShape("llama", 4, 64, 96, True)
-
-    def config(*flags):
-        parsed = build_parser().parse_args(["--model-name", "x", "--task-name", "y", *flags])
-        return TrainConfig.from_flags(parsed, shape, lambda: False, check_files=False)
-
-    assert config().checkpoint_timeout == 7200.0  # not --pg-timeout's 600
-    assert config("--checkpoint-timeout", "60").checkpoint_timeout == 60.0
-    with pytest.raises(UserError, match="--checkpoint-timeout must be > 0"):
-        config("--checkpoint-timeout", "0")
