@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--loss-on", choices=["all", "bot"], default="all")
     t.add_argument("--reset-position-ids", action="store_true")
+    # Memory (issue 11): recompute layers in the backward; the planner's GPU size.
+    t.add_argument(
+        "--activation-checkpointing",
+        choices=["none", "layers"],
+        default=None,
+        help="recompute each layer in the backward (default: layers on CUDA, none on CPU)",
+    )
+    t.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (default: detected)")
 
     lo = p.add_argument_group("LoRA (adapters instead of full fine-tuning)")
     lo.add_argument("--lora-r", type=int, default=0, help="adapter rank; 0: full fine-tuning")
