@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--total-steps", type=int, default=1000, help="optimizer steps")
     t.add_argument("--warmup-steps", type=int, default=0)
     t.add_argument("--lr", type=float, default=1e-5)
+    t.add_argument(
+        "--lr-decay-style",
+        choices=["linear", "constant"],
+        default="linear",
+        help="after the warm-up: linear to 0 at --total-steps, or constant",
+    )
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     t.add_argument("--optimizer", choices=["adam", "8bit-adam"], default="adam")

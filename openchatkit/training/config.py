@@ -165,6 +165,7 @@ class TrainConfig:
     total_steps: int
     warmup_steps: int
     lr: float
+    lr_decay_style: str  # linear | constant (after the warm-up)
     weight_decay: float
     max_grad_norm: float  # 0 = no clipping
     optimizer: str  # adam | 8bit-adam

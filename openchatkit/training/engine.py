@@ -151,7 +151,9 @@ class TrainEngine:
         self.optimizer = build_optimizer(
             self.master.params, config.optimizer, config.lr, config.weight_decay
         )
-        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.total_steps)
+        self.scheduler = build_scheduler(
+            self.optimizer, config.warmup_steps, config.total_steps, config.lr_decay_style
+        )
         self.tracer = None  # set by the trainer when profiling (a torch profiler span helper)
         if layout.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe

@@ -84,6 +84,11 @@ KNOWN_CONFIGS: dict[str, dict] = {
         model_type="gptj", n_embd=4096, n_layer=28, n_head=16, n_inner=None, rotary_dim=64,
         vocab_size=50400, tie_word_embeddings=False,
     ),
+    # GPT-JT-6B-v1 (the GPT-JT-Moderation-6B base) is GPT-J-6B's shape.
+    "togethercomputer_GPT-JT-6B-v1": dict(
+        model_type="gptj", n_embd=4096, n_layer=28, n_head=16, n_inner=None, rotary_dim=64,
+        vocab_size=50400, tie_word_embeddings=False,
+    ),
 }  # fmt: skip
 
 

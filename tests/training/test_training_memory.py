@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,14 +39,14 @@ from openchatkit.training.precision import MasterWeights
 ARCHS = ("gpt_neox", "llama", "gptj")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NUM_LAYERS, SEQ, MICRO, NUM_MICRO, PP = 4, 48, 2, 4, 2
-GPU_RECIPES = (
-    "lora/finetune-redpajama-incite-chat-3b-lora.sh",
-    "train-gpt-neox-chat-base-20b.sh",
-    "finetune_Pythia-Chat-Base-7B.sh",
-    "finetune_RedPajama-INCITE-Chat-3B-v1.sh",
-    "finetune_llama-2-7b-32k-booksum.sh",
-    "finetune_llama-2-7b-32k-mqa.sh",
+# Every shipped GPU recipe (the CPU demos end in -cpu.sh), so a new recipe is checked too.
+_TRAINING = Path(__file__).resolve().parents[2] / "training"
+GPU_RECIPES = tuple(
+    str(p.relative_to(_TRAINING))
+    for p in sorted(_TRAINING.rglob("*.sh"))
+    if not p.name.endswith("-cpu.sh")
 )
+assert len(GPU_RECIPES) >= 7, GPU_RECIPES
 
 
 def tiny_config(arch: str, dropout: float = 0.0):
