@@ -29,12 +29,19 @@ import sys
 
 from openchatkit.cli import run_main, setup_logging
 from openchatkit.cli.train import build_parser
+from openchatkit.training.memory import check_before_training
 
 
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _device_bytes(cuda_id: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(cuda_id).total_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     from openchatkit.training.config import TrainConfig, read_model_shape
 
     config = TrainConfig.from_flags(flags, read_model_shape(flags.model_name), _cuda_available)
+    if config.lora is not None:
+        from transformers import AutoConfig
+
+        from openchatkit.models.lora import check_targets
+
+        check_targets(AutoConfig.from_pretrained(config.model_name), config.lora.target_modules)
+    # Refuse before any allocation when a stage will not fit its GPU (CUDA only).
+    check_before_training(config, device_bytes=_device_bytes)
     rdv = resolve_rendezvous(config.rank, config.world_size, config.dist_url, config.pp, config.dp)
     setup_logging(rank=rdv.rank)
     from openchatkit.training.trainer import run_training

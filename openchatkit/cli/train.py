@@ -60,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     t = p.add_argument_group("training")
-    t.add_argument("--task-name", required=True, help="data spec: FILE|DIR|HUB_ID[:WEIGHT],...")
+    t.add_argument(
+        "--task-name",
+        required=True,
+        help="data spec: FILE|DIR|HUB_ID[:FORMAT][:WEIGHT],... (FORMAT: text or moderation)",
+    )
     t.add_argument("--seq-length", type=int, default=2048)
     t.add_argument(
         "--batch-size", type=int, default=32, help="global: all data-parallel replicas together"
@@ -70,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--total-steps", type=int, default=1000, help="optimizer steps")
     t.add_argument("--warmup-steps", type=int, default=0)
     t.add_argument("--lr", type=float, default=1e-5)
+    t.add_argument(
+        "--lr-decay-style",
+        choices=["linear", "constant"],
+        default="linear",
+        help="after the warm-up: linear to 0 at --total-steps, or constant",
+    )
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     t.add_argument("--optimizer", choices=["adam", "8bit-adam"], default="adam")
@@ -80,11 +90,42 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--loss-on", choices=["all", "bot"], default="all")
     t.add_argument("--reset-position-ids", action="store_true")
+    # Memory (issue 11): recompute layers in the backward; the planner's GPU size.
+    t.add_argument(
+        "--activation-checkpointing",
+        choices=["none", "layers"],
+        default=None,
+        help="recompute each layer in the backward (default: layers on CUDA, none on CPU)",
+    )
+    t.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (default: detected)")
+
+    lo = p.add_argument_group("LoRA (adapters instead of full fine-tuning)")
+    lo.add_argument("--lora-r", type=int, default=0, help="adapter rank; 0: full fine-tuning")
+    lo.add_argument("--lora-alpha", type=float, default=None, help="scale numerator (default 2r)")
+    lo.add_argument("--lora-dropout", type=float, default=0.05)
+    lo.add_argument(
+        "--lora-target-modules",
+        default=None,
+        metavar="NAME,...",
+        help="linear modules to adapt (default per architecture: GPT-NeoX query_key_value; "
+        "Llama q_proj,k_proj,v_proj,o_proj; GPT-J q_proj,k_proj,v_proj,out_proj)",
+    )
+    lo.add_argument("--lora-bias", choices=["none", "all", "lora_only"], default="none")
+    lo.add_argument(
+        "--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (CUDA, bitsandbytes)"
+    )
 
     c = p.add_argument_group("checkpoints, evaluation, logs")
     c.add_argument("--checkpoint-path", default="model_ckpts/run")
     c.add_argument("--checkpoint-steps", type=int, default=100, help="0: only at the end")
     c.add_argument("--num-checkpoints", type=int, default=0, help="keep the newest N; 0: all")
+    c.add_argument(
+        "--save-timeout",
+        type=float,
+        default=7200.0,
+        help="seconds ranks wait for each other while a checkpoint is written (a 20B "
+        "checkpoint is ~288 GB; NCCL's --pg-timeout would abort a slow shared file system)",
+    )
     c.add_argument("--evaluation-steps", type=int, default=0, help="0: no evaluation")
     c.add_argument("--evaluation-data", default=None, help="data spec for evaluation")
     c.add_argument("--evaluation-num-batches", type=int, default=4)

@@ -12,8 +12,9 @@ Per optimizer step, on every rank:
    embedding (first stage's `embed.*`, last stage's `head.lm_head.weight`) are summed over the
    tie group so both stay identical.
 4. Grad norm and the overflow check are reduced over the pp group (the tied copy counted once),
-   the step is skipped on a non-finite norm (fp16: the loss scale halves), grads are clipped,
-   the optimizer and LR schedule step, and fp32 masters are copied back into the model.
+   the step is skipped on a non-finite norm (fp16: the loss scale halves, the LR schedule does
+   not advance), grads are clipped, the optimizer and LR schedule step, and fp32 masters are
+   copied back into the model.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from openchatkit.distributed.layout import ParallelLayout
 from openchatkit.training.config import TrainConfig
+from openchatkit.training.loss import move_head_into_loss
 from openchatkit.training.optim import (
     build_optimizer,
     build_scheduler,
@@ -124,9 +126,13 @@ class TrainEngine:
             config.precision == "fp16", config.initial_loss_scale, config.loss_scale_window
         )
         self.loss_fn = TokenMeanLoss()
+        if layout.pp > 1 and config.pp_mode == "gpipe" and layout.is_last_stage:
+            # GPipe holds every micro-batch on the last stage: keep hidden states, not logits.
+            self.loss_fn = move_head_into_loss(module, self.loss_fn)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.master = MasterWeights(named)
-        tied_names = getattr(module, "tied_copy_names", None)
+        # Under LoRA the embeddings are frozen: no tied gradients to keep in step.
+        tied_names = getattr(module, "tied_copy_names", None) if config.lora is None else None
         self.tied_names = tied_names
         # name -> the name its state is saved under (the head copy of a tied embedding is
         # saved once, as the embedding).
@@ -145,7 +151,9 @@ class TrainEngine:
         self.optimizer = build_optimizer(
             self.master.params, config.optimizer, config.lr, config.weight_decay
         )
-        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.total_steps)
+        self.scheduler = build_scheduler(
+            self.optimizer, config.warmup_steps, config.total_steps, config.lr_decay_style
+        )
         self.tracer = None  # set by the trainer when profiling (a torch profiler span helper)
         if layout.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -246,10 +254,11 @@ class TrainEngine:
             args = (ids,) if self.layout.is_first_stage else ()
             target = labels if self.layout.is_last_stage else None
             runner = self.schedule.step if grad else self.schedule.eval
+            # return_outputs=False: the last stage keeps no micro-batch's logits past its loss.
             if self.layout.is_last_stage:
-                runner(*args, target=target, losses=losses, position_ids=pos)
+                runner(*args, target=target, losses=losses, position_ids=pos, return_outputs=False)
             else:
-                runner(*args, position_ids=pos)
+                runner(*args, position_ids=pos, return_outputs=False)
         if not losses:
             return torch.zeros((), dtype=torch.float64, device=self.device)
         return torch.stack([x.detach().double() for x in losses]).sum()
@@ -344,7 +353,10 @@ class TrainEngine:
             with self.span("optimizer"):
                 self.optimizer.step()
                 self.master.master_to_model()
-        self.scheduler.step()
+        if not skipped:
+            # The schedule counts applied updates: a step skipped on fp16 overflow leaves the
+            # LR where it was (as Megatron does), so warm-up and decay see only real updates.
+            self.scheduler.step()
         self.scaler.update(skipped)
         self.master.zero_grad()
         return StepResult(

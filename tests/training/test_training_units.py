@@ -101,6 +101,7 @@ def test_stage_layer_ranges_are_strict_except_upstreams_remainder():
 def test_lr_warms_up_then_decays_to_zero():
     assert [lr_factor(s, 2, 6) for s in range(7)] == [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
     assert lr_factor(0, 0, 4) == 1.0 and lr_factor(4, 0, 4) == 0.0
+    assert [lr_factor(s, 2, 6, "constant") for s in range(7)] == [0.0, 0.5] + [1.0] * 5
 
 
 def test_loss_scale_halves_on_overflow_and_grows_after_a_window():
@@ -187,6 +188,16 @@ def test_trace_is_tidied_to_the_named_categories():
     cats = [e["cat"] for e in out["traceEvents"] if e["ph"] == "X"]
     assert cats == ["forward", "send", "recv", "backward", "all-reduce", "optimizer"]
     assert categorize("aten::mm") is None
+    # On a GPU: device kernels are kept (NCCL's by their collective), CPU-side aten ops are not.
+    gpu = {
+        "traceEvents": [
+            {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_AllReduce_Sum_f32", "ts": 1},
+            {"ph": "X", "cat": "kernel", "name": "sm90_xmma_gemm_bf16", "ts": 2},
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 3},
+        ]
+    }
+    cats = [e["cat"] for e in tidy_trace(gpu, rank=0)["traceEvents"] if e["ph"] == "X"]
+    assert cats == ["all-reduce", "gpu"]
 
 
 def test_plan_refuses_too_few_gpus_and_reads_multi_node_env():
