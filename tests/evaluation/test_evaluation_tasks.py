@@ -122,7 +122,7 @@ def test_arc_easy_offline_from_the_cli(cli, tiny_model_dir, tmp_path):
         "bytes",
         "n",
     }
-    assert ppl["n"] == 64 and ppl["token_perplexity"] > 1
+    assert ppl["n"] == 20 and ppl["token_perplexity"] > 1  # --limit takes the first 20 records
     assert data["settings"]["limit"] == 20 and data["versions"]["lm-eval"] == "0.4.13"
     report = (out / "report.md").read_text()
     assert "| arc_easy | acc | 20 |" in report and "arc_easy: validation" in report
