@@ -6,6 +6,7 @@ limit that keeps the run to a few minutes; nothing is downloaded):
     python evaluation/eval.py --tasks arc_easy,arc_challenge --limit 0       # every document
 Before/after a fine-tune (a trainer --checkpoint-path is converted in memory, nothing written):
     python evaluation/eval.py --model model_ckpts/my-run --compare embedded --chat-suite
+    python evaluation/eval.py --adapter adapters/SmolLM2-135M-OIG-lora --compare embedded
 One GPU (batch size found automatically):
     python evaluation/eval.py --model huggingface_models/my-run --tasks mmlu,hellaswag --limit 0 \
         --device cuda --batch-size auto
@@ -52,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--compare", default=None, metavar="MODEL2", help="evaluate MODEL2 too, side by side"
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="a PEFT LoRA adapter on top of --model (tools/export_lora.py); with --compare the "
+        "same base, adapted vs not",
     )
     p.add_argument(
         "--tasks", default=DEFAULT_TASKS, help=f"comma-separated (default {DEFAULT_TASKS})"
@@ -165,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = parse_tasks(args.tasks)
     check_lm_eval_tasks(plan.lm_eval)
     check_model_exists(args.model)
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {args.adapter}: no adapter_config.json (tools/export_lora.py)")
     if args.compare is not None:
         check_model_exists(args.compare)
-        if same_model(args.model, args.compare):
+        if same_model(args.model, args.compare) and args.adapter is None:
             raise UserError("--compare names the same model as --model; give a different one")
     limit = DEFAULT_LIMIT if args.limit is None else (args.limit or None)  # None: all
     data = args.data or ([str(REPO / DEFAULT_DATA)] if plan.perplexity else [])
@@ -227,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         chat_max_tokens=args.chat_max_tokens,
     )
     results = []
-    for name in [args.model] + ([args.compare] if args.compare is not None else []):
-        loaded = load_eval_model(name, device=device, dtype=dtype)
+    runs = [(args.model, args.adapter)] + ([(args.compare, None)] if args.compare else [])
+    for name, adapter in runs:
+        loaded = load_eval_model(name, device=device, dtype=dtype, adapter=adapter)
         logger.info("evaluating {} on {} ({})", loaded.name, loaded.device, loaded.dtype)
         texts = render_records(records, loaded.tokenizer, args.loss_on) if records else None
         if plan.perplexity or plan.packaged:

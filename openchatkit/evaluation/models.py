@@ -37,12 +37,21 @@ def weight_file_part(name: str) -> tuple[str, int | None]:
     return "layer", int(name.removeprefix("layer_").removesuffix(".safetensors"))
 
 
-def load_eval_model(name: str | None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load any MODEL `eval.py` accepts; user mistakes are one-line UserErrors."""
+def load_eval_model(
+    name: str | None, device: str = "auto", dtype: str = "auto", adapter: str | None = None
+) -> LoadedModel:
+    """Load any MODEL `eval.py` accepts, with a PEFT `adapter` on top when given; user mistakes
+    are one-line UserErrors."""
     if not is_sharded_source(name):
-        return load_chat_model(name, device=device, dtype=dtype)
+        return load_chat_model(name, device=device, dtype=dtype, adapter=adapter)
     assert name is not None
-    return load_sharded_in_memory(Path(name).expanduser(), device, dtype)
+    loaded = load_sharded_in_memory(Path(name).expanduser(), device, dtype)
+    if adapter is not None:
+        from openchatkit.models.lora import attach_adapter
+
+        loaded.model = attach_adapter(loaded.model, adapter).eval()
+        loaded.name = f"{loaded.name} + adapter {Path(adapter).name}"
+    return loaded
 
 
 def load_sharded_in_memory(source: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:

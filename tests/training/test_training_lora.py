@@ -108,6 +108,22 @@ def test_export_loads_in_peft_and_merge_equals_base_plus_adapter(tiny, cli, lora
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, theirs, rtol=1e-5, atol=1e-5)
+    # Evaluation with --adapter: base + adapter against the base, side by side.
+    out = lora_run["root"] / "eval"
+    r = cli.run(
+        "evaluation/eval.py", "--model", lora_run["hf"], "--adapter", adapter,
+        "--compare", lora_run["hf"], "--tasks", "perplexity", "--data", tiny["valid"],
+        "--limit", 5, "--output", out, "--device", "cpu",
+        env=cli.user_env(HF_HUB_OFFLINE="1"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    import json
+
+    adapted = json.loads((out / "results.json").read_text())
+    base = json.loads((out / "results_2.json").read_text())
+    assert adapted["model"].endswith("+ adapter adapter") and "adapter" not in base["model"]
+    key = "token_perplexity"
+    assert adapted["results"]["perplexity"][key] != base["results"]["perplexity"][key]
     # The bot loads base + adapter and names both.
     from openchatkit.models.loading import load_chat_model
 
