@@ -45,12 +45,29 @@ def main(argv: list[str] | None = None) -> int:
     from openchatkit.training.config import TrainConfig, read_model_shape
 
     config = TrainConfig.from_flags(flags, read_model_shape(flags.model_name), _cuda_available)
+    from openchatkit.training.preflight import check_checkpoint_path, check_tokenizer
+
+    check_checkpoint_path(config.checkpoint_path)
+    check_tokenizer(
+        config.tokenizer_name, "--tokenizer-name" if flags.tokenizer_name else "--model-name"
+    )
     rdv = resolve_rendezvous(config.rank, config.world_size, config.dist_url, config.pp, config.dp)
     setup_logging(rank=rdv.rank)
-    from openchatkit.training.trainer import run_training
+    from openchatkit.training.lock import CheckpointLock
 
-    return run_training(config, rdv)
+    # One run per checkpoint folder: rank 0 holds <checkpoint-path>/.lock for the whole run.
+    lock = CheckpointLock.acquire(config.checkpoint_path) if rdv.rank == 0 else None
+    if lock is not None:
+        from openchatkit.training.checkpoint import remove_stale_temps
 
+        remove_stale_temps(config.checkpoint_path)  # what a killed run left half-written
+    try:
+        from openchatkit.training.trainer import run_training
+
+        return run_training(config, rdv)
+    finally:
+        if lock is not None:
+            lock.release()
 
 if __name__ == "__main__":
     sys.exit(run_main(lambda: main()))

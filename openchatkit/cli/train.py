@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--loss-on", choices=["all", "bot"], default="all")
     t.add_argument("--reset-position-ids", action="store_true")
+    t.add_argument(
+        "--strict-data",
+        action="store_true",
+        help="a malformed data line is fatal (default: skipped, one warning per file)",
+    )
 
     c = p.add_argument_group("checkpoints, evaluation, logs")
     c.add_argument("--checkpoint-path", default="model_ckpts/run")

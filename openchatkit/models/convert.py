@@ -38,11 +38,15 @@ CHAT_FORMATS = ("openchatkit",)
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    """An existing, non-empty output folder is refused unless `overwrite`."""
+    """An existing, non-empty output folder is refused unless `overwrite`; so is one that
+    cannot be written (checked before a long download or conversion)."""
+    from openchatkit.fileio import check_writable_dir
+
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"output folder {out} exists and is not empty (pass --overwrite)")
+    check_writable_dir(out, "output")
 
 
 def _load_config(source: str | os.PathLike) -> Any:

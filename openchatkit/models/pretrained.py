@@ -142,6 +142,9 @@ def prepare_pretrained(
     if sharded.is_sharded_folder(out) and not overwrite:
         logger.info("{} is already prepared (pass --overwrite to redo it)", out)
         return out
+    from openchatkit.fileio import check_writable_dir
+
+    check_writable_dir(out, "--save-dir")  # before a download of many GB
     source = resolve_hf_source(name)
     logger.info("converting {} to the layer-sharded format in {}", source, out)
     return convert_hf_to_sharded(

@@ -160,6 +160,7 @@ class TrainConfig:
     loss_on: str
     reset_position_ids: bool
     seed: int
+    strict_data: bool  # a malformed data line is fatal instead of skipped with a warning
     # optimisation
     total_steps: int
     warmup_steps: int
@@ -327,7 +328,7 @@ class TrainConfig:
             tasks=tuple(parse_task_spec(f.task_name)) if check_files else (),
             evaluation_data=f.evaluation_data,
             eval_tasks=(
-                tuple(parse_task_spec(f.evaluation_data))
+                tuple(parse_task_spec(f.evaluation_data, "--evaluation-data"))
                 if check_files and f.evaluation_data
                 else None
             ),
@@ -338,6 +339,7 @@ class TrainConfig:
             loss_on=f.loss_on,
             reset_position_ids=f.reset_position_ids,
             seed=f.seed,
+            strict_data=getattr(f, "strict_data", False),
             total_steps=f.total_steps,
             warmup_steps=f.warmup_steps,
             lr=f.lr,
