@@ -69,5 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         if lock is not None:
             lock.release()
 
+
 if __name__ == "__main__":
     sys.exit(run_main(lambda: main()))

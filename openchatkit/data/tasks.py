@@ -74,9 +74,7 @@ def resolve_files(name: str, flag: str = "--task-name") -> tuple[Path, ...]:
     elif path.is_dir():
         files = tuple(sorted(p for p in path.rglob("*") if p.is_file() and is_data_file(p)))
         if not files:
-            raise UserError(
-                f"{flag}: folder {name} holds no .jsonl, .jsonl.gz or .parquet file"
-            )
+            raise UserError(f"{flag}: folder {name} holds no .jsonl, .jsonl.gz or .parquet file")
     elif glob.has_magic(name):
         files = tuple(sorted(Path(p) for p in glob.glob(str(path)) if is_data_file(Path(p))))
         if not files:

@@ -126,8 +126,9 @@ def hash_share(tmp: Path, rank: int, world_size: int) -> None:
     """Every rank, after all wrote: size and sha256 of every `world_size`-th file, so the
     hashing of a large checkpoint is spread over the ranks. Written to `.hashes/rank_<r>.json`."""
     files = checkpoint_files(tmp)[rank::world_size]
-    record = {rel: {"size": (tmp / rel).stat().st_size, "sha256": file_sha256(tmp / rel)}
-              for rel in files}
+    record = {
+        rel: {"size": (tmp / rel).stat().st_size, "sha256": file_sha256(tmp / rel)} for rel in files
+    }
     (tmp / HASHES).mkdir(exist_ok=True)
     write_json(tmp / HASHES / f"rank_{rank:05d}.json", record)
 
@@ -288,7 +289,9 @@ def load_stage_states(folder: Path) -> tuple[dict[str, dict], dict[str, torch.Te
             saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except (RuntimeError, OSError, EOFError, ValueError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"checkpoint {folder}: unreadable {path.name} (truncated?): {first}")
+            raise UserError(
+                f"checkpoint {folder}: unreadable {path.name} (truncated?): {first}"
+            ) from None
         states.update(saved["state"])
         masters.update(saved["master"])
     return states, masters
