@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retrieval", metavar="INDEX_DIR", help="answer from a FAISS index folder")
     p.add_argument("--retrieval-k", type=int, default=3, help="passages per question (3)")
     args = p.parse_args(argv)
+    from openchatkit.conversation import clean_text
+
+    # Bytes that are not UTF-8 (argv keeps them as lone surrogates) become U+FFFD.
+    args.prompt = clean_text(args.prompt) if args.prompt is not None else None
+    args.system = clean_text(args.system) if args.system is not None else None
     if args.max_tokens < 1:
         p.error("--max-tokens must be >= 1")
     if args.temperature is not None and args.temperature < 0:
@@ -104,6 +109,8 @@ def read_lines(interactive: bool):
                 except OSError:
                     pass
     else:
+        # A byte that is not UTF-8 on a pipe becomes U+FFFD rather than ending the session.
+        sys.stdin.reconfigure(errors="surrogateescape")
         for line in sys.stdin:
             yield line.rstrip("\n")
 
@@ -146,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.retrieval is not None:
         from openchatkit.retrieval import RetrievalIndex
 
+        from openchatkit.models.loading import quiet_transformers
+
         try:
-            retriever = RetrievalIndex.load(args.retrieval)
+            with quiet_transformers():  # the embedder's "Loading weights" bar is not chat
+                retriever = RetrievalIndex.load(args.retrieval)
         except UserError as err:
             raise UserError(f"--retrieval: {err}") from err
     settings = decoding_settings(args, loaded.generation_defaults)
