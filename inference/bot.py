@@ -151,9 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     retriever = None
     if args.retrieval is not None:
-        from openchatkit.retrieval import RetrievalIndex
-
         from openchatkit.models.loading import quiet_transformers
+        from openchatkit.retrieval import RetrievalIndex
 
         try:
             with quiet_transformers():  # the embedder's "Loading weights" bar is not chat
