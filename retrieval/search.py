@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     from openchatkit.errors import UserError
 
+    if not args.query.strip():
+        raise UserError("the query is empty: give a question or keywords")
     if args.k < 1:
         raise UserError("-k must be >= 1")
     if args.merge_window < 0:

@@ -25,9 +25,15 @@ also under another --pipeline-group-size x --data-group-size. See training/READM
 
 from __future__ import annotations
 
+import os
 import sys
 
 from openchatkit.cli import run_main, setup_logging
+
+# c10d logs each failed store call of a rank whose peer died as a C++ warning with 20 stack
+# frames; the peer watchdog says what happened in one line, so only C++ errors are shown
+# (read when torch loads: set before it is imported). TORCH_CPP_LOG_LEVEL=INFO shows them all.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 from openchatkit.cli.train import build_parser
 
 

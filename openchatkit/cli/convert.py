@@ -103,6 +103,7 @@ def run_to_hf(args: argparse.Namespace, arch: str) -> int:
         check_stage_layout,
         convert_sharded_to_hf,
         read_sharded_source,
+        trained_stage_sizes,
     )
 
     out = convert_sharded_to_hf(
@@ -116,14 +117,16 @@ def run_to_hf(args: argparse.Namespace, arch: str) -> int:
         overwrite=args.overwrite,
         chat_format=args.chat_format,
     )
-    _, manifest = read_sharded_source(args.ckpt_path, args.config_name)
+    folder, manifest = read_sharded_source(args.ckpt_path, args.config_name)
     stages, per_stage = check_stage_layout(
         manifest.num_layers, args.n_stages, args.n_layer_per_stage
     )
-    print(
-        f"{manifest.num_layers} layers ({stages} stages x {per_stage} layers) -> HF",
-        file=sys.stderr,
-    )
+    layout = f"{stages} stages x {per_stage} layers"
+    trained = trained_stage_sizes(folder)
+    if args.n_stages is None and args.n_layer_per_stage is None and trained:
+        # A trainer checkpoint: say how it was trained, not the trivial inferred split.
+        layout = f"trained as {len(trained)} stages: {' + '.join(map(str, trained))} layers"
+    print(f"{manifest.num_layers} layers ({layout}) -> HF", file=sys.stderr)
     print(out)
     return 0
 

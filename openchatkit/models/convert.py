@@ -199,6 +199,32 @@ def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
     return ckpt
 
 
+def check_trainer_checkpoint(folder: Path) -> None:
+    """A trainer checkpoint (meta.json) is converted only when the trainer would resume from
+    it: manifest.json present and every file meta.json lists there with its size."""
+    if not (folder / "meta.json").is_file():
+        return
+    from openchatkit.training.checkpoint import verify_checkpoint
+
+    problem = verify_checkpoint(folder, hashes=False)
+    if problem is None and not sharded.is_sharded_folder(folder):
+        problem = "manifest.json is missing"
+    if problem is not None:
+        raise UserError(
+            f"--ckpt-path {folder}: incomplete trainer checkpoint ({problem}); the trainer "
+            "skips it too: convert an earlier checkpoint_<step>/"
+        )
+
+
+def trained_stage_sizes(folder: Path) -> list[int] | None:
+    """Layers per pipeline stage a trainer checkpoint was trained with (from meta.json)."""
+    try:
+        sizes = json.loads((folder / "meta.json").read_text()).get("layers_per_stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sizes if isinstance(sizes, list) and sizes else None
+
+
 def read_sharded_source(
     ckpt: str | os.PathLike, config_name: str | None = None
 ) -> tuple[Path, sharded.Manifest]:
@@ -206,6 +232,7 @@ def read_sharded_source(
     from the config (`config_name`, else the folder's config.json). The chat format comes from the
     manifest, else from a trainer checkpoint's meta.json."""
     folder = resolve_checkpoint(ckpt)
+    check_trainer_checkpoint(folder)
     if sharded.is_sharded_folder(folder):
         manifest = sharded.read_manifest(folder)
     elif (folder / sharded.layer_file(0)).is_file() and (

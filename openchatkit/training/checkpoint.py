@@ -147,15 +147,17 @@ def collect_hashes(tmp: Path) -> dict[str, dict[str, Any]]:
 
 
 def verify_checkpoint(folder: Path, hashes: bool | None = None) -> str | None:
-    """None when every file meta.json lists is there with its size (and sha256, unless
-    `hashes` is False or OPENCHATKIT_VERIFY_HASHES=0); else what is wrong, in a few words.
-    Checkpoints written before sizes were recorded pass unchecked."""
+    """None when manifest.json and every file meta.json lists are there with their sizes (and
+    sha256, unless `hashes` is False or OPENCHATKIT_VERIFY_HASHES=0); else what is wrong, in a
+    few words. Files of checkpoints written before sizes were recorded are not checked."""
     if hashes is None:
         hashes = os.environ.get("OPENCHATKIT_VERIFY_HASHES", "1") != "0"
     try:
         meta = json.loads((folder / META).read_text())
     except (OSError, ValueError):
         return f"unreadable {META}"
+    if not (folder / "manifest.json").is_file():  # every checkpoint is a layer-sharded folder
+        return "manifest.json is missing"
     files = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(files, dict):
         return None
