@@ -68,6 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError("-k must be >= 1")
     if args.merge_window < 0:
         raise UserError("--merge-window must be >= 0")
+    from pathlib import Path
+
+    if not Path(args.index_dir).is_dir():  # before the slow imports
+        what = "a file, not a folder" if Path(args.index_dir).exists() else "not found"
+        raise UserError(f"no such index folder {args.index_dir} ({what})")
     return args
 
 

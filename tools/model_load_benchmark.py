@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.work_dir:
+        from openchatkit.fileio import check_writable_dir
+
+        check_writable_dir(args.work_dir, "--work-dir")  # before torch is imported
     import statistics
     import tempfile
     import time
@@ -65,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     arch = name_for_model_type(model_type)
     if arch is None:
         raise UserError(f"--model-name {args.model_name}: unsupported model type {model_type!r}")
+    import json
+
+    config = json.loads((Path(source) / "config.json").read_text())
+    total_layers = config.get("num_hidden_layers", config.get("n_layer", 0))
+    if args.n_stages > total_layers:  # before anything is written
+        raise UserError(f"--n-stages {args.n_stages} exceeds the {total_layers} layers")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="load-bench-"))
     folder = work / "sharded"
     if not sharded.is_sharded_folder(folder):

@@ -38,6 +38,9 @@ def from_hf_parser(arch: str, doc: str | None = None) -> argparse.ArgumentParser
 
 
 def run_from_hf(args: argparse.Namespace, arch: str) -> int:
+    _check_paths_early(
+        None, args.save_path or args.save_dir, "--save-path" if args.save_path else "--save-dir"
+    )
     from openchatkit.models.convert import check_output_dir, convert_hf_to_sharded
     from openchatkit.models.pretrained import output_name, resolve_hf_source
 
@@ -98,7 +101,19 @@ def to_hf_parser(arch: str, doc: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _check_paths_early(ckpt: str | None, out: str, out_flag: str) -> None:
+    """Cheap checks before torch is imported, so a typo costs a fraction of a second."""
+    from openchatkit.errors import UserError
+    from openchatkit.fileio import check_writable_dir
+
+    if ckpt is not None and not Path(ckpt).is_dir():
+        what = "is a file, not a folder" if Path(ckpt).exists() else "does not exist"
+        raise UserError(f"--ckpt-path {ckpt} {what}")
+    check_writable_dir(out, out_flag)
+
+
 def run_to_hf(args: argparse.Namespace, arch: str) -> int:
+    _check_paths_early(args.ckpt_path, args.save_path, "--save-path")
     from openchatkit.models.convert import (
         check_stage_layout,
         convert_sharded_to_hf,
@@ -152,6 +167,8 @@ def pretrained_parser(folder: str, doc: str | None = None) -> argparse.ArgumentP
 
 
 def run_prepare_pretrained(args: argparse.Namespace, folder: str, script_dir: Path) -> int:
+    if args.save_dir is not None:
+        _check_paths_early(None, args.save_dir, "--save-dir")
     from openchatkit.models.pretrained import prepare_pretrained
 
     out = prepare_pretrained(

@@ -69,7 +69,7 @@ def _check(parse, ok, why):
 
 # /set NAME → parser of VALUE; each raises ValueError with the reason.
 SETTERS = {
-    "temperature": _check(float, lambda v: 0 <= v < math.inf, "must be a finite number >= 0"),
+    "temperature": _check(float, lambda v: 0 <= v < math.inf, "must be >= 0 and finite"),
     "top_k": _check(int, lambda v: v >= 0, "must be >= 0 (0 turns it off)"),
     "top_p": _check(float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "max_tokens": _check(int, lambda v: v >= 1, "must be >= 1"),
