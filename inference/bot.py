@@ -137,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from openchatkit.inference.session import ChatSession
+    if args.retrieval is not None and not Path(args.retrieval).is_dir():  # before the model
+        raise UserError(f"--retrieval: no such index folder {args.retrieval}")
     from openchatkit.models.loading import load_chat_model
 
+    # A bad --model is found before torch and transformers are imported.
     loaded = load_chat_model(
         args.model,
         device=args.device,
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 retriever = RetrievalIndex.load(args.retrieval)
         except UserError as err:
             raise UserError(f"--retrieval: {err}") from err
+    from openchatkit.inference.session import ChatSession
+
     settings = decoding_settings(args, loaded.generation_defaults)
     session = ChatSession(
         loaded,

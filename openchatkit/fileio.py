@@ -226,3 +226,14 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"{flag} {path}: {probe} is not writable")
     return path
+
+
+def check_output_folder(out: str | os.PathLike, overwrite: bool) -> None:
+    """An output folder to be written whole: refused when it is a file, when it exists with
+    something in it (unless `overwrite`), or when it cannot be created."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"output folder {out} exists and is not empty (pass --overwrite)")
+    check_writable_dir(out, "output")

@@ -41,7 +41,6 @@ def run_from_hf(args: argparse.Namespace, arch: str) -> int:
     _check_paths_early(
         None, args.save_path or args.save_dir, "--save-path" if args.save_path else "--save-dir"
     )
-    from openchatkit.models.convert import check_output_dir, convert_hf_to_sharded
     from openchatkit.models.pretrained import output_name, resolve_hf_source
 
     out = (
@@ -49,8 +48,12 @@ def run_from_hf(args: argparse.Namespace, arch: str) -> int:
         if args.save_path
         else Path(args.save_dir) / output_name(args.model_name)
     )
-    check_output_dir(out, args.overwrite)  # before a long download
-    source = resolve_hf_source(args.model_name)
+    from openchatkit.fileio import check_output_folder
+
+    check_output_folder(out, args.overwrite)  # before a long download
+    source = resolve_hf_source(args.model_name)  # before torch is imported
+    from openchatkit.models.convert import convert_hf_to_sharded
+
     convert_hf_to_sharded(
         source,
         out,

@@ -18,7 +18,7 @@ import torch
 from loguru import logger
 
 from openchatkit.errors import UserError
-from openchatkit.fileio import atomic_dir
+from openchatkit.fileio import atomic_dir, check_output_folder
 from openchatkit.models import sharded
 from openchatkit.models.arch import is_tied
 from openchatkit.models.hf_weights import (
@@ -40,13 +40,7 @@ CHAT_FORMATS = ("openchatkit",)
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """An existing, non-empty output folder is refused unless `overwrite`; so is one that
     cannot be written (checked before a long download or conversion)."""
-    from openchatkit.fileio import check_writable_dir
-
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder {out} exists and is not empty (pass --overwrite)")
-    check_writable_dir(out, "output")
+    check_output_folder(out, overwrite)
 
 
 def _load_config(source: str | os.PathLike) -> Any:
