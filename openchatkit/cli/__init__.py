@@ -26,8 +26,13 @@ def setup_logging(level: str = "INFO", rank: int | None = None) -> None:
     distributed job (`rank` given) every line names its rank, and ranks other than 0 log only
     warnings and errors, so the step lines come once.
     """
+    import logging
+
     from loguru import logger
 
+    # bitsandbytes (imported by transformers when a model loads) warns on CPU at import that an
+    # optional `kernels` package is missing: a second stderr line before any real message.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     level = os.environ.get("OPENCHATKIT_LOG_LEVEL", level).upper()
     where = ""
     if rank is not None:
