@@ -211,8 +211,8 @@ def write_json(dest: str | os.PathLike, obj: Any) -> None:
 
 def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
     """Check early (before hours of work) that folder `path` exists or can be made and is
-    writable; `flag` names it in the UserError. Creates nothing: the first missing ancestor's
-    parent is what must be writable."""
+    writable; `flag` names it in the UserError. Leaves nothing: a probe file in the nearest
+    existing ancestor is created and removed at once."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path}: exists and is not a folder")
@@ -223,8 +223,13 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
         probe = probe.parent
     if not probe.is_dir():
         raise OutputError(f"{flag} {path}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {path}: {probe} is not writable")
+    try:  # a real write: os.access says yes to root on a read-only mount or /sys
+        with tempfile.TemporaryFile(dir=probe, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise OutputError(
+            f"{flag} {path}: cannot write in {probe}: {describe_os_error(err)}"
+        ) from None
     return path
 
 

@@ -155,6 +155,7 @@ CASES: list[Case] = [
     train("--pipeline-group-size", "9", needles="4 layers"),
     train("--peer-timeout", "-1", needles="--peer-timeout"),
     train("--load-pretrained-model", "maybe", needles="--load-pretrained-model"),
+    train("--checkpoint-path", "/sys/openchatkit-bad-input/ck", needles="cannot write"),
     # -- training/launch.py ------------------------------------------------------------------
     C(LAUNCH, "--nproc", "0", "--device", "cpu", "--", TRAIN, needles="--nproc"),
     C(LAUNCH, "--device", "cpu", "--", TRAIN, needles="--nproc"),
@@ -188,6 +189,14 @@ CASES: list[Case] = [
         needles="not a folder",
     ),  # fmt: skip
     C(TO_HF[0], "--ckpt-path", "{sharded}", "--save-path", "{w}/out", needles="llama"),
+    C(
+        TO_HF[2],
+        "--ckpt-path",
+        "{sharded}",
+        "--save-path",
+        "/sys/openchatkit-bad-input/o",
+        needles="cannot write",
+    ),  # fmt: skip
     C(
         TO_HF[2],
         "--ckpt-path",
@@ -291,6 +300,8 @@ CASES: list[Case] = [
     # -- pretrained/*/prepare.py -------------------------------------------------------------
     *[C(s, "--save-dir", "{w}/f", files={"f": "x"}, needles="not a folder") for s in PREPARE],
     C(PREPARE[0], "--dtype", "int4", needles="--dtype"),
+    C(PREPARE[-1], "--save-dir", "/sys/openchatkit-bad-input", needles="cannot write"),
+    C(PLOT, "{metrics}", "--output", "/sys/openchatkit-bad-input.png", needles="cannot write"),
     C(PREPARE[0], "--model-name", "{w}/nope", "--save-dir", "{w}/out", needles="--model-name"),
     # -- tools/plot_metrics.py, tools/model_load_benchmark.py ---------------------------------
     C(PLOT, "{w}", needles="no metrics.jsonl"),
@@ -318,12 +329,21 @@ CASES: list[Case] = [
     C(GENERATE, "--out", "{w}/f", files={"f": "x"}, needles=("--out", "not a folder")),
     C(GENERATE, "--out", "{w}/f/sub", files={"f": "x"}, needles=("--out", "not a folder")),
     C(GENERATE, "--bogus", needles="--bogus"),
+    C(GENERATE, "--out", "/sys/openchatkit-bad-input", needles=("--out", "cannot write")),
     *[C(s, "--dest", "{w}/out", needles="HF_HUB_OFFLINE") for s in DOWNLOADS],
     C(DOWNLOADS[0], "--dest", "{w}/out", "--files", "", needles="--files"),
     C(WIKI, "--output", "{w}/out", "--skip-embedder", needles="offline"),
     C(WIKI, "--bogus", needles="--bogus"),
     # -- retrieval/ ------------------------------------------------------------------------------
     C(BUILD, "--input", "{w}/nope", "--output", "{w}/idx", needles="nope"),
+    C(
+        BUILD,
+        "--input",
+        "{corpus}",
+        "--output",
+        "/sys/openchatkit-bad-input/idx",
+        needles=("--output", "cannot write"),
+    ),  # fmt: skip
     C(
         BUILD,
         "--input",
