@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 # pip on some machines warns once per package about missing local index folders: noise.
 QUIET := { grep -v "^WARNING: Location" || true; }
 
-.PHONY: install chat test test-slow test-all lint format demo bench clean
+.PHONY: install chat test test-slow test-all lint format demo demo-lora bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ format: install
 
 demo: install
 	bash training/finetune-smollm2-135m-cpu.sh
+
+demo-lora: install
+	bash training/finetune-smollm2-135m-lora-cpu.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

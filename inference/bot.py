@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "-r", "--cpu-ram", type=float, metavar="GiB", help="CPU RAM for offloaded layers"
     )
     p.add_argument("--load-in-8bit", action="store_true", help="int8 weights (bitsandbytes)")
+    p.add_argument(
+        "--adapter", metavar="DIR", help="a PEFT LoRA adapter on top of --model (export_lora.py)"
+    )
     p.add_argument("--retrieval", metavar="INDEX_DIR", help="answer from a FAISS index folder")
     p.add_argument("--retrieval-k", type=int, default=3, help="passages per question (3)")
     args = p.parse_args(argv)
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu_vram=args.gpu_vram,
         cpu_ram=args.cpu_ram,
         load_in_8bit=args.load_in_8bit,
+        adapter=args.adapter,
     )
     retriever = None
     if args.retrieval is not None:

@@ -72,6 +72,8 @@ DOWNLOADS = ["data/OIG/prepare.py", "data/OIG-chip2/prepare.py", "data/OIG-moder
 WIKI = "data/wikipedia-3sentence-level-retrieval-index/prepare.py"
 GENERATE = "data/OIG-sample/generate.py"
 PLOT = "tools/plot_metrics.py"
+EXPORT = "tools/export_lora.py"
+MERGE = "tools/merge_lora.py"
 BENCH = "tools/model_load_benchmark.py"
 LAUNCH = "training/launch.py"
 
@@ -155,6 +157,8 @@ CASES: list[Case] = [
     train("--pipeline-group-size", "9", needles="4 layers"),
     train("--peer-timeout", "-1", needles="--peer-timeout"),
     train("--load-pretrained-model", "maybe", needles="--load-pretrained-model"),
+    train("--lora-r", "-1", needles="--lora-r"),
+    train("--lora-r", "4", "--lora-dropout", "1", needles="--lora-dropout"),
     train("--checkpoint-path", "/sys/openchatkit-bad-input/ck", needles="cannot write"),
     # -- training/launch.py ------------------------------------------------------------------
     C(LAUNCH, "--nproc", "0", "--device", "cpu", "--", TRAIN, needles="--nproc"),
@@ -254,6 +258,33 @@ CASES: list[Case] = [
         needles="--overwrite",
     ),  # fmt: skip
     C(TO_HF[2], "--ckpt-path", "{sharded}", needles="--save-path"),
+    # -- tools/export_lora.py, tools/merge_lora.py ------------------------------------------
+    C(EXPORT, "--ckpt-path", "{w}/nope", "--save-path", "{w}/out", needles="not a folder"),
+    C(EXPORT, "--ckpt-path", "{ckpt_root}", "--save-path", "{w}/out", needles="adapter.json"),
+    C(
+        MERGE, "--base", "{w}/nope", "--adapter", "{w}", "--save-path", "{w}/out", needles="--base"
+    ),  # fmt: skip
+    C(
+        MERGE,
+        "--base",
+        "{hf}",
+        "--adapter",
+        "{w}",
+        "--save-path",
+        "{w}/out",
+        needles=("--adapter", "adapter_config.json"),
+    ),  # fmt: skip
+    C(
+        MERGE,
+        "--base",
+        "{hf}",
+        "--adapter",
+        "{hf}",
+        "--save-path",
+        "{w}/f/o",
+        files={"f": "x"},
+        needles="not a folder",
+    ),  # fmt: skip
     # -- tools/convert_from_hf_*.py ----------------------------------------------------------
     *[
         C(s, "--model-name", "{w}/nope", "--save-path", "{w}/out", needles="--model-name")
@@ -416,6 +447,7 @@ CASES: list[Case] = [
     C(BOT, "--model", "{hf}", "-g", "0:10", needles="GPU"),
     C(BOT, "--model", "{hf}", "--load-in-8bit", needles="--load-in-8bit"),
     C(BOT, "--model", "{hf}", "--device", "cuda", needles="cuda"),
+    C(BOT, "--model", "{hf}", "--adapter", "{w}", needles=("--adapter", "adapter_config.json")),
 ]
 
 # Scripts the table must cover: every script under these folders.

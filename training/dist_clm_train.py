@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     check_tokenizer(
         config.tokenizer_name, "--tokenizer-name" if flags.tokenizer_name else "--model-name"
     )
+    if config.lora is not None:
+        from transformers import AutoConfig
+
+        from openchatkit.models.lora import check_targets
+
+        check_targets(AutoConfig.from_pretrained(config.model_name), config.lora.target_modules)
     rdv = resolve_rendezvous(config.rank, config.world_size, config.dist_url, config.pp, config.dp)
     setup_logging(rank=rdv.rank)
     from openchatkit.training.lock import CheckpointLock

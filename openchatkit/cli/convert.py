@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from openchatkit.errors import UserError
+
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 
 
@@ -100,6 +102,11 @@ def to_hf_parser(arch: str, doc: str | None = None) -> argparse.ArgumentParser:
         help="set the <human>/<bot> chat template "
         "even if the checkpoint does not record that format",
     )
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="CKPT is a LoRA checkpoint: write its base model with the adapters merged in",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return p
 
@@ -118,12 +125,26 @@ def _check_paths_early(ckpt: str | None, out: str, out_flag: str) -> None:
 def run_to_hf(args: argparse.Namespace, arch: str) -> int:
     _check_paths_early(args.ckpt_path, args.save_path, "--save-path")
     from openchatkit.models.convert import (
+        check_output_dir,
         check_stage_layout,
         convert_sharded_to_hf,
         read_sharded_source,
         trained_stage_sizes,
+        resolve_checkpoint,
     )
+    from openchatkit.models.lora import read_adapter_meta
 
+    is_lora = read_adapter_meta(resolve_checkpoint(args.ckpt_path)) is not None
+    if is_lora and not args.merge_lora:
+        raise UserError(
+            f"--ckpt-path {args.ckpt_path} is a LoRA checkpoint (adapters only): add --merge-lora "
+            "for a full HF model, or export the adapter with tools/export_lora.py"
+        )
+    if args.merge_lora and not is_lora:
+        raise UserError(f"--merge-lora: --ckpt-path {args.ckpt_path} is not a LoRA checkpoint")
+    if is_lora:
+        check_output_dir(Path(args.save_path), args.overwrite)
+        return _merge_lora_checkpoint(args, arch)
     out = convert_sharded_to_hf(
         args.ckpt_path,
         args.save_path,
@@ -145,6 +166,36 @@ def run_to_hf(args: argparse.Namespace, arch: str) -> int:
         # A trainer checkpoint: say how it was trained, not the trivial inferred split.
         layout = f"trained as {len(trained)} stages: {' + '.join(map(str, trained))} layers"
     print(f"{manifest.num_layers} layers ({layout}) -> HF", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _merge_lora_checkpoint(args: argparse.Namespace, arch: str) -> int:
+    """LoRA checkpoint -> its base converted to HF, the adapter exported, merged: all in a
+    temporary folder beside the output, which appears whole."""
+    import shutil
+    import tempfile
+
+    from openchatkit.models.convert import convert_sharded_to_hf
+    from openchatkit.models.lora import export_peft, merge_into_hf, read_adapter_checkpoint
+    from openchatkit.models.registry import get_architecture
+
+    _, meta, settings, tensors = read_adapter_checkpoint(args.ckpt_path)
+    out = Path(args.save_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+    try:
+        base = convert_sharded_to_hf(
+            meta["base_model"], work / "base", arch, config_name=args.config_name,
+            chat_format=args.chat_format,
+        )  # fmt: skip
+        adapter = export_peft(
+            tensors, settings, get_architecture(arch), meta["base_model"], work / "adapter"
+        )
+        merge_into_hf(base, adapter, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{meta['base_model']} + LoRA r={settings.r} ({args.ckpt_path}) -> HF", file=sys.stderr)
     print(out)
     return 0
 

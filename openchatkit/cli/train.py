@@ -86,10 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="a malformed data line is fatal (default: skipped, one warning per file)",
     )
 
+    lo = p.add_argument_group("LoRA (adapters instead of full fine-tuning)")
+    lo.add_argument("--lora-r", type=int, default=0, help="adapter rank; 0: full fine-tuning")
+    lo.add_argument("--lora-alpha", type=float, default=None, help="scale numerator (default 2r)")
+    lo.add_argument("--lora-dropout", type=float, default=0.05)
+    lo.add_argument(
+        "--lora-target-modules",
+        default=None,
+        metavar="NAME,...",
+        help="linear modules to adapt (default per architecture: GPT-NeoX query_key_value; "
+        "Llama q_proj,k_proj,v_proj,o_proj; GPT-J q_proj,k_proj,v_proj,out_proj)",
+    )
+    lo.add_argument("--lora-bias", choices=["none", "all", "lora_only"], default="none")
+    lo.add_argument(
+        "--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (CUDA, bitsandbytes)"
+    )
+
     c = p.add_argument_group("checkpoints, evaluation, logs")
     c.add_argument("--checkpoint-path", default="model_ckpts/run")
     c.add_argument("--checkpoint-steps", type=int, default=100, help="0: only at the end")
     c.add_argument("--num-checkpoints", type=int, default=0, help="keep the newest N; 0: all")
+    c.add_argument(
+        "--save-timeout",
+        type=float,
+        default=7200.0,
+        help="seconds ranks wait for each other while a checkpoint is written (a 20B "
+        "checkpoint is ~288 GB; NCCL's --pg-timeout would abort a slow shared file system)",
+    )
     c.add_argument("--evaluation-steps", type=int, default=0, help="0: no evaluation")
     c.add_argument("--evaluation-data", default=None, help="data spec for evaluation")
     c.add_argument("--evaluation-num-batches", type=int, default=4)

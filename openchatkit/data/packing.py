@@ -329,3 +329,57 @@ class GlobalBatchLoader:
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state["stream"])
         self.num_batches = int(state["num_batches"])
+
+
+class PrefetchingLoader:
+    """Reads the next batches of a loader in a background thread while the caller trains.
+
+    Tokenizing a global batch costs every rank a fraction of a second per step (each rank reads
+    the whole stream to keep its rows exact); here it overlaps the step instead of following it
+    (the tokenizers' Rust code runs without the GIL). The batches and their order are the
+    loader's own. `state_dict()` is the loader's state right after the last batch handed out,
+    not after the ones read ahead, so a checkpoint resumes exactly where training stood.
+    Load any saved state into the loader before wrapping it.
+    """
+
+    def __init__(self, loader: GlobalBatchLoader, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.loader = loader
+        self._state = loader.state_dict()
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, daemon=True, name="prefetch")
+        self._thread.start()
+
+    def _produce(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (next(self.loader), self.loader.state_dict(), None)
+            except BaseException as err:  # handed to the consumer, in order
+                item = (None, None, err)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except Exception:  # queue.Full: the consumer is busy training
+                    continue
+            if item[2] is not None:
+                return
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch, state, err = self._queue.get()
+        if err is not None:
+            raise err
+        self._state = state
+        return batch
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def close(self) -> None:
+        self._stop.set()

@@ -163,8 +163,12 @@ def load_chat_model(
     gpu_vram: list[str] | None = None,
     cpu_ram: float | None = None,
     load_in_8bit: bool = False,
+    adapter: str | None = None,
 ) -> LoadedModel:
-    """Load model and tokenizer, mapping every user-fixable failure to a one-line UserError."""
+    """Load model and tokenizer, mapping every user-fixable failure to a one-line UserError.
+
+    `adapter`: a PEFT LoRA folder put on top of the model (`tools/export_lora.py`); the name
+    then reads "base + adapter"."""
     source, display = resolve_model(name)
     max_gpu = parse_gpu_vram(gpu_vram)
     dev = pick_device(device, gpu_id)
@@ -218,6 +222,11 @@ def load_chat_model(
         raise UserError(f"--model: cannot load '{display}': {first}") from err
     if "device_map" not in kwargs:
         model.to(dev)
+    if adapter is not None:
+        from openchatkit.models.lora import attach_adapter
+
+        model = attach_adapter(model, adapter)
+        display = f"{display} + adapter {Path(adapter).name}"
     model.eval()
     config = model.config
     window = (

@@ -28,6 +28,13 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
 }
 # Our name -> HF model_type.
 MODEL_TYPES: dict[str, str] = {name: mt for name, (mt, _) in ARCHITECTURES.items()}
+# HF model_type -> the modules LoRA adapts by default (the attention projections, as the
+# original's LoRA example and PEFT's own defaults do).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt_neox": ("query_key_value",),
+    "gptj": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
 
 
 def architecture_names() -> list[str]:

@@ -156,7 +156,8 @@ def verify_checkpoint(folder: Path, hashes: bool | None = None) -> str | None:
         meta = json.loads((folder / META).read_text())
     except (OSError, ValueError):
         return f"unreadable {META}"
-    if not (folder / "manifest.json").is_file():  # every checkpoint is a layer-sharded folder
+    # A full checkpoint is a layer-sharded folder; a LoRA one holds adapter.json instead.
+    if not any((folder / name).is_file() for name in ("manifest.json", "adapter.json")):
         return "manifest.json is missing"
     files = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(files, dict):

@@ -25,7 +25,8 @@ from typing import Any
 
 from openchatkit.data.tasks import TaskEntry, parse_task_spec
 from openchatkit.errors import UserError
-from openchatkit.models.registry import MODEL_TYPES, supported_model_types
+from openchatkit.models.lora import LoraSettings
+from openchatkit.models.registry import LORA_TARGETS, MODEL_TYPES, supported_model_types
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -169,12 +170,15 @@ class TrainConfig:
     max_grad_norm: float  # 0 = no clipping
     optimizer: str  # adam | 8bit-adam
     precision: str  # fp32 | bf16 | fp16
+    lora: LoraSettings | None  # None: full fine-tuning
+    load_in_4bit: bool
     initial_loss_scale: float
     loss_scale_window: int
     # checkpoints, evaluation, logs
     checkpoint_path: str
     checkpoint_steps: int
     num_checkpoints: int
+    save_timeout: float  # seconds, for the barriers around a checkpoint write
     evaluation_steps: int
     evaluation_num_batches: int
     train_log_backend: str
@@ -220,11 +224,13 @@ class TrainConfig:
     def flags(self) -> dict[str, Any]:
         """The plain (JSON) values of this config, for meta.json and the experiment tracker."""
         plain = (str, int, float, bool, type(None))
-        return {
+        out = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
             if isinstance(getattr(self, f.name), plain)
         }
+        out["lora"] = dataclasses.asdict(self.lora) if self.lora is not None else None
+        return out
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -287,6 +293,8 @@ class TrainConfig:
             raise UserError(f"--lr must be > 0, got {f.lr}")
         for name in ("checkpoint_steps", "num_checkpoints", "evaluation_steps"):
             _at_least(f, name, 0)
+        if f.save_timeout <= 0:
+            raise UserError(f"--save-timeout must be > 0 seconds, got {f.save_timeout}")
         if f.evaluation_steps > 0 and not f.evaluation_data:
             raise UserError("--evaluation-steps needs --evaluation-data")
         _at_least(f, "peer_timeout", 0, " (0 turns it off)")
@@ -305,58 +313,60 @@ class TrainConfig:
                 f"--model-name {folder}: not a layer-sharded folder (no manifest.json); prepare "
                 "it with pretrained/<Model>/prepare.py or tools/convert_from_hf_*.py"
             )
+        lora = _lora_settings(f, shape)
+        if f.load_in_4bit and lora is None:
+            raise UserError("--load-in-4bit (QLoRA) trains adapters: give --lora-r too")
+        if f.load_in_4bit and device != "cuda":
+            raise UserError(
+                "--load-in-4bit needs --device cuda: bitsandbytes' NF4 training kernels are "
+                "CUDA-only; on CPU train LoRA on the full-precision base (leave it out)"
+            )
         # fp16 is allowed on CPU (kernels exist, just slow): tests use it for the loss scale.
-        return cls(
-            model_name=f.model_name,
+        # Fields named as their flag take the flag's value; the rest are derived here.
+        same = {
+            fld.name: getattr(f, fld.name)
+            for fld in dataclasses.fields(cls)
+            if hasattr(f, fld.name)
+        }
+        derived = dict(
             tokenizer_name=f.tokenizer_name or f.model_name,
             model=shape,
-            load_pretrained_model=f.load_pretrained_model,
             layer_ranges=tuple(layer_ranges),
             pp=pp,
             dp=dp,
-            pp_mode=f.pp_mode,
             device=device,
             dp_backend=dp_backend,
-            rank=f.rank,
-            world_size=f.world_size,
-            dist_url=f.dist_url,
-            cuda_id=f.cuda_id,
-            net_interface=f.net_interface,
-            pg_timeout=f.pg_timeout,
-            peer_timeout=f.peer_timeout,
-            task_name=f.task_name,
             tasks=tuple(parse_task_spec(f.task_name)) if check_files else (),
-            evaluation_data=f.evaluation_data,
             eval_tasks=(
                 tuple(parse_task_spec(f.evaluation_data, "--evaluation-data"))
                 if check_files and f.evaluation_data
                 else None
             ),
-            seq_length=f.seq_length,
-            batch_size=f.batch_size,
-            micro_batch_size=f.micro_batch_size,
-            gradient_accumulate_step=f.gradient_accumulate_step,
-            loss_on=f.loss_on,
-            reset_position_ids=f.reset_position_ids,
-            seed=f.seed,
-            strict_data=getattr(f, "strict_data", False),
-            total_steps=f.total_steps,
-            warmup_steps=f.warmup_steps,
-            lr=f.lr,
-            weight_decay=f.weight_decay,
-            max_grad_norm=f.max_grad_norm,
-            optimizer=f.optimizer,
             precision="fp16" if f.fp16 else "bf16" if f.bf16 else "fp32",
-            initial_loss_scale=f.initial_loss_scale,
-            loss_scale_window=f.loss_scale_window,
-            checkpoint_path=f.checkpoint_path,
-            checkpoint_steps=f.checkpoint_steps,
-            num_checkpoints=f.num_checkpoints,
-            evaluation_steps=f.evaluation_steps,
-            evaluation_num_batches=f.evaluation_num_batches,
-            train_log_backend=f.train_log_backend,
-            project_name=f.project_name,
-            profiling=f.profiling,
-            profile_steps=f.profile_steps,
-            stop_after_steps=f.stop_after_steps,
+            lora=lora,
         )
+        return cls(**(same | derived))
+
+
+def _lora_settings(f: Any, shape: ModelShape) -> LoraSettings | None:
+    """The --lora-* flags as LoraSettings; None when --lora-r is 0."""
+    if f.lora_r < 0:
+        raise UserError(f"--lora-r must be >= 0 (0: full fine-tuning), got {f.lora_r}")
+    if f.lora_r == 0:
+        return None
+    if not 0 <= f.lora_dropout < 1:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {f.lora_dropout}")
+    if f.lora_alpha is not None and f.lora_alpha <= 0:
+        raise UserError(f"--lora-alpha must be > 0, got {f.lora_alpha}")
+    targets = LORA_TARGETS[shape.model_type]
+    if f.lora_target_modules is not None:
+        targets = tuple(t.strip() for t in f.lora_target_modules.split(",") if t.strip())
+        if not targets:
+            raise UserError("--lora-target-modules is empty")
+    return LoraSettings(
+        r=f.lora_r,
+        alpha=float(f.lora_alpha if f.lora_alpha is not None else 2 * f.lora_r),
+        dropout=f.lora_dropout,
+        target_modules=targets,
+        bias=f.lora_bias,
+    )

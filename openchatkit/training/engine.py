@@ -12,8 +12,9 @@ Per optimizer step, on every rank:
    embedding (first stage's `embed.*`, last stage's `head.lm_head.weight`) are summed over the
    tie group so both stay identical.
 4. Grad norm and the overflow check are reduced over the pp group (the tied copy counted once),
-   the step is skipped on a non-finite norm (fp16: the loss scale halves), grads are clipped,
-   the optimizer and LR schedule step, and fp32 masters are copied back into the model.
+   the step is skipped on a non-finite norm (fp16: the loss scale halves, the LR schedule does
+   not advance), grads are clipped, the optimizer and LR schedule step, and fp32 masters are
+   copied back into the model.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class TrainEngine:
         self.loss_fn = TokenMeanLoss()
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.master = MasterWeights(named)
-        tied_names = getattr(module, "tied_copy_names", None)
+        # Under LoRA the embeddings are frozen: no tied gradients to keep in step.
+        tied_names = getattr(module, "tied_copy_names", None) if config.lora is None else None
         self.tied_names = tied_names
         # name -> the name its state is saved under (the head copy of a tied embedding is
         # saved once, as the embedding).
@@ -344,7 +346,10 @@ class TrainEngine:
             with self.span("optimizer"):
                 self.optimizer.step()
                 self.master.master_to_model()
-        self.scheduler.step()
+        if not skipped:
+            # The schedule counts applied updates: a step skipped on fp16 overflow leaves the
+            # LR where it was (as Megatron does), so warm-up and decay see only real updates.
+            self.scheduler.step()
         self.scaler.update(skipped)
         self.master.zero_grad()
         return StepResult(

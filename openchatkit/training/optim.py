@@ -26,6 +26,9 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW (`adam`) or bitsandbytes' 8-bit Adam (`8bit-adam`, also runs on CPU)."""
     if name == "adam":
+        if params and all(p.is_cuda for p in params):
+            # One fused kernel over every tensor instead of a Python loop of small kernels.
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
     if name == "8bit-adam":
         try:
@@ -54,7 +57,9 @@ def optimizer_state_by_name(
         if name in skip or index not in sd["state"]:
             continue
         out[name] = {
-            k: (v.detach().clone() if torch.is_tensor(v) else v)
+            # Straight to host memory: a GPU clone would add the optimizer state's size
+            # (8-12 bytes per parameter) to the device at every save.
+            k: (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v)
             for k, v in sd["state"][index].items()
         }
     return out

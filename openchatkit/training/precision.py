@@ -109,7 +109,10 @@ class MasterWeights:
         """fp32 masters by name (empty in fp32, where the model weights are the masters)."""
         if not self.uses_master:
             return {}
-        return {n: m.detach().clone() for n, m in zip(self.names, self.params, strict=True)}
+        # Copied to host memory (not cloned on the device): saving must not need more GPU memory.
+        return {
+            n: m.detach().to("cpu", copy=True) for n, m in zip(self.names, self.params, strict=True)
+        }
 
     @torch.no_grad()
     def load_master_state(self, masters: dict[str, torch.Tensor], alias: dict[str, str]) -> int:

@@ -45,6 +45,8 @@ def tidy_trace(raw: dict[str, Any], rank: int) -> dict[str, Any]:
         if ev.get("ph") != "X":
             continue
         category = categorize(str(ev.get("name", "")))
+        if category is None and ev.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            category = "gpu"  # a CUDA kernel or copy on the device's own timeline
         if category is None:
             continue
         events.append(
@@ -66,7 +68,14 @@ def tidy_trace(raw: dict[str, Any], rank: int) -> dict[str, Any]:
 class StepProfiler:
     """Profiles steps [first, first + count) and then writes the tidy trace once."""
 
-    def __init__(self, folder: str | os.PathLike, rank: int, first: int, count: int):
+    def __init__(
+        self, folder: str | os.PathLike, rank: int, first: int, count: int, cuda: bool = False
+    ):
+        # On a GPU the CUDA activity is recorded too: kernels and NCCL's own kernels (whose
+        # duration is the real communication time; the CPU side only launches them).
+        self.activities = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            self.activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.path = Path(folder) / "profiles" / f"trace_rank{rank}.json"
         self.rank = rank
         self.first, self.last = first, first + count - 1
@@ -77,7 +86,7 @@ class StepProfiler:
     def before_step(self, step: int) -> None:
         if self.done or self._prof is not None or step < self.first:
             return
-        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._prof = torch.profiler.profile(activities=self.activities)
         self._prof.__enter__()
         self.active = True
 

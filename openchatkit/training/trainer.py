@@ -49,6 +49,7 @@ class Run:
         self.device = torch.device("cpu")
         self.start_step = 0
         self.watchdog: PeerWatchdog | None = None
+        self.save_group = None  # gloo group for checkpoint barriers (distributed runs)
 
     # -- setup --------------------------------------------------------------------------------
     def init_distributed(self) -> None:
@@ -64,6 +65,9 @@ class Run:
                 )
             torch.cuda.set_device(cuda_id)
             self.device = torch.device("cuda", cuda_id)
+            if config.precision == "fp32":
+                # TF32 tensor cores for fp32 matmuls (10-bit mantissa products, fp32 sums).
+                torch.set_float32_matmul_precision("high")
         if self.layout.is_distributed:
             dist.init_process_group(
                 backend=config.dp_backend,
@@ -71,8 +75,15 @@ class Run:
                 rank=self.rdv.rank,
                 world_size=self.rdv.world_size,
                 timeout=datetime.timedelta(seconds=config.pg_timeout),
+                # NCCL binds its communicator to this GPU eagerly instead of guessing it.
+                device_id=self.device if config.device == "cuda" else None,
             )
             self.layout.init_groups(config.device, tied=config.model.tie_word_embeddings)
+            # Checkpoint barriers on their own CPU group with their own timeout: ranks wait for
+            # the slowest writer without tripping --pg-timeout of the NCCL group.
+            self.save_group = dist.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=config.save_timeout)
+            )
             if config.peer_timeout > 0:
                 host, port = self.rdv.address
                 self.watchdog = PeerWatchdog(
@@ -85,13 +96,13 @@ class Run:
                 ).start()
 
     def barrier(self) -> None:
+        """Wait for every rank around a checkpoint write (--save-timeout)."""
         if self.layout.is_distributed:
-            dist.barrier()
+            dist.barrier(group=self.save_group)
 
     def build(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from openchatkit.data import GlobalBatchLoader, PackedSequenceStream
         from openchatkit.models.stage import StageModel
 
         config, layout = self.config, self.layout
@@ -101,7 +112,11 @@ class Run:
         dtype = DTYPES[config.precision]
         layer_range = config.layer_ranges[layout.pp_rank]
         first, last = layout.is_first_stage, layout.is_last_stage
-        source = self.resume_from or (config.model_name if config.load_pretrained_model else None)
+        # LoRA checkpoints hold only adapters: the weights always come from the base model.
+        full_weights = self.resume_from if config.lora is None else None
+        if self.resume_from is not None:
+            check_resume_kind(self.resume_from, config)
+        source = full_weights or (config.model_name if config.load_pretrained_model else None)
         if source is not None:
             self.stage = StageModel.from_sharded(
                 source, layer_range, first, last, dtype=dtype, device=self.device
@@ -114,43 +129,49 @@ class Run:
                 hf_config, layer_range, first, last, dtype=dtype, device=self.device
             )
             ckpt.seed_everything(config.seed)
+        if config.lora is not None:
+            from openchatkit.models.lora import apply_lora, load_adapter_into
+
+            if config.load_in_4bit:
+                from openchatkit.models.quantize import quantize_linear_4bit
+
+                quantize_linear_4bit(self.stage, keep=config.lora.target_modules)
+            apply_lora(self.stage, config.lora, seed=config.seed)
+            if self.resume_from is not None:
+                load_adapter_into(self.stage, self.resume_from, config.lora.bias)
         self.engine = TrainEngine(self.stage, layout, config, device=self.device)
-        if source is None:
+        if source is None and self.resume_from is None:
             # The last stage's copy of a randomly initialised tied embedding starts equal to it.
             self.engine.share_tied_init()
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name)
-        stream = PackedSequenceStream(
-            list(config.tasks),
-            self.tokenizer,
-            config.seq_length,
-            seed=config.seed,
-            loss_on=config.loss_on,
-            reset_position_ids=config.reset_position_ids,
-            strict_data=config.strict_data,
-        )
-        self.loader = GlobalBatchLoader(stream, config.batch_size, layout.dp_rank, layout.dp)
+        self.loader = self.make_loader(config.tasks, cycle=True)
         self.eval_batches = self.read_eval_batches() if config.evaluation_steps else []
         if self.meta is not None:
             self.resume()
-        self.num_params = self.count_params()
+        self.num_params, self.num_trainable = self.count_params()
 
-    def read_eval_batches(self) -> list[dict[str, torch.Tensor]]:
-        """This rank's rows of the first --evaluation-num-batches global batches of the
-        evaluation data, read once: every evaluation scores the same batches."""
+    def make_loader(self, tasks, cycle: bool):
+        """This rank's loader over the one global packed stream of `tasks`."""
         from openchatkit.data import GlobalBatchLoader, PackedSequenceStream
 
         config, layout = self.config, self.layout
         stream = PackedSequenceStream(
-            list(config.eval_tasks),
+            list(tasks),
             self.tokenizer,
             config.seq_length,
             seed=config.seed,
             loss_on=config.loss_on,
             reset_position_ids=config.reset_position_ids,
             strict_data=config.strict_data,
-            cycle=False,
+            cycle=cycle,
         )
-        loader = GlobalBatchLoader(stream, config.batch_size, layout.dp_rank, layout.dp)
+        return GlobalBatchLoader(stream, config.batch_size, layout.dp_rank, layout.dp)
+
+    def read_eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's rows of the first --evaluation-num-batches global batches of the
+        evaluation data, read once: every evaluation scores the same batches."""
+        config = self.config
+        loader = self.make_loader(config.eval_tasks, cycle=False)
         batches = []
         for batch in loader:
             batches.append(batch)
@@ -162,14 +183,19 @@ class Run:
             )
         return batches
 
-    def count_params(self) -> int:
-        """Parameters of the whole model (sum over the pipeline; a tied copy counted once)."""
-        skip = self.engine.alias
-        local = sum(p.numel() for n, p in self.stage.named_parameters() if n not in skip)
-        t = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
+    def count_params(self) -> tuple[int, int]:
+        """(all, trainable) parameters of the whole model, summed over the pipeline; the last
+        stage's copy of a tied embedding counted once."""
+        tied = self.stage.tied_copy_names
+        params = [(n, p) for n, p in self.stage.named_parameters() if not tied or n != tied[1]]
+        local = [
+            sum(p.numel() for _, p in params),
+            sum(p.numel() for _, p in params if p.requires_grad),
+        ]
+        t = torch.tensor(local, dtype=torch.float64, device=self.device)
         if self.layout.pp_group is not None:
             dist.all_reduce(t, group=self.layout.pp_group)
-        return int(t.item())
+        return int(t[0].item()), int(t[1].item())
 
     def resume(self) -> None:
         meta, folder, layout, config = self.meta, self.resume_from, self.layout, self.config
@@ -228,7 +254,10 @@ class Run:
         self.barrier()
         tmp = ckpt.temp_dir(self.root, step)
         if layout.dp_rank == 0:
-            save_stage(self.stage, tmp, write_metadata=layout.is_first_stage)
+            if config.lora is None:
+                save_stage(self.stage, tmp, write_metadata=layout.is_first_stage)
+            else:
+                save_adapter_checkpoint(self.stage, tmp, layout.pp_rank, config)
             state, masters = self.engine.state_dict()
             ckpt.write_stage_state(tmp, layout.pp_rank, state, masters)
         ckpt.write_rank_state(tmp, layout.rank)
@@ -264,10 +293,12 @@ class Run:
         )
         if rank0:
             logger.info(
-                "{} | {} params | {} micro-batches of {} per pass, global batch {} sequences "
-                "({} tokens) per step, {}",
+                "{} | {} params, {} trainable{} | {} micro-batches of {} per pass, global "
+                "batch {} sequences ({} tokens) per step, {}",
                 layout.describe(),
                 f"{self.num_params:,}",
+                f"{self.num_trainable:,}",
+                f" (LoRA r={config.lora.r})" if config.lora else "",
                 config.num_microbatches,
                 config.micro_batch_size,
                 config.global_batch_sequences,
@@ -281,7 +312,11 @@ class Run:
         profiler = None
         if config.profiling == "tidy_profiling":
             profiler = StepProfiler(
-                self.root, layout.rank, self.start_step + 1, config.profile_steps
+                self.root,
+                layout.rank,
+                self.start_step + 1,
+                config.profile_steps,
+                cuda=config.device == "cuda",
             )
             self.engine.enable_tracing(profiler)
         peak = peak_flops(config.device)
@@ -291,6 +326,10 @@ class Run:
         last = config.total_steps
         if config.stop_after_steps is not None:
             last = min(last, self.start_step + config.stop_after_steps)
+        from openchatkit.data.packing import PrefetchingLoader
+
+        # From here the batches are read ahead in a thread; save() asks it for the data state.
+        self.loader = PrefetchingLoader(self.loader)
         try:
             for step in range(self.start_step + 1, last + 1):
                 maybe_fault("step", step, self.rdv.rank)
@@ -331,8 +370,46 @@ class Run:
                     eval_loss = self.engine.evaluate(iter(self.eval_batches))
                     metrics.log({"kind": "eval", "step": step, "eval_loss": eval_loss})
         finally:
+            self.loader.close()
             metrics.close()
         return 0
+
+
+def check_resume_kind(folder: Path, config: TrainConfig) -> None:
+    """Refuse to resume a LoRA run from full weights or the other way round, or adapters
+    trained on another base model (one line naming both)."""
+    from openchatkit.models.lora import base_fingerprint, read_adapter_meta
+
+    meta = read_adapter_meta(folder)
+    if config.lora is None and meta is not None:
+        raise UserError(
+            f"--checkpoint-path {config.checkpoint_path}: {folder.name} holds LoRA adapters; "
+            "resume with the same --lora-r, or use a new --checkpoint-path for full fine-tuning"
+        )
+    if config.lora is not None and meta is None:
+        raise UserError(
+            f"--checkpoint-path {config.checkpoint_path}: {folder.name} holds full weights, not "
+            "LoRA adapters; use a new --checkpoint-path for a LoRA run"
+        )
+    if meta is not None and meta["base_fingerprint"] != base_fingerprint(config.model_name):
+        raise UserError(
+            f"--checkpoint-path {config.checkpoint_path}: its adapters were trained on "
+            f"{meta['base_model']} (fingerprint {meta['base_fingerprint']}), not on "
+            f"--model-name {config.model_name}; give that base or a new --checkpoint-path"
+        )
+
+
+def save_adapter_checkpoint(stage, folder: Path, pp_rank: int, config: TrainConfig) -> None:
+    """A LoRA checkpoint's model part: this stage's adapters; stage 0 adds adapter.json (the
+    settings, the base model and its fingerprint) and the tokenizer files."""
+    from openchatkit.fileio import write_json
+    from openchatkit.models import sharded
+    from openchatkit.models.lora import ADAPTER_META, adapter_meta, save_adapter_stage
+
+    save_adapter_stage(stage, folder, pp_rank, config.lora.bias)
+    if pp_rank == 0:
+        write_json(folder / ADAPTER_META, adapter_meta(config.lora, config.model_name))
+        sharded.copy_tokenizer_files(config.tokenizer_name, folder)
 
 
 def maybe_fault(point: str, step: int, rank: int) -> None:

@@ -172,6 +172,33 @@ def test_state_dict_resume_yields_the_same_next_batches(tmp_path, write_jsonl, c
                 assert torch.equal(got[key], expected[key]), (stop, key)
 
 
+def test_prefetching_loader_gives_the_same_batches_and_the_consumed_state(
+    tmp_path, write_jsonl, char_tok
+):
+    from openchatkit.data.packing import PrefetchingLoader
+
+    spec = mixed_spec(tmp_path, write_jsonl)
+
+    def loader():
+        stream = PackedSequenceStream(spec, char_tok, seq_length=16, seed=7, docs_per_chunk=5)
+        return GlobalBatchLoader(stream, global_batch_size=3)
+
+    plain, ahead = loader(), PrefetchingLoader(loader(), depth=3)
+    assert ahead.state_dict() == plain.state_dict()
+    for _ in range(12):
+        expected, got = next(plain), next(ahead)
+        for key in ("input_ids", "labels", "position_ids"):
+            assert torch.equal(got[key], expected[key])
+        # The state of what was handed out, not of what was read ahead.
+        assert ahead.state_dict() == plain.state_dict()
+    ahead.close()
+    # The end of a non-cycling stream (StopIteration) reaches the consumer, in order.
+    once = lambda: GlobalBatchLoader(  # noqa: E731
+        PackedSequenceStream(spec, char_tok, seq_length=16, cycle=False), global_batch_size=3
+    )
+    assert len(list(PrefetchingLoader(once()))) == len(list(once())) > 0
+
+
 def test_resume_state_is_small(tmp_path, write_jsonl, char_tok):
     spec = mixed_spec(tmp_path, write_jsonl)
     stream = PackedSequenceStream(spec, char_tok, seq_length=4096, docs_per_chunk=64)

@@ -17,8 +17,9 @@ import torch
 
 from openchatkit.cli.train import config_with_defaults
 from openchatkit.distributed.layout import ParallelLayout
+from openchatkit.models.lora import apply_lora
 from openchatkit.models.stage import StageModel
-from openchatkit.training.config import read_model_shape, stage_layer_ranges
+from openchatkit.training.config import read_model_shape
 from openchatkit.training.engine import TrainEngine
 
 STEPS = 3
@@ -62,6 +63,9 @@ def _train(rank: int, folder: str, flags: dict, port: int, out: str) -> None:
         layout.is_last_stage,
         dtype=torch.float32,
     )
+    if config.lora is not None:
+        apply_lora(stage, config.lora, seed=config.seed)
+    initial = {n: p.detach().clone() for n, p in stage.named_parameters()}
     engine = TrainEngine(stage, layout, config, device=torch.device("cpu"))
     rows = config.replica_batch_sequences  # replica r takes rows [r*rows, (r+1)*rows)
     results = []
@@ -70,7 +74,11 @@ def _train(rank: int, folder: str, flags: dict, port: int, out: str) -> None:
         r = engine.train_step([mine])
         results.append((r.loss, r.grad_norm, r.num_tokens))
     params = {n: p.detach().clone() for n, p in stage.named_parameters()}
-    torch.save({"steps": results, "params": params}, Path(out) / f"rank{rank}.pt")
+    trainable = sorted(n for n, p in stage.named_parameters() if p.requires_grad)
+    torch.save(
+        {"steps": results, "params": params, "initial": initial, "trainable": trainable},
+        Path(out) / f"rank{rank}.pt",
+    )
     if layout.is_distributed:
         torch.distributed.destroy_process_group()
 
@@ -94,21 +102,10 @@ def _run(folder: Path, flags: dict, tmp: Path) -> list[dict]:
     return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
 
 
-@pytest.mark.parametrize(
-    "arch,pp,dp,mode",
-    [("llama", 2, 2, "gpipe"), ("gpt_neox", 2, 1, "1f1b")],
-    ids=["llama-tied-pp2dp2-gpipe", "neox-pp2-1f1b"],
-)
-def test_engine_ranks_equal_one_process(tiny, tmp_path, arch, pp, dp, mode):
-    folder = tiny[arch]
-    common = dict(batch_size=BATCH, micro_batch_size=2, lr=1e-3, total_steps=10, seed=1)
-    ref = _run(folder, common, tmp_path / "ref")[0]
-    ranks = _run(
-        folder,
-        dict(common, pipeline_group_size=pp, data_group_size=dp, pp_mode=mode),
-        tmp_path / "par",
-    )
-    # Every rank reports the same global loss, grad norm and token count as one process.
+def _assert_ranks_match(ref: dict, ranks: list[dict]) -> None:
+    """Every rank reports the same global loss, grad norm and token count as one process, and
+    each stage's parameters (every replica, both tied copies) equal the single process's
+    parameter of the same name."""
     for got in ranks:
         for (loss, norm, n), (ref_loss, ref_norm, ref_n) in zip(
             got["steps"], ref["steps"], strict=True
@@ -116,11 +113,6 @@ def test_engine_ranks_equal_one_process(tiny, tmp_path, arch, pp, dp, mode):
             assert n == ref_n
             assert loss == pytest.approx(ref_loss, rel=1e-5)
             assert norm == pytest.approx(ref_norm, rel=1e-5)
-    # Final weights: each stage's parameters (every replica, both tied copies) equal the
-    # single process's parameter of the same name.
-    shape = read_model_shape(folder)
-    ranges = stage_layer_ranges(shape.num_layers, pp, None)
-    assert sum(len(r) for r in ranges) == shape.num_layers
     checked = set()
     for got in ranks:
         for name, value in got["params"].items():
@@ -130,6 +122,50 @@ def test_engine_ranks_equal_one_process(tiny, tmp_path, arch, pp, dp, mode):
             torch.testing.assert_close(value, ref["params"][ref_name], rtol=1e-5, atol=1e-6)
             checked.add(ref_name)
     assert checked == set(ref["params"])
+
+
+COMMON = dict(batch_size=BATCH, micro_batch_size=2, lr=1e-3, total_steps=10, seed=1)
+
+
+@pytest.mark.parametrize(
+    "arch,pp,dp,mode",
+    [("llama", 2, 2, "gpipe"), ("gpt_neox", 2, 1, "1f1b")],
+    ids=["llama-tied-pp2dp2-gpipe", "neox-pp2-1f1b"],
+)
+def test_engine_ranks_equal_one_process(tiny, tmp_path, arch, pp, dp, mode):
+    folder = tiny[arch]
+    ref = _run(folder, COMMON, tmp_path / "ref")[0]
+    layout = dict(pipeline_group_size=pp, data_group_size=dp, pp_mode=mode)
+    _assert_ranks_match(ref, _run(folder, dict(COMMON, **layout), tmp_path / "par"))
+
+
+@pytest.mark.parametrize(
+    "arch,pp,dp,mode",
+    [
+        ("llama", 2, 2, "gpipe"),
+        ("gpt_neox", 2, 2, "1f1b"),
+        ("gpt_neox", 4, 1, "1f1b"),
+        ("llama", 4, 1, "gpipe"),
+    ],
+    ids=["llama-tied-pp2dp2-gpipe", "neox-pp2dp2-1f1b", "neox-pp4-1f1b", "llama-tied-pp4-gpipe"],
+)
+def test_lora_ranks_equal_one_process_and_leave_the_base_alone(tiny, tmp_path, arch, pp, dp, mode):
+    folder = tiny[arch]
+    lora = dict(COMMON, lora_r=4, lora_dropout=0.0)
+    ref = _run(folder, lora, tmp_path / "ref")[0]
+    layout = dict(pipeline_group_size=pp, data_group_size=dp, pp_mode=mode)
+    ranks = _run(folder, dict(lora, **layout), tmp_path / "par")
+    _assert_ranks_match(ref, ranks)
+    for got in [ref, *ranks]:
+        assert got["trainable"] and all(".lora_" in n for n in got["trainable"])
+        for name, value in got["params"].items():
+            if name in got["trainable"]:
+                assert not torch.equal(value, got["initial"][name]), name  # it trained
+            else:
+                assert torch.equal(value, got["initial"][name]), name  # bit-identical base
+    # B starts at zero, so the first step's loss is the base model's.
+    full = _run(folder, COMMON, tmp_path / "full")[0]
+    assert ref["steps"][0][0] == pytest.approx(full["steps"][0][0], rel=1e-6)
 
 
 @pytest.mark.gpu

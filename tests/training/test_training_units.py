@@ -188,6 +188,16 @@ def test_trace_is_tidied_to_the_named_categories():
     cats = [e["cat"] for e in out["traceEvents"] if e["ph"] == "X"]
     assert cats == ["forward", "send", "recv", "backward", "all-reduce", "optimizer"]
     assert categorize("aten::mm") is None
+    # On a GPU: device kernels are kept (NCCL's by their collective), CPU-side aten ops are not.
+    gpu = {
+        "traceEvents": [
+            {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_AllReduce_Sum_f32", "ts": 1},
+            {"ph": "X", "cat": "kernel", "name": "sm90_xmma_gemm_bf16", "ts": 2},
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 3},
+        ]
+    }
+    cats = [e["cat"] for e in tidy_trace(gpu, rank=0)["traceEvents"] if e["ph"] == "X"]
+    assert cats == ["all-reduce", "gpu"]
 
 
 def test_plan_refuses_too_few_gpus_and_reads_multi_node_env():

@@ -1,0 +1,173 @@
+"""LoRA through the trainer's CLI: adapter-only checkpoints, exact resume, export to PEFT (loaded
+by peft on the HF base), merge, the bot's --adapter, and the bad inputs.
+
+Layout parity (pp x dp against one process, base weights bit-identical, first loss equal to the
+base model's) is in test_training_engine.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+LORA = dict(lora_r=4, lora_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny, tt, cli, tmp_path_factory):
+    """A 4-step LoRA run of the tiny tied Llama (checkpoints at 2 and 4) and its HF base."""
+    root = tmp_path_factory.mktemp("lora")
+    ckpt = root / "ckpt"
+    r = tt.run_train(tt.train_args(tiny, "llama", ckpt, **LORA))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trainable (LoRA r=4)" in r.stderr
+    hf = root / "hf"
+    r = cli.run("tools/convert_to_hf_llama.py", "--ckpt-path", tiny["llama"], "--save-path", hf)
+    assert r.returncode == 0, r.stderr
+    return {"ckpt": ckpt, "hf": hf, "root": root}
+
+
+def _adapters(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("adapter_stage_*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_checkpoint_holds_only_adapters_and_resumes_exactly(tiny, tt, lora_run, tmp_path):
+    final = lora_run["ckpt"] / "checkpoint_4"
+    names = {p.name for p in final.iterdir()}
+    assert {"adapter_stage_0.safetensors", "adapter.json", "meta.json"} <= names
+    assert not any(n.startswith(("layer_", "embeddings", "head")) for n in names)
+    adapters = _adapters(final)
+    assert adapters and all(".lora_" in k for k in adapters)
+    base_bytes = sum(f.stat().st_size for f in tiny["llama"].glob("*.safetensors"))
+    assert (final / "adapter_stage_0.safetensors").stat().st_size < base_bytes / 5
+    # Stop after 2 steps, resume to 4: the same adapters bit for bit.
+    ckpt = tmp_path / "resumed"
+    r = tt.run_train(tt.train_args(tiny, "llama", ckpt, stop_after_steps=2, **LORA))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = tt.run_train(tt.train_args(tiny, "llama", ckpt, **LORA))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    resumed = _adapters(ckpt / "checkpoint_4")
+    assert resumed.keys() == adapters.keys()
+    for k in adapters:
+        assert torch.equal(resumed[k], adapters[k]), k
+    assert tt.train_losses(ckpt) == tt.train_losses(lora_run["ckpt"])
+
+
+def _trainer_logits(base, ckpt, ids):
+    """Logits of our stage model with the checkpoint's adapters."""
+    from openchatkit.models.lora import apply_lora, load_adapter_into, read_adapter_checkpoint
+    from openchatkit.models.stage import StageModel
+
+    stage = StageModel.from_sharded(base, range(4), True, True, dtype=torch.float32)
+    _, _, settings, _ = read_adapter_checkpoint(ckpt)
+    apply_lora(stage, settings)
+    load_adapter_into(stage, ckpt / "checkpoint_4")
+    stage.eval()
+    with torch.no_grad():
+        return stage(ids)
+
+
+def test_export_loads_in_peft_and_merge_equals_base_plus_adapter(tiny, cli, lora_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = lora_run["root"] / "adapter"
+    r = cli.run("tools/export_lora.py", "--ckpt-path", lora_run["ckpt"], "--save-path", adapter)
+    assert r.returncode == 0, r.stderr
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    ours = _trainer_logits(tiny["llama"], lora_run["ckpt"], ids)
+    base = AutoModelForCausalLM.from_pretrained(lora_run["hf"], dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(ids).logits
+        peft_model = PeftModel.from_pretrained(base, adapter).eval()
+        theirs = peft_model(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert (theirs - plain).abs().max() > 1e-4  # the adapter changes the model
+    # Merged (both ways) equals base + adapter.
+    merged_tool = lora_run["root"] / "merged-tool"
+    r = cli.run(
+        "tools/merge_lora.py", "--base", lora_run["hf"], "--adapter", adapter,
+        "--save-path", merged_tool,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    merged_ckpt = lora_run["root"] / "merged-ckpt"
+    r = cli.run(
+        "tools/convert_to_hf_llama.py", "--ckpt-path", lora_run["ckpt"], "--merge-lora",
+        "--save-path", merged_ckpt,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for folder in (merged_tool, merged_ckpt):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, theirs, rtol=1e-5, atol=1e-5)
+    # The bot loads base + adapter and names both.
+    from openchatkit.models.loading import load_chat_model
+
+    loaded = load_chat_model(
+        str(lora_run["hf"]), device="cpu", dtype="float32", adapter=str(adapter)
+    )
+    assert loaded.name == f"{lora_run['hf'].name} + adapter adapter"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_bad_inputs(tiny, tt, cli, lora_run, tmp_path):
+    def train(*extra, ckpt=None, **flags):
+        args = tt.train_args(tiny, "llama", ckpt or tmp_path / "c", **flags)
+        return tt.run_train(args + list(extra))
+
+    cli.assert_one_line_error(train(lora_r=-1), "--lora-r must be >= 0")
+    r = train(lora_r=4, lora_target_modules="q_proj,nope")
+    cli.assert_one_line_error(r, "--lora-target-modules 'nope'", "q_proj", "down_proj")
+    cli.assert_one_line_error(
+        train(lora_r=4, load_in_4bit=True), "--load-in-4bit needs --device cuda"
+    )
+    cli.assert_one_line_error(train(load_in_4bit=True), "give --lora-r")
+    # Adapters trained on one base, resumed on another (same shapes, other weights).
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny["llama"], other)
+    from safetensors.torch import load_file, save_file
+
+    layer = other / "layer_00000.safetensors"
+    save_file({k: v + 1 for k, v in load_file(layer).items()}, layer)
+    ckpt = tmp_path / "resume"
+    shutil.copytree(lora_run["ckpt"], ckpt)
+    args = tt.train_args(tiny, "llama", ckpt, total_steps=6, **LORA)
+    args[args.index("--model-name") + 1] = str(other)
+    r = tt.run_train(args)
+    cli.assert_one_line_error(r, "trained on", str(tiny["llama"]), str(other))
+    # A full-weight run cannot take over a LoRA checkpoint folder, nor the other way round.
+    cli.assert_one_line_error(train(ckpt=ckpt, total_steps=6), "holds LoRA adapters")
+    # A LoRA checkpoint given to a full-weight converter without --merge-lora.
+    r = cli.run("tools/convert_to_hf_llama.py", "--ckpt-path", ckpt, "--save-path", tmp_path / "x")
+    cli.assert_one_line_error(r, "is a LoRA checkpoint", "--merge-lora")
+    assert not (tmp_path / "x").exists()
+    # An adapter for another base model.
+    adapter = lora_run["root"] / "adapter-bad"
+    assert (
+        cli.run("tools/export_lora.py", "--ckpt-path", ckpt, "--save-path", adapter).returncode == 0
+    )
+    neox_hf = tmp_path / "neox-hf"
+    r = cli.run(
+        "tools/convert_to_hf_gptneox.py", "--ckpt-path", tiny["gpt_neox"], "--save-path", neox_hf
+    )
+    assert r.returncode == 0, r.stderr
+    r = cli.run(
+        "tools/merge_lora.py",
+        "--base",
+        neox_hf,
+        "--adapter",
+        adapter,
+        "--save-path",
+        tmp_path / "m",
+    )
+    cli.assert_one_line_error(r, str(adapter), "does not fit")
+    assert not (tmp_path / "m").exists()
