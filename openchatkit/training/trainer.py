@@ -278,6 +278,9 @@ class Run:
             final = ckpt.publish(self.root, step, meta, config.num_checkpoints)
             logger.info("saved {}", final)
         self.barrier()
+        # The next save copies manifest fields and tokenizer files from the stage's source
+        # folder; a resumed run's source checkpoint may be gone by then (--num-checkpoints).
+        self.stage.source_folder = ckpt.checkpoint_dir(self.root, step)
 
     # -- loop ---------------------------------------------------------------------------------
     def train(self) -> int:
