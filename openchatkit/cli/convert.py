@@ -129,8 +129,8 @@ def run_to_hf(args: argparse.Namespace, arch: str) -> int:
         check_stage_layout,
         convert_sharded_to_hf,
         read_sharded_source,
-        trained_stage_sizes,
         resolve_checkpoint,
+        trained_stage_sizes,
     )
     from openchatkit.models.lora import read_adapter_meta
 

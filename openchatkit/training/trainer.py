@@ -280,7 +280,8 @@ class Run:
         self.barrier()
         # The next save copies manifest fields and tokenizer files from the stage's source
         # folder; a resumed run's source checkpoint may be gone by then (--num-checkpoints).
-        self.stage.source_folder = ckpt.checkpoint_dir(self.root, step)
+        if config.lora is None:  # a LoRA stage keeps the base model as its source
+            self.stage.source_folder = ckpt.checkpoint_dir(self.root, step)
 
     # -- loop ---------------------------------------------------------------------------------
     def train(self) -> int:
