@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 # pip on some machines warns once per package about missing local index folders: noise.
 QUIET := { grep -v "^WARNING: Location" || true; }
 
-.PHONY: install chat test test-slow test-all lint format demo demo-lora bench clean
+.PHONY: install chat test test-slow test-all lint format demo demo-lora demo-moderation bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ demo: install
 
 demo-lora: install
 	bash training/finetune-smollm2-135m-lora-cpu.sh
+
+# Fine-tunes the embedded model into a moderation classifier, then prints held-out accuracy.
+demo-moderation: install
+	bash training/finetune-moderation-smollm2-cpu.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

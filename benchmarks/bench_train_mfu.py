@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import GPTNeoXConfig
 
-    from openchatkit.training.metrics import model_flops_per_token, peak_flops
+    from openchatkit.training.metrics import matmul_params, model_flops_per_token, peak_flops
 
     device = torch.device(args.device)
     config = GPTNeoXConfig(**CONFIGS[args.config])
@@ -166,8 +166,9 @@ def main(argv=None) -> int:
         for name in sides:
             sides[name][2] += time_steps(sides[name][0], args.steps, device)
     peak = peak_flops(device.type)
+    matmul = matmul_params(num_params, config.vocab_size, config.hidden_size, False)
     flops_tok = model_flops_per_token(
-        num_params, config.num_hidden_layers, config.hidden_size, args.seq_length
+        matmul, config.num_hidden_layers, config.hidden_size, args.seq_length
     )
     name_dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(

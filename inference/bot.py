@@ -6,6 +6,10 @@ Run (the embedded SmolLM2-135M-Instruct by default; nothing is downloaded):
     printf 'Hello\n/quit\n' | python inference/bot.py         # one line per turn
 One GPU:
     python inference/bot.py --model togethercomputer/RedPajama-INCITE-Chat-3B-v1 --gpu-id 0
+With a moderation model (each message and answer labelled first; see inference/moderate.py):
+    python inference/bot.py --moderation huggingface_models/SmolLM2-135M-moderation-demo
+    python inference/bot.py --model togethercomputer/RedPajama-INCITE-Chat-3B-v1 --gpu-id 0 \
+        --moderation togethercomputer/GPT-JT-Moderation-6B
 Big models across GPUs with CPU offload:
     python inference/bot.py --model togethercomputer/GPT-NeoXT-Chat-Base-20B -g 0:10 1:12 -r 64
 Type /help in the session for the commands.
@@ -64,6 +68,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--retrieval", metavar="INDEX_DIR", help="answer from a FAISS index folder")
     p.add_argument("--retrieval-k", type=int, default=3, help="passages per question (3)")
+    p.add_argument(
+        "--moderation",
+        metavar="MODEL",
+        help="moderation model (GPT-JT-Moderation format; may be the chat model itself): "
+        "refuse flagged messages and answers, add a caution note for cautious labels",
+    )
+    p.add_argument(
+        "--moderation-threshold",
+        type=float,
+        metavar="P",
+        help="refuse when p(needs intervention) >= P (default: when it is the most likely label)",
+    )
+    p.add_argument(
+        "--moderation-examples", metavar="FILE.jsonl", help="few-shot examples (text, label)"
+    )
     args = p.parse_args(argv)
     from openchatkit.conversation import clean_text
 
@@ -80,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--retrieval-k must be >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top-p must be in (0, 1]")
+    if args.moderation_threshold is not None and not 0 < args.moderation_threshold <= 1:
+        p.error("--moderation-threshold must be in (0, 1]")
+    if args.moderation is None and (args.moderation_threshold or args.moderation_examples):
+        p.error("--moderation-threshold and --moderation-examples need --moderation MODEL")
     return args
 
 
@@ -142,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.retrieval is not None and not Path(args.retrieval).is_dir():  # before the model
         raise UserError(f"--retrieval: no such index folder {args.retrieval}")
+    if args.moderation and args.moderation.startswith(("/", "./", "../", "~")):
+        if not Path(args.moderation).expanduser().is_dir():  # before loading the chat model
+            raise UserError(f"--moderation: folder {args.moderation} does not exist")
     from openchatkit.models.loading import load_chat_model
 
     # A bad --model is found before torch and transformers are imported.
@@ -165,6 +191,26 @@ def main(argv: list[str] | None = None) -> int:
                 retriever = RetrievalIndex.load(args.retrieval)
         except UserError as err:
             raise UserError(f"--retrieval: {err}") from err
+    moderator = None
+    if args.moderation is not None:
+        from openchatkit.models.embedded import is_embedded_name
+        from openchatkit.moderation import load_moderator
+
+        same = args.moderation == args.model or (
+            is_embedded_name(args.moderation) and is_embedded_name(args.model)
+        )
+        try:
+            moderator = load_moderator(
+                args.moderation,
+                device=args.device,
+                dtype=args.dtype,
+                gpu_id=args.gpu_id,
+                examples=args.moderation_examples,
+                loaded=loaded if same else None,
+            )
+        except UserError as err:  # name the flag the user gave, not the loader's --model
+            msg = str(err).removeprefix("--model").lstrip(": ")
+            raise UserError(f"--moderation: {msg}") from err
     from openchatkit.inference.session import ChatSession
 
     settings = decoding_settings(args, loaded.generation_defaults)
@@ -175,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=not args.no_stream,
         retriever=retriever,
         retrieval_k=args.retrieval_k,
+        moderator=moderator,
+        moderation_threshold=args.moderation_threshold,
     )
     if args.prompt is not None:
         session.say(args.prompt)
@@ -182,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     interactive = sys.stdin.isatty()
     extra = f", retrieval from {args.retrieval} ({len(retriever)} passages)" if retriever else ""
+    extra += f", moderation by {moderator.name}" if moderator else ""
     print(
         f"OpenChatKit bot: {loaded.name} on {loaded.device} ({loaded.dtype}), "
         f"{session.format.name} format, {loaded.context_window}-token window{extra}.\n"

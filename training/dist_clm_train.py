@@ -35,12 +35,19 @@ from openchatkit.cli import run_main, setup_logging
 # (read when torch loads: set before it is imported). TORCH_CPP_LOG_LEVEL=INFO shows them all.
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 from openchatkit.cli.train import build_parser
+from openchatkit.training.memory import check_before_training
 
 
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _device_bytes(cuda_id: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(cuda_id).total_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         from openchatkit.models.lora import check_targets
 
         check_targets(AutoConfig.from_pretrained(config.model_name), config.lora.target_modules)
+    # Refuse before any allocation when a stage will not fit its GPU (CUDA only).
+    check_before_training(config, device_bytes=_device_bytes)
     rdv = resolve_rendezvous(config.rank, config.world_size, config.dist_url, config.pp, config.dp)
     setup_logging(rank=rdv.rank)
     from openchatkit.training.lock import CheckpointLock

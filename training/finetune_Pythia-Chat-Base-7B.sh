@@ -5,7 +5,8 @@
 #   python pretrained/Pythia-6.9B-deduped/prepare.py && python data/OIG/prepare.py
 #   bash training/finetune_Pythia-Chat-Base-7B.sh
 #
-# Environment: FINETUNE_TOTAL_STEPS, FINETUNE_CHECKPOINT_STEPS, FINETUNE_CHECKPOINT_PATH;
+# Environment: FINETUNE_TOTAL_STEPS, FINETUNE_CHECKPOINT_STEPS, FINETUNE_NUM_CHECKPOINTS,
+# FINETUNE_CHECKPOINT_PATH;
 # multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT; NET_IF; PYTHON.
 set -euo pipefail
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -50,11 +51,16 @@ ARGS=(
   --checkpoint-path "${FINETUNE_CHECKPOINT_PATH:-$ROOT/model_ckpts/$MODEL_NAME}"
   --total-steps "${FINETUNE_TOTAL_STEPS:-20000}" --warmup-steps 10
   --checkpoint-steps "${FINETUNE_CHECKPOINT_STEPS:-100}"
+  # Keep the newest 2 checkpoints (each holds weights, fp32 masters and Adam state).
+  --num-checkpoints "${FINETUNE_NUM_CHECKPOINTS:-2}"
   # --batch-size is global: 64 sequences = upstream's 32 per replica x 2 replicas.
   --lr 1e-5 --seq-length 2048 --batch-size 64 --micro-batch-size 1 --gradient-accumulate-step 1
   --num-layers 8 --embedding-dim 4096
   --pipeline-group-size 4 --data-group-size 2
-  --fp16 --dp-backend nccl --dp-mode allreduce --pp-mode gpipe --profiling no-profiling
+  # 1F1B holds at most pp - stage micro-batches per stage, and each layer recomputes its
+  # activations in the backward: `python training/plan.py --recipe <this file>` shows the bytes.
+  --activation-checkpointing layers
+  --fp16 --dp-backend nccl --dp-mode allreduce --pp-mode 1f1b --profiling no-profiling
 )
 [ -n "${NET_IF:-}" ] && ARGS+=(--net-interface "$NET_IF")
 

@@ -7,7 +7,8 @@
 #   #   data/Long-Data-Collections/fine-tune/ (huggingface-cli download --repo-type dataset ...)
 #   bash training/finetune_llama-2-7b-32k-mqa.sh
 #
-# Environment: FINETUNE_TOTAL_STEPS, FINETUNE_CHECKPOINT_STEPS, FINETUNE_CHECKPOINT_PATH;
+# Environment: FINETUNE_TOTAL_STEPS, FINETUNE_CHECKPOINT_STEPS, FINETUNE_NUM_CHECKPOINTS,
+# FINETUNE_CHECKPOINT_PATH;
 # multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT; NET_IF; PYTHON.
 set -euo pipefail
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,9 +26,14 @@ ARGS=(
   --checkpoint-path "${FINETUNE_CHECKPOINT_PATH:-$ROOT/model_ckpts/$MODEL_NAME}"
   --total-steps "${FINETUNE_TOTAL_STEPS:-10}" --warmup-steps 0
   --checkpoint-steps "${FINETUNE_CHECKPOINT_STEPS:-10}"
-  --lr 2e-5 --seq-length 32768 --batch-size 4 --micro-batch-size 1 --gradient-accumulate-step 8
+  # Keep the newest 2 checkpoints (each holds weights, fp32 masters and Adam state).
+  --num-checkpoints "${FINETUNE_NUM_CHECKPOINTS:-2}"
+  --lr 2e-5 --seq-length 32768 --batch-size 8 --micro-batch-size 1 --gradient-accumulate-step 4
   --num-layers 4 --embedding-dim 4096
   --pipeline-group-size 8 --data-group-size 1
+  # 1F1B over 8 stages needs >= 8 micro-batches: 8 per pass x 4 passes = 32 sequences per
+  # step (upstream: 4 x 8); every 32K-token layer recomputes its activations in the backward.
+  --activation-checkpointing layers
   --bf16 --dp-backend nccl --dp-mode allreduce --pp-mode 1f1b --profiling no-profiling
 )
 [ -n "${NET_IF:-}" ] && ARGS+=(--net-interface "$NET_IF")

@@ -5,7 +5,8 @@
 #   python pretrained/GPT-NeoX-20B/prepare.py && python data/OIG/prepare.py
 #   bash training/train-gpt-neox-chat-base-20b.sh
 #
-# Environment: FINETUNE_TOTAL_STEPS, FINETUNE_CHECKPOINT_STEPS, FINETUNE_CHECKPOINT_PATH;
+# Environment: FINETUNE_TOTAL_STEPS, FINETUNE_CHECKPOINT_STEPS, FINETUNE_NUM_CHECKPOINTS,
+# FINETUNE_CHECKPOINT_PATH;
 # multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (run on every node);
 # NET_IF (network interface for gloo/NCCL, optional); PYTHON.
 set -euo pipefail
@@ -51,10 +52,15 @@ ARGS=(
   --checkpoint-path "${FINETUNE_CHECKPOINT_PATH:-$ROOT/model_ckpts/$MODEL_NAME}"
   --total-steps "${FINETUNE_TOTAL_STEPS:-20000}" --warmup-steps 10
   --checkpoint-steps "${FINETUNE_CHECKPOINT_STEPS:-100}"
+  # Keep the newest 2 checkpoints (each holds weights, fp32 masters and Adam state).
+  --num-checkpoints "${FINETUNE_NUM_CHECKPOINTS:-2}"
   --lr 1e-6 --seq-length 2048 --batch-size 64 --micro-batch-size 1 --gradient-accumulate-step 1
   --num-layers 6 --embedding-dim 6144
   --pipeline-group-size 8 --data-group-size 1
-  --fp16 --dp-backend nccl --dp-mode allreduce --pp-mode gpipe --profiling no-profiling
+  # 1F1B holds at most pp - stage micro-batches per stage, and each layer recomputes its
+  # activations in the backward: `python training/plan.py --recipe <this file>` shows the bytes.
+  --activation-checkpointing layers
+  --fp16 --dp-backend nccl --dp-mode allreduce --pp-mode 1f1b --profiling no-profiling
 )
 [ -n "${NET_IF:-}" ] && ARGS+=(--net-interface "$NET_IF")
 

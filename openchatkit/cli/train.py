@@ -60,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     t = p.add_argument_group("training")
-    t.add_argument("--task-name", required=True, help="data spec: FILE|DIR|HUB_ID[:WEIGHT],...")
+    t.add_argument(
+        "--task-name",
+        required=True,
+        help="data spec: FILE|DIR|HUB_ID[:FORMAT][:WEIGHT],... (FORMAT: text or moderation)",
+    )
     t.add_argument("--seq-length", type=int, default=2048)
     t.add_argument(
         "--batch-size", type=int, default=32, help="global: all data-parallel replicas together"
@@ -70,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--total-steps", type=int, default=1000, help="optimizer steps")
     t.add_argument("--warmup-steps", type=int, default=0)
     t.add_argument("--lr", type=float, default=1e-5)
+    t.add_argument(
+        "--lr-decay-style",
+        choices=["linear", "constant"],
+        default="linear",
+        help="after the warm-up: linear to 0 at --total-steps, or constant",
+    )
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     t.add_argument("--optimizer", choices=["adam", "8bit-adam"], default="adam")
@@ -85,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a malformed data line is fatal (default: skipped, one warning per file)",
     )
+    # Memory (issue 11): recompute layers in the backward; the planner's GPU size.
+    t.add_argument(
+        "--activation-checkpointing",
+        choices=["none", "layers"],
+        default=None,
+        help="recompute each layer in the backward (default: layers on CUDA, none on CPU)",
+    )
+    t.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (default: detected)")
 
     lo = p.add_argument_group("LoRA (adapters instead of full fine-tuning)")
     lo.add_argument("--lora-r", type=int, default=0, help="adapter rank; 0: full fine-tuning")

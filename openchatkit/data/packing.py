@@ -93,11 +93,18 @@ class PackedSequenceStream:
         self._fast = _backend(tokenizer)
         if loss_on == "bot" and self._fast is None:
             raise UserError("--loss-on bot needs a fast tokenizer (character offsets)")
-        self.sources = [make_source(e, strict_data, cycle) for e in self.entries]
+        self.sources = [self._make_source(e, strict_data, cycle) for e in self.entries]
         self.probabilities = np.asarray([e.probability for e in self.entries], dtype=np.float64)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self.num_documents = 0  # documents tokenized by this process (not part of the state)
         self._reset_buffer()
+
+    def _make_source(self, entry: TaskEntry, strict: bool, cycle: bool):
+        if entry.format == "moderation":  # `NAME:moderation` in --task-name
+            from openchatkit.data.moderation import ModerationSource
+
+            return ModerationSource(entry, strict, cycle, self.tokenizer, self.seq_length)
+        return make_source(entry, strict, cycle)
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -209,9 +216,28 @@ class PackedSequenceStream:
                 lengths.append(len(ids) + 1)
         ids = np.asarray(flat, dtype=np.int64)
         mask = np.concatenate(masks) if masks else np.ones(len(ids), dtype=bool)
+        if any(d.window for d in docs):
+            ids, mask, lengths = self._fit_windows(docs, ids, mask, lengths)
         doc_end = np.zeros(len(ids), dtype=bool)
         doc_end[np.cumsum(lengths) - 1] = True
         return ids, mask, doc_end
+
+    def _fit_windows(self, docs, ids, mask, lengths):
+        """Make each `window` document (a moderation window) exactly one window long: cut to
+        seq_length - 1 tokens plus its EOS, then padded with EOS that is not learned."""
+        out_ids, out_mask, out_lengths, start = [], [], [], 0
+        for doc, n in zip(docs, lengths, strict=True):
+            d_ids, d_mask = ids[start : start + n], mask[start : start + n]
+            start += n
+            if doc.window:
+                keep = min(n - 1, self.seq_length - 1)
+                pad = self.seq_length - keep - 1
+                d_ids = np.concatenate([d_ids[:keep], np.full(pad + 1, self.eos, dtype=np.int64)])
+                d_mask = np.concatenate([d_mask[:keep], d_mask[n - 1 : n], np.zeros(pad, bool)])
+            out_ids.append(d_ids)
+            out_mask.append(d_mask)
+            out_lengths.append(len(d_ids))
+        return np.concatenate(out_ids), np.concatenate(out_mask), out_lengths
 
     def _fill(self) -> bool:
         """Read and tokenize one chunk into the buffer; False when the stream has ended."""

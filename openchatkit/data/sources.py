@@ -29,10 +29,17 @@ from openchatkit.errors import UserError
 
 @dataclass(frozen=True)
 class Document:
-    """One training document: `text` (OIG format or plain) or `messages` (role/content dicts)."""
+    """One training document: `text` (OIG format or plain) or `messages` (role/content dicts).
+
+    A packed moderation window (openchatkit.data.moderation) also sets `spans`, the character
+    ranges of its labels (learned under `--loss-on bot`), and `window=True`: it fills one
+    `--seq-length` window on its own (cut to fit, then padded with unlearned EOS).
+    """
 
     text: str | None = None
     messages: tuple[dict, ...] | None = None
+    spans: tuple[tuple[int, int], ...] | None = None
+    window: bool = False
 
 
 def parse_record(record: Any) -> Document | str:
@@ -153,6 +160,7 @@ class FileSource:
         self._docs_this_epoch = 0
         self.malformed: dict[str, int] = {}
         self._warned: set[str] = set()
+        self.parse = parse_record  # record -> Document | reason; the moderation packer swaps it
 
     def state_dict(self) -> dict:
         return {
@@ -217,7 +225,7 @@ class FileSource:
             self.line += 1
             if record is BLANK:
                 continue
-            doc = record if isinstance(record, Invalid) else parse_record(record)
+            doc = record if isinstance(record, Invalid) else self.parse(record)
             if isinstance(doc, str):
                 self._malformed(path, doc)
                 continue
@@ -238,6 +246,7 @@ class HubSource:
         self._iter: Iterator[dict] | None = None
         self._docs_this_epoch = 0
         self.malformed: dict[str, int] = {}
+        self.parse = parse_record
 
     def state_dict(self) -> dict:
         return {
@@ -296,7 +305,7 @@ class HubSource:
                 self._iter = None
                 continue
             self.position += 1
-            doc = parse_record(record)
+            doc = self.parse(record)
             if isinstance(doc, str):
                 if self.strict:
                     raise UserError(f"{self.name} record {self.position}: {doc} (--strict-data)")
@@ -311,6 +320,7 @@ class HubSource:
 def make_source(
     entry: TaskEntry, strict: bool = False, cycle: bool = True
 ) -> FileSource | HubSource:
-    """The source for one task entry."""
+    """The source for one task entry (the records as they are; see data.moderation for the
+    packer of `:moderation` entries)."""
     cls = HubSource if entry.kind == "hub" else FileSource
     return cls(entry, strict, cycle)

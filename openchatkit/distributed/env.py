@@ -23,7 +23,7 @@ class Rendezvous:
 
     rank: int
     world_size: int
-    local_rank: int
+    local_rank: int | None  # LOCAL_RANK; None when a multi-process job does not say
     init_method: str  # "tcp://host:port"
 
     @property
@@ -103,5 +103,25 @@ def resolve_rendezvous(
         init_method = f"tcp://{env_addr}:{env_port}"
     else:
         init_method = DEFAULT_DIST_URL
-    local_rank = env_local if env_local is not None else rank
+    local_rank = env_local if env_local is not None else (0 if world_size == 1 else None)
     return Rendezvous(rank, world_size, local_rank, init_method)
+
+
+def cuda_device_index(
+    cuda_id: int | None, local_rank: int | None, rank: int, world_size: int, device_count: int
+) -> int:
+    """The GPU of this process: --cuda-id, else LOCAL_RANK; without either, the global rank
+    only when the whole job fits on this node (one node), else a UserError (on node 1 the
+    global rank would name a GPU that does not exist, or the wrong one)."""
+    index = cuda_id if cuda_id is not None else local_rank
+    if index is None:
+        if world_size > device_count:
+            raise UserError(
+                f"LOCAL_RANK is not set and --cuda-id is not given, and the job's {world_size} "
+                f"ranks do not fit this node's {device_count} GPUs; pass --cuda-id or start "
+                "the ranks with training/launch.py or torchrun"
+            )
+        index = rank
+    if not 0 <= index < device_count:
+        raise UserError(f"--cuda-id {index}, but only {device_count} GPUs are visible")
+    return index

@@ -45,21 +45,30 @@ class NodePlan:
 
 
 def count_gpus() -> int:
-    """CUDA devices visible to this node (nvidia-smi, so no torch import), 0 if none."""
+    """CUDA devices visible to this node: nvidia-smi (no torch import), else torch's count
+    (containers often lack nvidia-smi but see the GPUs); 0 if none."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return 0
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return 0
+        return _torch_device_count()
     try:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
-        return 0
+        return _torch_device_count()
     n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
     if visible:
         n = min(n, len([v for v in visible.split(",") if v.strip()]))
     return n
+
+
+def _torch_device_count() -> int:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return torch.cuda.device_count()
 
 
 def free_port() -> int:
@@ -111,6 +120,12 @@ def plan_node(
     node_rank = _env_int(env, "NODE_RANK", 0)
     if nnodes < 1 or not 0 <= node_rank < nnodes:
         raise UserError(f"NODE_RANK={node_rank} must be in [0, NNODES={nnodes})")
+    if nnodes > 1 and not env.get("MASTER_ADDR"):
+        # 127.0.0.1 would make every node wait for a rendezvous on itself until the timeout.
+        raise UserError(
+            f"NNODES={nnodes} but MASTER_ADDR is not set: set it to node 0's address (the "
+            "same on every node), and MASTER_PORT to a free port there"
+        )
     addr = env.get("MASTER_ADDR") or "127.0.0.1"
     # One node and no port given: any free port, so concurrent jobs on a machine do not clash.
     port = _env_int(env, "MASTER_PORT", 29500 if nnodes > 1 else free_port())

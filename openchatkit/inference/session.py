@@ -17,6 +17,7 @@ from openchatkit.conversation import Message, PromptFormat, clean_text, fit_to_w
 from openchatkit.fileio import OutputError, atomic_file
 from openchatkit.inference.generation import GenerationSettings, GenerationStats, stream_text
 from openchatkit.models.loading import LoadedModel
+from openchatkit.moderation import CAUTION_INSTRUCTION, CAUTION_LABELS, INTERVENTION, REFUSAL
 
 SAVE_FORMAT = "openchatkit-chat"
 
@@ -37,6 +38,8 @@ With --retrieval INDEX_DIR:
   /context              show the passages retrieved for the last message, with scores
   /retrieval on|off     use the index for the next messages or not
   /set retrieval_k N    how many passages to retrieve (default 3)
+With --moderation MODEL:
+  /moderation on|off    classify each message and answer before replying, or not
 Anything else is a message to the model."""
 
 # At most this many tokens of retrieved context per turn; the real budget is also bounded by
@@ -91,6 +94,8 @@ class ChatSession:
         err: TextIO = sys.stderr,
         retriever=None,
         retrieval_k: int = 3,
+        moderator=None,
+        moderation_threshold: float | None = None,
     ):
         self.loaded = loaded
         self.settings = settings or GenerationSettings()
@@ -106,19 +111,30 @@ class ChatSession:
         self.retrieval_k = retrieval_k
         self.retrieval_on = retriever is not None
         self.last_hits: list = []
+        # An openchatkit.moderation.Moderator, or None. A turn is refused when p(needs
+        # intervention) >= moderation_threshold (None: when it is the most likely label).
+        self.moderator = moderator
+        self.moderation_on = moderator is not None
+        self.moderation_threshold = moderation_threshold
+        self.moderation_notes: list[str] = []  # this turn's labels, for the stats line
 
     # ---- prompt building -------------------------------------------------------------
-    def _with_system(self, messages: list[Message]) -> list[Message]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + messages
+    def _with_system(self, messages: list[Message], extra: str | None = None) -> list[Message]:
+        system = "\n\n".join(s for s in (self.system, extra) if s)
+        return ([{"role": "system", "content": system}] if system else []) + messages
 
     def _count(self, messages) -> int:
         return self.format.count_tokens(self.format.render(messages))
 
-    def prompt_for(self, messages: list[Message]) -> tuple[str, int]:
-        """The prompt for `messages` (ending with a user turn), cut to the context window.
+    def prompt_for(
+        self, messages: list[Message], extra_system: str | None = None
+    ) -> tuple[str, int]:
+        """The prompt for `messages` (ending with a user turn), cut to the context window;
+        `extra_system` is appended to the system message for this prompt only.
         Returns (prompt text, number of old turns dropped)."""
         budget = self.loaded.context_window - self.settings.max_tokens
-        kept, dropped = fit_to_window(self._with_system(messages), self._count, budget)
+        messages = self._with_system(messages, extra_system)
+        kept, dropped = fit_to_window(messages, self._count, budget)
         return self.format.render(kept), dropped
 
     def eos_token_ids(self) -> list[int]:
@@ -132,12 +148,14 @@ class ChatSession:
         return sorted(ids)
 
     # ---- generation --------------------------------------------------------------------
-    def generate(self, prompt: str, stop_strings: list[str]) -> str:
-        """Stream an answer to `prompt` onto `out`; Ctrl-C stops it and keeps what was shown."""
+    def generate(self, prompt: str, stop_strings: list[str], review=None) -> str:
+        """Stream an answer to `prompt` onto `out`; Ctrl-C stops it and keeps what was shown.
+        `review(answer) -> answer` (moderation) sees the whole answer before it is shown."""
         tok = self.loaded.tokenizer
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         ids = ids.to(self.loaded.device)  # "cpu" or "cuda:N" (also with device_map offload)
         stats = GenerationStats()
+        stream = self.stream and review is None
         pieces: list[str] = []
         # Whitespace is shown only once text follows it, so an answer that ends with "\n"
         # before a stop string or EOS leaves no blank line.
@@ -161,14 +179,16 @@ class ChatSession:
                 if not body:
                     held += piece
                     continue
-                if self.stream:
+                if stream:
                     self.out.write(held + body)
                     self.out.flush()
                 held = piece[len(body) :]
         except KeyboardInterrupt:
             stats.stop_reason = "interrupted"
         answer = "".join(pieces).strip()
-        if not self.stream:
+        if review is not None:
+            answer = review(answer)
+        if not stream:
             self.out.write(answer)
         self.out.write("\n")
         self.out.flush()
@@ -178,7 +198,7 @@ class ChatSession:
         if self.verbose:
             self.err.write(
                 f"[prompt {stats.prompt_tokens} tokens, generated {stats.generated_tokens} "
-                f"tokens, {stats.tokens_per_s:.1f} tokens/s]\n"
+                f"tokens, {stats.tokens_per_s:.1f} tokens/s{self._moderation_note()}]\n"
             )
         self.err.flush()
         return answer
@@ -204,8 +224,18 @@ class ChatSession:
         With retrieval on, only this turn's prompt carries the retrieved passages; the history
         keeps the user's own words, so old contexts do not crowd the window.
         """
+        label, refuse = self.moderate("user", text) or (None, False)
+        if refuse:  # a fixed refusal without calling the chat model; the turn is not kept
+            self.out.write(REFUSAL + "\n")
+            if self.verbose:
+                self.err.write(f"[chat model not called{self._moderation_note()}]\n")
+            return None
+        # Caution labels (and an intervention label under the threshold): this turn only.
+        caution = CAUTION_INSTRUCTION if label in (*CAUTION_LABELS, INTERVENTION) else None
         content = self.with_context(text) if self.retriever and self.retrieval_on else text
-        prompt, dropped = self.prompt_for(self.messages + [{"role": "user", "content": content}])
+        prompt, dropped = self.prompt_for(
+            self.messages + [{"role": "user", "content": content}], extra_system=caution
+        )
         if dropped and not self.told_dropped:
             self.err.write(
                 f"(the oldest turns no longer fit the {self.loaded.context_window}-token "
@@ -225,7 +255,10 @@ class ChatSession:
                     "message too long for the context window; shorten it or lower max_tokens\n"
                 )
             return None
-        answer = self.generate(prompt, self.format.stop_strings)
+        review = self.review_answer if self.moderator and self.moderation_on else None
+        answer = self.generate(prompt, self.format.stop_strings, review)
+        if review is not None and answer == REFUSAL:  # the answer was flagged: turn not kept
+            return answer
         if not answer and self.last_stats and self.last_stats.stop_reason == "interrupted":
             return None  # Ctrl-C before the first word: the turn is dropped, not kept empty
         self.messages = self.messages + [
@@ -233,6 +266,44 @@ class ChatSession:
             {"role": "assistant", "content": answer},
         ]
         return answer
+
+    # ---- moderation --------------------------------------------------------------------
+    def moderate(self, who: str, text: str) -> tuple[str, bool] | None:
+        """Classify `text` (who: "user" or "bot"): (label, refuse), or None when moderation is
+        off. Refuse when p(needs intervention) >= moderation_threshold, or with no threshold
+        when it is the most likely label."""
+        if self.moderator is None or not self.moderation_on:
+            return None
+        if who == "user":
+            self.moderation_notes = []
+        label, probs = self.moderator.classify(text)
+        self.moderation_notes.append(f"{who} {label} {probs[label]:.2f}")
+        threshold = self.moderation_threshold
+        if threshold is None:
+            return label, label == INTERVENTION
+        return label, probs[INTERVENTION] >= threshold
+
+    def review_answer(self, answer: str) -> str:
+        verdict = self.moderate("bot", answer) if answer else None
+        return REFUSAL if verdict and verdict[1] else answer
+
+    def _moderation_note(self) -> str:
+        if self.moderator is None or not self.moderation_on or not self.moderation_notes:
+            return ""
+        return ", moderation: " + ", ".join(self.moderation_notes)
+
+    def cmd_moderation(self, arg: str) -> None:
+        if self.moderator is None:
+            self.err.write(
+                "/moderation: no moderation model; start the bot with --moderation MODEL\n"
+            )
+            return
+        try:
+            self.moderation_on = _parse_bool(arg)
+        except ValueError:
+            self.err.write("usage: /moderation on|off\n")
+            return
+        self.err.write(f"(moderation {'on' if self.moderation_on else 'off'})\n")
 
     # ---- commands ----------------------------------------------------------------------
     def handle_line(self, line: str) -> bool:
@@ -294,6 +365,8 @@ class ChatSession:
         if self.retriever is not None:
             self.out.write(f"retrieval = {'on' if self.retrieval_on else 'off'}\n")
             self.out.write(f"retrieval_k = {self.retrieval_k}\n")
+        if self.moderator is not None:
+            self.out.write(f"moderation = {'on' if self.moderation_on else 'off'}\n")
 
     def cmd_set(self, arg: str) -> None:
         parts = arg.split()

@@ -134,12 +134,35 @@ def pick_dtype(dtype: str, device: str):
 
     if dtype == "auto":
         if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # The chosen GPU's own capability: is_bf16_supported() looks at the current device
+            # (GPU 0) and counts emulated bf16, which pre-Ampere GPUs run far slower than fp16.
+            index = int(device.split(":")[1]) if ":" in device else 0
+            return cuda_half_dtype(torch.cuda.get_device_capability(index))
         # On CPUs with native bf16 instructions (AVX512-BF16 or AMX) bf16 decodes ~1.5x faster
         # than fp32 with the same greedy text (benchmarks/bench_bot.py: 26.1 vs 17.1 tokens/s on
         # a 2-core EPYC); elsewhere bf16 is emulated and slower, so fp32 stays.
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return getattr(torch, dtype)
+
+
+def cuda_half_dtype(capability: tuple[int, int]):
+    """bf16 on GPUs with native bf16 tensor cores (compute capability >= 8.0, Ampere on),
+    fp16 before."""
+    import torch
+
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
+def offload_max_memory(
+    max_gpu: dict[int, str], cpu_ram: float | None, gpu_id: int, gpu_total_bytes: int
+) -> dict:
+    """accelerate's max_memory for -g/-r: the -g entries, or, with only -r, the chosen GPU at
+    90 % of its memory (room for activations and the KV cache), then the CPU's share. Without a
+    GPU entry accelerate would map the whole model to the CPU while inputs go to the GPU."""
+    max_memory: dict = dict(max_gpu) if max_gpu else {gpu_id: int(0.9 * gpu_total_bytes)}
+    if cpu_ram:
+        max_memory["cpu"] = f"{cpu_ram}GiB"
+    return max_memory
 
 
 def cpu_has_native_bf16() -> bool:
@@ -183,10 +206,11 @@ def load_chat_model(
 
     kwargs: dict = {"dtype": torch_dtype}
     if max_gpu or cpu_ram:
-        max_memory: dict = dict(max_gpu) if max_gpu else {int(dev.split(":")[1]): None}
-        max_memory = {k: v for k, v in max_memory.items() if v}
-        if cpu_ram:
-            max_memory["cpu"] = f"{cpu_ram}GiB"
+        import torch
+
+        index = int(dev.split(":")[1])
+        total = torch.cuda.get_device_properties(index).total_memory
+        max_memory = offload_max_memory(max_gpu, cpu_ram, index, total)
         kwargs.update(device_map="auto", max_memory=max_memory)
     if load_in_8bit:
         if not dev.startswith("cuda"):

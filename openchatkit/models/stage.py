@@ -1,6 +1,10 @@
 """Pipeline stages: a contiguous range of transformer layers, plus the embedding on the first stage
 and the final norm + LM head on the last, loaded from and saved to the layer-sharded format.
 
+`activation_checkpointing = "layers"` wraps each layer in non-reentrant
+`torch.utils.checkpoint` while training: a layer keeps only its input and recomputes the rest
+in its backward (same RNG state, so the same dropout masks; same losses and gradients).
+
 Parameter names do not depend on the layout: `embed.*`, `layers.<global index>.*`, `head.*`, and
 the keys inside `embeddings.safetensors` / `layer_XXXXX.safetensors` / `head.safetensors` are
 those names minus the prefix, so a stage's state_dict maps 1:1 onto its files. Chaining the stages
@@ -15,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from openchatkit.errors import UserError
 from openchatkit.models import sharded
@@ -91,6 +96,10 @@ class StageModel(nn.Module):
             )
             self.head = self.arch.build_head(self.config) if self.is_last else None
         self.rotary = None
+        self.activation_checkpointing = "none"  # or "layers", see the module docstring
+        # Last stage only: return the hidden state; the head runs inside the trainer's loss
+        # (openchatkit/training/loss.py), so GPipe keeps no logits per micro-batch.
+        self.head_in_loss = False
         if device.type != "meta":
             self._materialize_buffers(device)
             if init_weights:
@@ -98,6 +107,12 @@ class StageModel(nn.Module):
             if dtype is not None:
                 self._cast_params(dtype)
         self._tie()
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """ "none" or "layers" (see the module docstring)."""
+        if mode not in ("none", "layers"):
+            raise ValueError(f"activation checkpointing {mode!r}: expected none or layers")
+        self.activation_checkpointing = mode
 
     # -- names the trainer uses -------------------------------------------------------------
     @property
@@ -184,9 +199,16 @@ class StageModel(nn.Module):
             position_ids=None,
         )
         position_embeddings = self.rotary(hidden, position_ids) if self.rotary else None
+        recompute = (
+            self.activation_checkpointing == "layers" and self.training and torch.is_grad_enabled()
+        )
         for layer in self.layers.values():
-            hidden = self.arch.forward_layer(layer, hidden, mask, position_ids, position_embeddings)
-        return self.head(hidden) if self.is_last else hidden
+            args = (layer, hidden, mask, position_ids, position_embeddings)
+            if recompute:
+                hidden = checkpoint(self.arch.forward_layer, *args, use_reentrant=False)
+            else:
+                hidden = self.arch.forward_layer(*args)
+        return self.head(hidden) if self.is_last and not self.head_in_loss else hidden
 
     # -- loading and saving -----------------------------------------------------------------
     @classmethod

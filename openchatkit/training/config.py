@@ -166,10 +166,13 @@ class TrainConfig:
     total_steps: int
     warmup_steps: int
     lr: float
+    lr_decay_style: str  # linear | constant (after the warm-up)
     weight_decay: float
     max_grad_norm: float  # 0 = no clipping
     optimizer: str  # adam | 8bit-adam
     precision: str  # fp32 | bf16 | fp16
+    activation_checkpointing: str  # none | layers (recompute each layer in its backward)
+    gpu_memory: float | None  # GiB per GPU for the memory check; None: the device's
     lora: LoraSettings | None  # None: full fine-tuning
     load_in_4bit: bool
     initial_loss_scale: float
@@ -307,6 +310,13 @@ class TrainConfig:
         dp_backend = f.dp_backend or ("nccl" if device == "cuda" else "gloo")
         if dp_backend == "nccl" and device != "cuda":
             raise UserError("--dp-backend nccl needs --device cuda; use --dp-backend gloo on CPU")
+        if dp_backend == "gloo" and device == "cuda" and pp > 1:
+            raise UserError(
+                "--dp-backend gloo cannot send CUDA tensors between pipeline stages; use "
+                "--dp-backend nccl with --device cuda"
+            )
+        if f.gpu_memory is not None and f.gpu_memory <= 0:
+            raise UserError(f"--gpu-memory must be > 0 GiB, got {f.gpu_memory}")
         folder = Path(f.model_name)
         if check_files and f.load_pretrained_model and not (folder / "manifest.json").is_file():
             raise UserError(
@@ -343,6 +353,8 @@ class TrainConfig:
                 else None
             ),
             precision="fp16" if f.fp16 else "bf16" if f.bf16 else "fp32",
+            activation_checkpointing=f.activation_checkpointing
+            or ("layers" if device == "cuda" else "none"),
             lora=lora,
         )
         return cls(**(same | derived))

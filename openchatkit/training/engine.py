@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from openchatkit.distributed.layout import ParallelLayout
 from openchatkit.training.config import TrainConfig
+from openchatkit.training.loss import move_head_into_loss
 from openchatkit.training.optim import (
     build_optimizer,
     build_scheduler,
@@ -125,6 +126,9 @@ class TrainEngine:
             config.precision == "fp16", config.initial_loss_scale, config.loss_scale_window
         )
         self.loss_fn = TokenMeanLoss()
+        if layout.pp > 1 and config.pp_mode == "gpipe" and layout.is_last_stage:
+            # GPipe holds every micro-batch on the last stage: keep hidden states, not logits.
+            self.loss_fn = move_head_into_loss(module, self.loss_fn)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.master = MasterWeights(named)
         # Under LoRA the embeddings are frozen: no tied gradients to keep in step.
@@ -147,7 +151,9 @@ class TrainEngine:
         self.optimizer = build_optimizer(
             self.master.params, config.optimizer, config.lr, config.weight_decay
         )
-        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.total_steps)
+        self.scheduler = build_scheduler(
+            self.optimizer, config.warmup_steps, config.total_steps, config.lr_decay_style
+        )
         self.tracer = None  # set by the trainer when profiling (a torch profiler span helper)
         if layout.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -248,10 +254,11 @@ class TrainEngine:
             args = (ids,) if self.layout.is_first_stage else ()
             target = labels if self.layout.is_last_stage else None
             runner = self.schedule.step if grad else self.schedule.eval
+            # return_outputs=False: the last stage keeps no micro-batch's logits past its loss.
             if self.layout.is_last_stage:
-                runner(*args, target=target, losses=losses, position_ids=pos)
+                runner(*args, target=target, losses=losses, position_ids=pos, return_outputs=False)
             else:
-                runner(*args, position_ids=pos)
+                runner(*args, position_ids=pos, return_outputs=False)
         if not losses:
             return torch.zeros((), dtype=torch.float64, device=self.device)
         return torch.stack([x.detach().double() for x in losses]).sum()

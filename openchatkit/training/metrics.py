@@ -17,8 +17,25 @@ from typing import Any
 
 from loguru import logger
 
-# Peak dense bf16/fp16 FLOP/s per device, for MFU (by substring of the CUDA device name).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12}
+# Peak dense bf16/fp16 tensor FLOP/s per device (NVIDIA datasheets, without sparsity), for MFU,
+# by the exact name `torch.cuda.get_device_name()` reports: a substring would give an H100 PCIe
+# (756 TFLOP/s) or NVL (835) the SXM part's 989. An unknown name logs no MFU rather than a wrong one.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM5
+    "NVIDIA H100 SXM5 80GB": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H800": 989e12,
+    "NVIDIA H200": 989e12,  # SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A10G": 125e12,
+    "NVIDIA L4": 121e12,
+}
 
 
 class NullTracker:
@@ -70,12 +87,23 @@ def peak_flops(device: str) -> float | None:
         return None
     import torch
 
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name())
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    """The PEAK_FLOPS entry for exactly this device name (surrounding spaces ignored)."""
+    return PEAK_FLOPS.get(device_name.strip())
+
+
+def matmul_params(num_params: int, vocab: int, hidden: int, tied: bool) -> int:
+    """The N of 6N: parameters that take part in matmuls. An untied input embedding is a
+    lookup (no FLOPs) and is left out; a tied one is also the LM head, so it stays."""
+    return num_params if tied else num_params - vocab * hidden
 
 
 def model_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_length: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12·L·H·S for attention (PaLM, App. B)."""
+    """Training FLOPs per token: 6N for the matmuls plus 12·L·H·S for attention (PaLM, App. B).
+    `num_params` is N without the input embedding (see `matmul_params`)."""
     return 6.0 * num_params + 12.0 * num_layers * hidden * seq_length
 
 

@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule, and optimizer state kept by parameter name.
 
 The LR follows HF's `get_linear_schedule_with_warmup`: 0 -> lr linearly over `warmup` optimizer
-steps, then linearly down to 0 at `total` steps. Optimizer state is saved and loaded keyed by
+steps, then linearly down to 0 at `total` steps (`--lr-decay-style linear`), or stays at lr
+(`constant`, HF's `get_constant_schedule_with_warmup`). Optimizer state is saved and loaded keyed by
 the layout-independent parameter names, so a checkpoint resumes under another pp x dp layout.
 """
 
@@ -14,10 +15,13 @@ import torch
 from openchatkit.errors import UserError
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Multiplier of the peak LR for optimizer step `step` (0-based)."""
+def lr_factor(step: int, warmup: int, total: int, decay: str = "linear") -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based): linear warm-up, then
+    linear decay to 0 at `total` (`decay="linear"`) or the peak kept (`"constant"`)."""
     if step < warmup:
         return step / max(1, warmup)
+    if decay == "constant":
+        return 1.0
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
@@ -40,9 +44,11 @@ def build_optimizer(
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, warmup: int, total: int
+    optimizer: torch.optim.Optimizer, warmup: int, total: int, decay: str = "linear"
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, total, decay)
+    )
 
 
 def optimizer_state_by_name(

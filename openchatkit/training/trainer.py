@@ -21,19 +21,28 @@ import torch
 import torch.distributed as dist
 from loguru import logger
 
-from openchatkit.distributed.env import Rendezvous
+from openchatkit.distributed.env import Rendezvous, cuda_device_index
 from openchatkit.distributed.layout import ParallelLayout
 from openchatkit.distributed.watchdog import PeerWatchdog
 from openchatkit.errors import UserError
 from openchatkit.training import checkpoint as ckpt
 from openchatkit.training.config import TrainConfig
 from openchatkit.training.engine import TrainEngine
-from openchatkit.training.metrics import MetricsLogger, model_flops_per_token, peak_flops
+from openchatkit.training.metrics import (
+    MetricsLogger,
+    matmul_params,
+    model_flops_per_token,
+    peak_flops,
+)
 from openchatkit.training.profiling import StepProfiler
 
-# Error messages from gloo, NCCL or the TCP store that mean another rank is gone or stuck.
+# Error messages from gloo, NCCL or the TCP store that mean another rank is gone or stuck. Not
+# every NCCL error: a rank's own CUDA fault (ncclUnhandledCudaError, out of memory, invalid
+# usage) is its own error and is reported at once, not as "lost contact".
 _PEER_LOST = re.compile(
-    r"Connection (reset|closed)|Broken pipe|timed? ?out|NCCL|waiting for clients|peer", re.I
+    r"Connection (reset|closed)|Broken pipe|timed? ?out|waiting for clients|peer|"
+    r"ncclRemoteError|remote process exit|communicator was aborted|NCCL_ERROR_REMOTE",
+    re.I,
 )
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -58,11 +67,10 @@ class Run:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", config.net_interface)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", config.net_interface)
         if config.device == "cuda":
-            cuda_id = config.cuda_id if config.cuda_id is not None else self.rdv.local_rank
-            if cuda_id >= torch.cuda.device_count():
-                raise UserError(
-                    f"--cuda-id {cuda_id}, but only {torch.cuda.device_count()} GPUs are visible"
-                )
+            rdv = self.rdv
+            cuda_id = cuda_device_index(
+                config.cuda_id, rdv.local_rank, rdv.rank, rdv.world_size, torch.cuda.device_count()
+            )
             torch.cuda.set_device(cuda_id)
             self.device = torch.device("cuda", cuda_id)
             if config.precision == "fp32":
@@ -139,6 +147,7 @@ class Run:
             apply_lora(self.stage, config.lora, seed=config.seed)
             if self.resume_from is not None:
                 load_adapter_into(self.stage, self.resume_from, config.lora.bias)
+        self.stage.set_activation_checkpointing(config.activation_checkpointing)
         self.engine = TrainEngine(self.stage, layout, config, device=self.device)
         if source is None and self.resume_from is None:
             # The last stage's copy of a randomly initialised tied embedding starts equal to it.
@@ -324,8 +333,14 @@ class Run:
             )
             self.engine.enable_tracing(profiler)
         peak = peak_flops(config.device)
+        shape = config.model
         flops_tok = model_flops_per_token(
-            self.num_params, config.model.num_layers, config.model.hidden_size, config.seq_length
+            matmul_params(
+                self.num_params, shape.vocab_size, shape.hidden_size, shape.tie_word_embeddings
+            ),
+            shape.num_layers,
+            shape.hidden_size,
+            config.seq_length,
         )
         last = config.total_steps
         if config.stop_after_steps is not None:

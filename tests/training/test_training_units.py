@@ -101,6 +101,7 @@ def test_stage_layer_ranges_are_strict_except_upstreams_remainder():
 def test_lr_warms_up_then_decays_to_zero():
     assert [lr_factor(s, 2, 6) for s in range(7)] == [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
     assert lr_factor(0, 0, 4) == 1.0 and lr_factor(4, 0, 4) == 0.0
+    assert [lr_factor(s, 2, 6, "constant") for s in range(7)] == [0.0, 0.5] + [1.0] * 5
 
 
 def test_loss_scale_halves_on_overflow_and_grows_after_a_window():

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU paths on one lent GPU, in under 10 minutes, nothing downloaded (random-init models from
+# real configs): writes $OUT_DIR/gpu_check.log and the JSON figures that go into
+# benchmarks/RESULTS.md.
+#   1. the bot on CUDA: bf16, then --load-in-8bit (bitsandbytes), on a random-init
+#      SmolLM2-135M-shaped Llama with a small BPE tokenizer trained on the spot;
+#   2. a pp=1 bf16 step loop of a 1.4B GPT-NeoX with activation checkpointing: tokens/s, MFU,
+#      measured peak memory against the planner's prediction (benchmarks/gpu_step_check.py);
+#   3. benchmarks/bench_train_mfu.py: our engine against a plain HF bf16 loop.
+#
+#   bash benchmarks/gpu_check.sh                   # OUT_DIR defaults to ./gpu_check_out
+#   OUT_DIR=$OUT bash benchmarks/gpu_check.sh      # on the device tool's machine
+#
+# A machine without this project's pure-Python dependencies (loguru, peft, ...) takes them as
+# wheels from .whl/ (pip download --no-deps ... -d .whl NAME==VERSION on a machine with a
+# registry); they are installed into /tmp/site, never over the machine's own torch.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT_DIR="${OUT_DIR:-gpu_check_out}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+WORK="$(mktemp -d)"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+step() { echo "== $*" | tee -a "$LOG"; }
+run() { timeout "$1" "${@:2}" 2>&1 | tee -a "$LOG"; echo "exit ${PIPESTATUS[0]}" | tee -a "$LOG"; }
+
+step "machine"
+run 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+run 30 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+
+step "1. bot on CUDA (random-init SmolLM2-135M-shaped Llama)"
+run 120 "$PY" - "$WORK/model" <<'PYEOF'
+import sys
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+out = sys.argv[1]
+tok = Tokenizer(models.BPE(unk_token="<unk>"))
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tok.decoder = decoders.ByteLevel()
+text = ["What is the capital of France? The capital of France is Paris."] * 50
+tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<eos>"],
+                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+fast.save_pretrained(out)
+cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                  tie_word_embeddings=True)
+LlamaForCausalLM(cfg).save_pretrained(out)
+print("model at", out)
+PYEOF
+for flags in "--dtype bfloat16" "--load-in-8bit"; do
+  step "bot $flags"
+  run 180 "$PY" inference/bot.py --model "$WORK/model" --device cuda $flags --no-sample \
+    --prompt "What is the capital of France?" --max-tokens 64 --no-stream
+done
+
+step "2. pp=1 bf16 step loop, 1.4B GPT-NeoX, activation checkpointing: planner vs measured"
+run 300 "$PY" benchmarks/gpu_step_check.py --json "$OUT_DIR/gpu_step_check.json"
+
+step "3. bench_train_mfu.py (ours vs plain HF bf16)"
+run 300 "$PY" benchmarks/bench_train_mfu.py --rounds 2 --steps 4
+
+rm -rf "$WORK"
+step "done: $LOG"

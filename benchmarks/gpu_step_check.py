@@ -1,0 +1,134 @@
+"""One GPU, pp=1, bf16: our engine's step loop on a 1.4B GPT-NeoX with activation checkpointing,
+its MFU and tokens/s, and its measured peak memory against the memory planner's prediction.
+
+The model is random-init from Pythia-1.4B's config (nothing downloaded). The prediction comes
+from `openchatkit.training.memory` for the same TrainConfig; the measurement is
+`torch.cuda.max_memory_allocated` over the timed steps. Part of `benchmarks/gpu_check.sh`.
+
+    python benchmarks/gpu_step_check.py                         # ~2 min on an H100/H200
+    python benchmarks/gpu_step_check.py --device cpu --config tiny --steps 2 --seq-length 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])  # bench_train_mfu beside this file
+
+from bench_train_mfu import CONFIGS  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="pythia-1.4b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--num-microbatches", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--activation-checkpointing", choices=["none", "layers"], default="layers")
+    p.add_argument("--json", help="also write the figures to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from transformers import GPTNeoXConfig
+
+    from openchatkit.cli.train import config_with_defaults
+    from openchatkit.distributed.layout import ParallelLayout
+    from openchatkit.models.stage import StageModel
+    from openchatkit.training.config import ModelShape
+    from openchatkit.training.engine import TrainEngine
+    from openchatkit.training.memory import (
+        RUNTIME_BYTES,
+        ModelDims,
+        plan_memory,
+        setup_from_config,
+    )
+    from openchatkit.training.metrics import matmul_params, model_flops_per_token, peak_flops
+
+    device = torch.device(args.device)
+    hf_config = GPTNeoXConfig(**CONFIGS[args.config])
+    hf_config._attn_implementation = "sdpa"
+    rows = args.micro_batch_size * args.num_microbatches
+    config = config_with_defaults(
+        ModelShape.from_dict(hf_config.to_dict()),
+        bf16=True,
+        batch_size=rows,
+        micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length,
+        total_steps=10_000,
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    torch.manual_seed(0)
+    stage = StageModel(
+        hf_config, range(hf_config.num_hidden_layers), True, True, dtype=torch.bfloat16,
+        device=device,
+    )  # fmt: skip
+    stage.set_activation_checkpointing(args.activation_checkpointing)
+    engine = TrainEngine(stage, ParallelLayout(1, 1, 0), config, device=device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, hf_config.vocab_size, (rows, args.seq_length), generator=g)
+    batch = {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "position_ids": torch.arange(args.seq_length).expand(rows, -1).clone(),
+    }
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    engine.train_step([batch])  # warm-up: allocator, kernels, optimizer state
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        engine.train_step([batch])
+        sync()
+        times.append(time.perf_counter() - t0)
+    measured = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    plan = plan_memory(ModelDims.from_config(hf_config.to_dict()), setup_from_config(config))[0]
+    num_params = sum(p.numel() for p in stage.parameters())
+    flops_tok = model_flops_per_token(
+        matmul_params(num_params, hf_config.vocab_size, hf_config.hidden_size, False),
+        hf_config.num_hidden_layers,
+        hf_config.hidden_size,
+        args.seq_length,
+    )
+    step = statistics.median(times)
+    tokens_s = rows * args.seq_length / step
+    peak = peak_flops(device.type)
+    result = {
+        "config": args.config,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "activation_checkpointing": args.activation_checkpointing,
+        "tokens_per_step": rows * args.seq_length,
+        "step_s": step,
+        "step_s_spread": [min(times), max(times)],
+        "tokens_per_s": tokens_s,
+        "mfu": tokens_s * flops_tok / peak if peak else None,
+        # The planner's peak counts the CUDA runtime allowance; the allocator does not see it.
+        "planned_peak_bytes": plan.peak,
+        "planned_peak_without_runtime_bytes": plan.peak - RUNTIME_BYTES,
+        "measured_peak_bytes": measured,
+    }
+    if measured:
+        result["measured_over_planned"] = measured / result["planned_peak_without_runtime_bytes"]
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
