@@ -2,8 +2,7 @@
 stderr, no traceback, and nothing new (or changed) at the output location.
 
 One table, `CASES`, covers every script under data/, pretrained/, tools/, training/,
-inference/ and retrieval/. To cover a new script (evaluation/, inference/moderate.py), append
-rows: `Case(script, args, needles)`; `{w}` in an argument is the case's own empty work folder
+inference/, retrieval/ and evaluation/ (once it exists). To cover a new script, append rows: `Case(script, args, needles)`; `{w}` in an argument is the case's own empty work folder
 (outputs go there, and it must be unchanged afterwards), `{name}` a fixture path from
 `FIXTURE_PATHS` (inputs, shared read-only). `files` pre-creates paths in the work folder.
 
@@ -71,11 +70,14 @@ PREPARE = sorted(str(p.relative_to(REPO)) for p in REPO.glob("pretrained/*/prepa
 DOWNLOADS = ["data/OIG/prepare.py", "data/OIG-chip2/prepare.py", "data/OIG-moderation/prepare.py"]
 WIKI = "data/wikipedia-3sentence-level-retrieval-index/prepare.py"
 GENERATE = "data/OIG-sample/generate.py"
+MOD_SAMPLE = "data/moderation-sample/generate.py"
 PLOT = "tools/plot_metrics.py"
 EXPORT = "tools/export_lora.py"
 MERGE = "tools/merge_lora.py"
 BENCH = "tools/model_load_benchmark.py"
 LAUNCH = "training/launch.py"
+PLAN = "training/plan.py"
+MODERATE = "inference/moderate.py"
 
 # The trainer's required flags on the tiny model, and a tiny valid run's shape.
 T = ("--model-name", "{sharded}", "--task-name", "{train}", "--device", "cpu", "--seq-length")
@@ -160,6 +162,20 @@ CASES: list[Case] = [
     train("--lora-r", "-1", needles="--lora-r"),
     train("--lora-r", "4", "--lora-dropout", "1", needles="--lora-dropout"),
     train("--checkpoint-path", "/sys/openchatkit-bad-input/ck", needles="cannot write"),
+    # -- training/plan.py ------------------------------------------------------------------------
+    C(PLAN, "--recipe", "{w}/nope.sh", needles=("--recipe", "no such file")),
+    C(PLAN, "--model-name", "{w}/nope", "--task-name", "x", needles="--model-name"),
+    C(
+        PLAN,
+        "--model-name",
+        "{sharded}",
+        "--task-name",
+        "x",
+        "--gpu-memory",
+        "-1",
+        needles="--gpu-memory",
+    ),  # fmt: skip
+    C(PLAN, "--model-name", "{sharded}", "--task-name", "x", "--bogus", needles="--bogus"),
     # -- training/launch.py ------------------------------------------------------------------
     C(LAUNCH, "--nproc", "0", "--device", "cpu", "--", TRAIN, needles="--nproc"),
     C(LAUNCH, "--device", "cpu", "--", TRAIN, needles="--nproc"),
@@ -360,6 +376,9 @@ CASES: list[Case] = [
     C(GENERATE, "--out", "{w}/f", files={"f": "x"}, needles=("--out", "not a folder")),
     C(GENERATE, "--out", "{w}/f/sub", files={"f": "x"}, needles=("--out", "not a folder")),
     C(GENERATE, "--bogus", needles="--bogus"),
+    C(MOD_SAMPLE, "--out", "{w}/f", files={"f": "x"}, needles=("--out", "not a folder")),
+    C(MOD_SAMPLE, "--out", "{w}/f/sub", files={"f": "x"}, needles=("--out", "not a folder")),
+    C(MOD_SAMPLE, "--bogus", needles="--bogus"),
     C(GENERATE, "--out", "/sys/openchatkit-bad-input", needles=("--out", "cannot write")),
     *[C(s, "--dest", "{w}/out", needles="HF_HUB_OFFLINE") for s in DOWNLOADS],
     C(DOWNLOADS[0], "--dest", "{w}/out", "--files", "", needles="--files"),
@@ -429,6 +448,12 @@ CASES: list[Case] = [
     C(SEARCH, "{w}", "query", "-k", "0", needles="-k"),
     C(SEARCH, "{w}", "query", needles="{w}"),
     C(SEARCH, "{w}", "query", "--merge-window", "-1", needles="--merge-window"),
+    # -- inference/moderate.py ----------------------------------------------------------------
+    C(MODERATE, needles="exactly one of"),
+    C(MODERATE, "hi", "--model", "{w}/nope", needles=("--model", "does not exist")),
+    C(MODERATE, "hi", "--model", "{w}/f", files={"f": "x"}, needles="is a file"),
+    C(MODERATE, "--input", "{w}/nope.jsonl", "--model", "{hf}", needles=("--input", "no such")),
+    C(MODERATE, "hi", "--batch-size", "0", needles="--batch-size"),
     # -- inference/bot.py ------------------------------------------------------------------------
     C(BOT, "--max-tokens", "0", needles="--max-tokens"),
     C(BOT, "--temperature", "-1", needles="--temperature"),
@@ -451,7 +476,15 @@ CASES: list[Case] = [
 ]
 
 # Scripts the table must cover: every script under these folders.
-COVERED_FOLDERS = ("data", "pretrained", "tools", "training", "inference", "retrieval")
+COVERED_FOLDERS = (
+    "data",
+    "pretrained",
+    "tools",
+    "training",
+    "inference",
+    "retrieval",
+    "evaluation",
+)
 
 
 def _fixtures(root: Path) -> dict[str, Path]:
