@@ -78,6 +78,8 @@ BENCH = "tools/model_load_benchmark.py"
 LAUNCH = "training/launch.py"
 PLAN = "training/plan.py"
 MODERATE = "inference/moderate.py"
+EVAL = "evaluation/eval.py"
+COMPARE = "evaluation/compare.py"
 
 # The trainer's required flags on the tiny model, and a tiny valid run's shape.
 T = ("--model-name", "{sharded}", "--task-name", "{train}", "--device", "cpu", "--seq-length")
@@ -448,6 +450,23 @@ CASES: list[Case] = [
     C(SEARCH, "{w}", "query", "-k", "0", needles="-k"),
     C(SEARCH, "{w}", "query", needles="{w}"),
     C(SEARCH, "{w}", "query", "--merge-window", "-1", needles="--merge-window"),
+    # -- evaluation/ ----------------------------------------------------------------------------
+    C(EVAL, "--bogus", needles="--bogus"),
+    C(EVAL, "--model", "{w}/nope", needles=("--model", "does not exist")),
+    C(
+        EVAL,
+        "--model",
+        "{hf}",
+        "--tasks",
+        "nosuchtask",
+        "--output",
+        "{w}/out",
+        needles=("--tasks", "nosuchtask"),
+    ),  # fmt: skip
+    C(EVAL, "--model", "{hf}", "--output", "{w}/f/x", files={"f": "x"}, needles="--output"),
+    C(COMPARE, "{w}/nope.json", needles="does not exist"),
+    C(COMPARE, "{w}/r.json", files={"r.json": "\udcff\udcfe"}, needles="cannot read"),
+    C(COMPARE, "{w}/r.json", files={"r.json": "{not json"}, needles="cannot read"),
     # -- inference/moderate.py ----------------------------------------------------------------
     C(MODERATE, needles="exactly one of"),
     C(MODERATE, "hi", "--model", "{w}/nope", needles=("--model", "does not exist")),
