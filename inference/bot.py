@@ -84,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--moderation-examples", metavar="FILE.jsonl", help="few-shot examples (text, label)"
     )
     args = p.parse_args(argv)
+    from openchatkit.conversation import clean_text
+
+    # Bytes that are not UTF-8 (argv keeps them as lone surrogates) become U+FFFD.
+    args.prompt = clean_text(args.prompt) if args.prompt is not None else None
+    args.system = clean_text(args.system) if args.system is not None else None
     if args.max_tokens < 1:
         p.error("--max-tokens must be >= 1")
     if args.temperature is not None and args.temperature < 0:
@@ -130,6 +135,8 @@ def read_lines(interactive: bool):
                 except OSError:
                     pass
     else:
+        # A byte that is not UTF-8 on a pipe becomes U+FFFD rather than ending the session.
+        sys.stdin.reconfigure(errors="surrogateescape")
         for line in sys.stdin:
             yield line.rstrip("\n")
 
@@ -156,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.retrieval is not None and not Path(args.retrieval).is_dir():  # before the model
+        raise UserError(f"--retrieval: no such index folder {args.retrieval}")
     if args.moderation and args.moderation.startswith(("/", "./", "../", "~")):
         if not Path(args.moderation).expanduser().is_dir():  # before loading the chat model
             raise UserError(f"--moderation: folder {args.moderation} does not exist")
-    from openchatkit.inference.session import ChatSession
     from openchatkit.models.loading import load_chat_model
 
+    # A bad --model is found before torch and transformers are imported.
     loaded = load_chat_model(
         args.model,
         device=args.device,
@@ -174,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     retriever = None
     if args.retrieval is not None:
+        from openchatkit.models.loading import quiet_transformers
         from openchatkit.retrieval import RetrievalIndex
 
         try:
-            retriever = RetrievalIndex.load(args.retrieval)
+            with quiet_transformers():  # the embedder's "Loading weights" bar is not chat
+                retriever = RetrievalIndex.load(args.retrieval)
         except UserError as err:
             raise UserError(f"--retrieval: {err}") from err
     moderator = None
@@ -200,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as err:  # name the flag the user gave, not the loader's --model
             msg = str(err).removeprefix("--model").lstrip(": ")
             raise UserError(f"--moderation: {msg}") from err
+    from openchatkit.inference.session import ChatSession
+
     settings = decoding_settings(args, loaded.generation_defaults)
     session = ChatSession(
         loaded,

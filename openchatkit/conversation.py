@@ -41,6 +41,12 @@ OPENCHATKIT_CHAT_TEMPLATE = (
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 
+def clean_text(text: str) -> str:
+    """Text a tokenizer accepts: bytes that were not UTF-8 (kept by Python as lone surrogates,
+    from a pipe or argv) become U+FFFD instead of failing deep inside the tokenizer."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def render_openchatkit(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
     """Render messages in OpenChatKit's `<human>: …\\n<bot>: …` format."""
     parts = []

@@ -1,6 +1,13 @@
 """Atomic file and folder writes: write under a temporary name, then rename.
 
-A reader (or a killed process) never sees a half-written file under its final name.
+A reader (or a killed process) never sees a half-written file under its final name. What is
+written gets the permissions the umask allows (as `open()` and `mkdir` would give), not the
+0600/0700 of Python's `tempfile`, so other users and nodes running as another user on a shared
+file system can read it. Temporary names carry the host and pid of their writer, so the next
+write to the same destination removes what a killed writer left behind.
+
+Failures to write (a read-only or missing parent, a name that is a file, a full disk) become
+one-line `OutputError`s naming the destination.
 """
 
 from __future__ import annotations
@@ -8,11 +15,120 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from openchatkit.errors import UserError
+
+
+class OutputError(UserError):
+    """An output path that cannot be written: the message names it and the reason."""
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask is racy)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike, recursive: bool = False) -> None:
+    """Give `path` (a temp file 0600 or folder 0700) the mode `open()`/`mkdir` would have given.
+
+    With `recursive`, files and folders below it that are private to the owner (no group or
+    other bits, as `tempfile` makes them) get the same treatment; others keep their mode.
+    """
+    mask = current_umask()
+    path = Path(path)
+
+    def fix(p: Path, force: bool) -> None:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode) or (not force and st.st_mode & 0o077):
+            return
+        os.chmod(p, (0o777 if stat.S_ISDIR(st.st_mode) else 0o666) & ~mask)
+
+    fix(path, True)
+    if recursive and path.is_dir():
+        for sub in path.rglob("*"):
+            fix(sub, False)
+
+
+def describe_os_error(err: OSError) -> str:
+    """`strerror` (e.g. "Permission denied"), else the error's text."""
+    return err.strerror or str(err)
+
+
+def temp_prefix(dest: Path) -> str:
+    """`.<name>.tmp-<host>-<pid>-`: who wrote a temporary name, for `remove_stale_temps`."""
+    host = re.sub(r"[^\w.-]", "_", socket.gethostname())
+    return f".{dest.name}.tmp-{host}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(dest: str | os.PathLike) -> list[Path]:
+    """Remove temporary files/folders beside `dest` left by a killed writer on this host.
+
+    Only names `.<dest name>.tmp-<this host>-<pid>-*` whose pid is no longer running are
+    removed, so a concurrent writer (another process, or another node of a shared file system)
+    keeps its own. Returns what was removed.
+    """
+    dest = Path(dest)
+    host = re.sub(r"[^\w.-]", "_", socket.gethostname())
+    pattern = re.compile(re.escape(f".{dest.name}.tmp-{host}-") + r"(\d+)-")
+    removed = []
+    try:
+        entries = list(dest.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _make_parent(dest: Path, create_parent: bool) -> None:
+    parent = dest.parent
+    if parent.is_dir():
+        return
+    if not create_parent:
+        raise OutputError(f"cannot write {dest}: folder {parent} does not exist")
+    probe = parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"cannot write {dest}: {probe} is not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot write {dest}: {describe_os_error(err)}") from None
 
 
 @contextlib.contextmanager
@@ -20,13 +136,21 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """Yield a temporary folder beside `dest`; on success rename it to `dest`.
 
     On error the temporary folder is removed and `dest` is untouched. With `overwrite`, an
-    existing `dest` is replaced only after the new one is complete.
+    existing `dest` is replaced only after the new one is complete. Temporary folders a killed
+    writer left beside `dest` are removed first.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    if dest.exists() and not dest.is_dir():
+        raise OutputError(f"cannot write folder {dest}: it exists and is not a folder")
+    _make_parent(dest, create_parent=True)
+    remove_stale_temps(dest)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), dir=dest.parent))
+    except OSError as err:
+        raise OutputError(f"cannot write {dest}: {describe_os_error(err)}") from None
     try:
         yield tmp
+        apply_umask(tmp, recursive=True)
         if dest.exists():
             if not overwrite:
                 raise FileExistsError(f"{dest} exists")
@@ -42,17 +166,36 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
 
 
 @contextlib.contextmanager
-def atomic_file(dest: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file beside `dest` for writing; on success rename it to `dest`."""
+def atomic_file(
+    dest: str | os.PathLike, mode: str = "w", create_parent: bool = True
+) -> Iterator[Any]:
+    """Open a temporary file beside `dest` for writing; on success rename it to `dest`.
+
+    `dest` must be a new name or a regular file (a symlink, device or folder is refused, never
+    replaced). `create_parent=False` refuses a missing parent folder instead of creating it.
+    """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    if dest.is_symlink() or (dest.exists() and not dest.is_file()):
+        what = "a symlink" if dest.is_symlink() else "not a regular file"
+        raise OutputError(f"cannot write {dest}: it is {what}")
+    _make_parent(dest, create_parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dest), dir=dest.parent)
+    except OSError as err:
+        raise OutputError(f"cannot write {dest}: {describe_os_error(err)}") from None
     try:
         with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+            yield f  # an error of the caller's own passes through unchanged
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as err:
+                raise OutputError(f"cannot write {dest}: {describe_os_error(err)}") from None
+        try:
+            apply_umask(tmp)
+            os.replace(tmp, dest)
+        except OSError as err:
+            raise OutputError(f"cannot write {dest}: {describe_os_error(err)}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -64,3 +207,38 @@ def write_json(dest: str | os.PathLike, obj: Any) -> None:
     with atomic_file(dest) as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Check early (before hours of work) that folder `path` exists or can be made and is
+    writable; `flag` names it in the UserError. Leaves nothing: a probe file in the nearest
+    existing ancestor is created and removed at once."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path}: exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{flag} {path}: {probe} is not a folder")
+    try:  # a real write: os.access says yes to root on a read-only mount or /sys
+        with tempfile.TemporaryFile(dir=probe, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise OutputError(
+            f"{flag} {path}: cannot write in {probe}: {describe_os_error(err)}"
+        ) from None
+    return path
+
+
+def check_output_folder(out: str | os.PathLike, overwrite: bool) -> None:
+    """An output folder to be written whole: refused when it is a file, when it exists with
+    something in it (unless `overwrite`), or when it cannot be created."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"output folder {out} exists and is not empty (pass --overwrite)")
+    check_writable_dir(out, "output")

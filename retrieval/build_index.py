@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise UserError(f"--output {output}: exists; pass --overwrite to replace it")
+    from openchatkit.fileio import check_writable_dir
+
+    check_writable_dir(output, "--output")  # before the embedding work
     passages = read_corpus(args.input, num_sentences=args.chunk_sentences)
     if args.index_type == "ivfpq" and len(passages) < IVFPQ_MIN:  # before loading the embedder
         raise UserError(

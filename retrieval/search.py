@@ -62,10 +62,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     from openchatkit.errors import UserError
 
+    if not args.query.strip():
+        raise UserError("the query is empty: give a question or keywords")
     if args.k < 1:
         raise UserError("-k must be >= 1")
     if args.merge_window < 0:
         raise UserError("--merge-window must be >= 0")
+    from pathlib import Path
+
+    if not Path(args.index_dir).is_dir():  # before the slow imports
+        what = "a file, not a folder" if Path(args.index_dir).exists() else "not found"
+        raise UserError(f"no such index folder {args.index_dir} ({what})")
     return args
 
 

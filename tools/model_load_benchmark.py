@@ -43,6 +43,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.work_dir:
+        from openchatkit.fileio import check_writable_dir
+
+        check_writable_dir(args.work_dir, "--work-dir")  # before torch is imported
+    import json
+
+    from openchatkit.errors import UserError
+    from openchatkit.models.pretrained import resolve_hf_source
+
+    source = resolve_hf_source(args.model_name)
+    config = json.loads((Path(source) / "config.json").read_text())
+    total_layers = config.get("num_hidden_layers", config.get("n_layer", 0))
+    if args.n_stages > total_layers:  # before anything is written
+        raise UserError(f"--n-stages {args.n_stages} exceeds the {total_layers} layers")
     import statistics
     import tempfile
     import time
@@ -51,16 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from openchatkit.errors import UserError
     from openchatkit.models import sharded
     from openchatkit.models.convert import convert_hf_to_sharded
-    from openchatkit.models.pretrained import resolve_hf_source
     from openchatkit.models.registry import name_for_model_type, read_model_type
     from openchatkit.models.stage import StageModel, split_layers
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    source = resolve_hf_source(args.model_name)
     model_type = read_model_type(source)
     arch = name_for_model_type(model_type)
     if arch is None:

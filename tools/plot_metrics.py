@@ -30,16 +30,26 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     """Train and eval records; for a step logged twice (a resumed run) the last one wins."""
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a text file (byte {err.start} is not UTF-8)") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read: {err.strerror or err}") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}:{n}: not a JSON line") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), int):
+            raise UserError(f"{path}:{n}: not a metrics record (a JSON object with a step)")
         if rec.get("kind", "train") == "train" and "loss" in rec:
+            if any(k not in rec for k in ("step", "lr", "tokens_per_s")):
+                raise UserError(f"{path}:{n}: a train record without step, lr or tokens_per_s")
             train[int(rec["step"])] = rec
-        elif rec.get("kind") == "eval":
+        elif rec.get("kind") == "eval" and "step" in rec and "eval_loss" in rec:
             evals[int(rec["step"])] = rec
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 

@@ -25,9 +25,15 @@ also under another --pipeline-group-size x --data-group-size. See training/READM
 
 from __future__ import annotations
 
+import os
 import sys
 
 from openchatkit.cli import run_main, setup_logging
+
+# c10d logs each failed store call of a rank whose peer died as a C++ warning with 20 stack
+# frames; the peer watchdog says what happened in one line, so only C++ errors are shown
+# (read when torch loads: set before it is imported). TORCH_CPP_LOG_LEVEL=INFO shows them all.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 from openchatkit.cli.train import build_parser
 from openchatkit.training.memory import check_before_training
 
@@ -52,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     from openchatkit.training.config import TrainConfig, read_model_shape
 
     config = TrainConfig.from_flags(flags, read_model_shape(flags.model_name), _cuda_available)
+    from openchatkit.training.preflight import check_checkpoint_path, check_tokenizer
+
+    check_checkpoint_path(config.checkpoint_path)
+    check_tokenizer(
+        config.tokenizer_name, "--tokenizer-name" if flags.tokenizer_name else "--model-name"
+    )
     if config.lora is not None:
         from transformers import AutoConfig
 
@@ -62,9 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     check_before_training(config, device_bytes=_device_bytes)
     rdv = resolve_rendezvous(config.rank, config.world_size, config.dist_url, config.pp, config.dp)
     setup_logging(rank=rdv.rank)
-    from openchatkit.training.trainer import run_training
+    from openchatkit.training.lock import CheckpointLock
 
-    return run_training(config, rdv)
+    # One run per checkpoint folder: rank 0 holds <checkpoint-path>/.lock for the whole run.
+    lock = CheckpointLock.acquire(config.checkpoint_path) if rdv.rank == 0 else None
+    if lock is not None:
+        from openchatkit.training.checkpoint import remove_stale_temps
+
+        remove_stale_temps(config.checkpoint_path)  # what a killed run left half-written
+    try:
+        from openchatkit.training.trainer import run_training
+
+        return run_training(config, rdv)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

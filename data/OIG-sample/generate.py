@@ -372,7 +372,6 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     with atomic_file(path) as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    path.chmod(0o644)  # the temp file was created 0600
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -390,6 +389,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from openchatkit.fileio import check_writable_dir
+
+    check_writable_dir(args.out, "--out")  # both files or neither
     train, valid = build()
     write_jsonl(args.out / "train.jsonl", train)
     write_jsonl(args.out / "valid.jsonl", valid)

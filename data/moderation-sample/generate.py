@@ -395,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=HERE, help="output folder (default: this one)")
     args = p.parse_args(argv)
+    from openchatkit.fileio import check_writable_dir
+
+    check_writable_dir(args.out, "--out")  # one line, and both files or neither
     args.out.mkdir(parents=True, exist_ok=True)
     train, valid = build()
     write(train, args.out / "train.jsonl")
@@ -405,4 +408,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from openchatkit.cli import run_main
+
+    sys.exit(run_main(lambda: main()))

@@ -40,7 +40,9 @@ def from_hf_parser(arch: str, doc: str | None = None) -> argparse.ArgumentParser
 
 
 def run_from_hf(args: argparse.Namespace, arch: str) -> int:
-    from openchatkit.models.convert import check_output_dir, convert_hf_to_sharded
+    _check_paths_early(
+        None, args.save_path or args.save_dir, "--save-path" if args.save_path else "--save-dir"
+    )
     from openchatkit.models.pretrained import output_name, resolve_hf_source
 
     out = (
@@ -48,8 +50,12 @@ def run_from_hf(args: argparse.Namespace, arch: str) -> int:
         if args.save_path
         else Path(args.save_dir) / output_name(args.model_name)
     )
-    check_output_dir(out, args.overwrite)  # before a long download
-    source = resolve_hf_source(args.model_name)
+    from openchatkit.fileio import check_output_folder
+
+    check_output_folder(out, args.overwrite)  # before a long download
+    source = resolve_hf_source(args.model_name)  # before torch is imported
+    from openchatkit.models.convert import convert_hf_to_sharded
+
     convert_hf_to_sharded(
         source,
         out,
@@ -105,13 +111,26 @@ def to_hf_parser(arch: str, doc: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _check_paths_early(ckpt: str | None, out: str, out_flag: str) -> None:
+    """Cheap checks before torch is imported, so a typo costs a fraction of a second."""
+    from openchatkit.errors import UserError
+    from openchatkit.fileio import check_writable_dir
+
+    if ckpt is not None and not Path(ckpt).is_dir():
+        what = "is a file, not a folder" if Path(ckpt).exists() else "does not exist"
+        raise UserError(f"--ckpt-path {ckpt} {what}")
+    check_writable_dir(out, out_flag)
+
+
 def run_to_hf(args: argparse.Namespace, arch: str) -> int:
+    _check_paths_early(args.ckpt_path, args.save_path, "--save-path")
     from openchatkit.models.convert import (
         check_output_dir,
         check_stage_layout,
         convert_sharded_to_hf,
         read_sharded_source,
         resolve_checkpoint,
+        trained_stage_sizes,
     )
     from openchatkit.models.lora import read_adapter_meta
 
@@ -137,14 +156,16 @@ def run_to_hf(args: argparse.Namespace, arch: str) -> int:
         overwrite=args.overwrite,
         chat_format=args.chat_format,
     )
-    _, manifest = read_sharded_source(args.ckpt_path, args.config_name)
+    folder, manifest = read_sharded_source(args.ckpt_path, args.config_name)
     stages, per_stage = check_stage_layout(
         manifest.num_layers, args.n_stages, args.n_layer_per_stage
     )
-    print(
-        f"{manifest.num_layers} layers ({stages} stages x {per_stage} layers) -> HF",
-        file=sys.stderr,
-    )
+    layout = f"{stages} stages x {per_stage} layers"
+    trained = trained_stage_sizes(folder)
+    if args.n_stages is None and args.n_layer_per_stage is None and trained:
+        # A trainer checkpoint: say how it was trained, not the trivial inferred split.
+        layout = f"trained as {len(trained)} stages: {' + '.join(map(str, trained))} layers"
+    print(f"{manifest.num_layers} layers ({layout}) -> HF", file=sys.stderr)
     print(out)
     return 0
 
@@ -200,6 +221,8 @@ def pretrained_parser(folder: str, doc: str | None = None) -> argparse.ArgumentP
 
 
 def run_prepare_pretrained(args: argparse.Namespace, folder: str, script_dir: Path) -> int:
+    if args.save_dir is not None:
+        _check_paths_early(None, args.save_dir, "--save-dir")
     from openchatkit.models.pretrained import prepare_pretrained
 
     out = prepare_pretrained(

@@ -54,7 +54,12 @@ def use_network_timeouts(connect_s: float = 10.0, read_s: float = 60.0) -> None:
 def run_download(args: argparse.Namespace) -> int:
     """Body of the download scripts: download, decompress, print the final files."""
     from openchatkit.data.download import download_dataset
+    from openchatkit.errors import UserError
+    from openchatkit.fileio import check_writable_dir
 
+    if not args.files.strip():
+        raise UserError("--files is empty: give a glob of file names, e.g. 'unified_*'")
+    check_writable_dir(args.dest, "--dest")  # before the download
     use_network_timeouts()
     paths = download_dataset(
         args.repo, args.dest, args.files, revision=args.revision, keep_compressed=args.keep_gz

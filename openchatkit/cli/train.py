@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--loss-on", choices=["all", "bot"], default="all")
     t.add_argument("--reset-position-ids", action="store_true")
+    t.add_argument(
+        "--strict-data",
+        action="store_true",
+        help="a malformed data line is fatal (default: skipped, one warning per file)",
+    )
     # Memory (issue 11): recompute layers in the backward; the planner's GPU size.
     t.add_argument(
         "--activation-checkpointing",

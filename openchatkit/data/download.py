@@ -116,7 +116,6 @@ def decompress_gz(src: Path, dest: Path) -> None:
             out.write(block)
             bar.update(raw.tell() - done)
             done = raw.tell()
-    dest.chmod(0o644)  # the temp file was created 0600; data files are readable by all
 
 
 @contextlib.contextmanager

@@ -219,7 +219,7 @@ class FileSource:
                         self.exhausted = True
                         return None
                     self.epoch, self.file_index, self._docs_this_epoch = self.epoch + 1, 0, 0
-                    logger.info(f"task {self.name}: starting epoch {self.epoch}")
+                    logger.info(f"task {self.name}: read through; starting pass {self.epoch + 1}")
                 continue
             record, self.position = item
             self.line += 1

@@ -49,7 +49,7 @@ def is_data_file(path: Path) -> bool:
     return path.name.endswith(DATA_SUFFIXES)
 
 
-def _split_entry(entry: str) -> tuple[str, float, str]:
+def _split_entry(entry: str, flag: str = "--task-name") -> tuple[str, float, str]:
     name, weight, fmt = entry, 1.0, "text"
     if ":" in name:
         rest, _, raw = name.rpartition(":")
@@ -58,7 +58,7 @@ def _split_entry(entry: str) -> tuple[str, float, str]:
                 weight = float(raw)
             except ValueError:
                 raise UserError(
-                    f"--task-name entry {entry!r}: weight {raw!r} is not a number and not a "
+                    f"{flag} entry {entry!r}: weight {raw!r} is not a number and not a "
                     f"format ({', '.join(FORMATS)}); write NAME[:FORMAT][:WEIGHT], e.g. "
                     "data/OIG-sample/train.jsonl:0.5 or data/moderation-sample/train.jsonl:moderation"
                 ) from None
@@ -69,13 +69,13 @@ def _split_entry(entry: str) -> tuple[str, float, str]:
             name, fmt = rest, raw.strip()
     name = name.strip()
     if not name:
-        raise UserError(f"--task-name entry {entry!r} has no file, folder or dataset name")
+        raise UserError(f"{flag} entry {entry!r} has no file, folder or dataset name")
     if not math.isfinite(weight) or weight < 0:
-        raise UserError(f"--task-name entry {entry!r}: weight must be a finite number >= 0")
+        raise UserError(f"{flag} entry {entry!r}: weight must be a finite number >= 0")
     return name, weight, fmt
 
 
-def resolve_files(name: str) -> tuple[Path, ...]:
+def resolve_files(name: str, flag: str = "--task-name") -> tuple[Path, ...]:
     """The data files a local NAME stands for, in reading order (sorted paths).
 
     Raises UserError when NAME exists but holds no usable data, or is an empty file.
@@ -83,23 +83,21 @@ def resolve_files(name: str) -> tuple[Path, ...]:
     path = Path(name).expanduser()
     if path.is_file():
         if not is_data_file(path):
-            raise UserError(f"--task-name: {name} is not a .jsonl, .jsonl.gz or .parquet file")
+            raise UserError(f"{flag}: {name} is not a .jsonl, .jsonl.gz or .parquet file")
         files = (path,)
     elif path.is_dir():
         files = tuple(sorted(p for p in path.rglob("*") if p.is_file() and is_data_file(p)))
         if not files:
-            raise UserError(
-                f"--task-name: folder {name} holds no .jsonl, .jsonl.gz or .parquet file"
-            )
+            raise UserError(f"{flag}: folder {name} holds no .jsonl, .jsonl.gz or .parquet file")
     elif glob.has_magic(name):
         files = tuple(sorted(Path(p) for p in glob.glob(str(path)) if is_data_file(Path(p))))
         if not files:
-            raise UserError(f"--task-name: no .jsonl, .jsonl.gz or .parquet file matches {name}")
+            raise UserError(f"{flag}: no .jsonl, .jsonl.gz or .parquet file matches {name}")
     else:
-        raise UserError(f"--task-name: no such file or folder: {name}")
+        raise UserError(f"{flag}: no such file or folder: {name}")
     for f in files:
         if f.stat().st_size == 0:
-            raise UserError(f"--task-name: data file {f} is empty")
+            raise UserError(f"{flag}: data file {f} is empty")
     return files
 
 
@@ -111,29 +109,29 @@ def _looks_like_hub_id(name: str) -> bool:
     return not Path(name.split("/", 1)[0]).exists()
 
 
-def parse_task_spec(spec: str) -> list[TaskEntry]:
+def parse_task_spec(spec: str, flag: str = "--task-name") -> list[TaskEntry]:
     """Parse `--task-name`: entries `NAME[:FORMAT][:WEIGHT]` separated by commas, weights
-    normalised.
+    normalised. `flag` is the flag errors name (`--evaluation-data` takes the same specs).
 
     Raises UserError naming the entry for an unparsable or negative weight, a zero weight sum,
     or a missing/empty file.
     """
     raw_entries = [e.strip() for e in (spec or "").split(",")]
     if not any(raw_entries):
-        raise UserError("--task-name is empty: give at least one file, folder or dataset id")
+        raise UserError(f"{flag} is empty: give at least one file, folder or dataset id")
     parsed: list[tuple[str, float, str, tuple[Path, ...], str]] = []
     for entry in raw_entries:
         if not entry:
-            raise UserError(f"--task-name {spec!r} has an empty entry (stray comma?)")
-        name, weight, fmt = _split_entry(entry)
+            raise UserError(f"{flag} {spec!r} has an empty entry (stray comma?)")
+        name, weight, fmt = _split_entry(entry, flag)
         local = Path(name).expanduser()
         if local.exists() or glob.has_magic(name) or not _looks_like_hub_id(name):
-            parsed.append((name, weight, "files", resolve_files(name), fmt))
+            parsed.append((name, weight, "files", resolve_files(name, flag), fmt))
         else:
             parsed.append((name, weight, "hub", (), fmt))
     total = sum(w for _, w, _, _, _ in parsed)
     if total <= 0:
-        raise UserError(f"--task-name {spec!r}: the weights sum to zero; give a positive weight")
+        raise UserError(f"{flag} {spec!r}: the weights sum to zero; give a positive weight")
     return [
         TaskEntry(name=n, weight=w, probability=w / total, kind=k, files=f, format=fmt)
         for n, w, k, f, fmt in parsed

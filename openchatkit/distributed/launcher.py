@@ -12,6 +12,7 @@ their own process group so their own children go too.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -146,6 +147,24 @@ def child_env(plan: NodePlan, local_rank: int, base: Mapping[str, str]) -> dict[
     return env
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """In a child between fork and exec: have the kernel send `sig` when the launcher dies,
+    even by SIGKILL, so no rank trains on as an orphan. Linux only; elsewhere a no-op (the
+    launcher's own signal handlers still stop the ranks on SIGINT/SIGTERM)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), sig)
+
+
 def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
     for p in procs:
         if p.poll() is None:
@@ -180,7 +199,10 @@ def launch(command: Sequence[str], plan: NodePlan, env: Mapping[str, str] | None
         for local in range(plan.nproc):
             procs.append(
                 subprocess.Popen(
-                    list(command), env=child_env(plan, local, base), start_new_session=True
+                    list(command),
+                    env=child_env(plan, local, base),
+                    start_new_session=True,
+                    preexec_fn=functools.partial(die_with_parent, os.getpid()),
                 )
             )
         while True:

@@ -1,5 +1,5 @@
-"""Peer watchdog: every rank notices within `--peer-timeout` seconds that another rank died or
-froze, names it, and exits non-zero — on one node or many, NCCL or gloo, with or without a launcher.
+"""Peer watchdog: every rank notices within `--peer-timeout` seconds plus one heartbeat period
+(min(5, timeout / 12) s) that another rank died or froze, names it, and exits non-zero — on one node or many, NCCL or gloo, with or without a launcher.
 
 Why: when a rank dies, its peers usually block inside a collective or a point-to-point receive.
 gloo often fails fast with a connection reset, but NCCL (and gloo when a peer is frozen rather
@@ -7,13 +7,13 @@ than dead, or a whole node drops off the network) waits for the process-group ti
 and the launcher of another node never learns of it. The rendezvous TCP store every rank is
 already connected to is the one place all ranks can reach, so liveness goes through it:
 
-- each rank bumps its counter `hb/<rank>` every `interval` seconds from a daemon thread (the
+- each rank bumps its counter `hb/<rank>` every round (a third of the heartbeat period) from a daemon thread (the
   thread runs while the main thread waits inside a collective: those release the GIL);
 - each rank watches the next two ranks on a ring. If none of several dead ranks were watched by a
   live rank, every rank before them on the ring would be dead too, i.e. all of them; so one
   death is always seen, and the watch costs O(world size) store traffic, not O(world size^2);
 - whoever sees a counter stand still for `timeout` seconds (or a rank raise an error) writes
-  the key `dead`; every rank reads it each interval, prints one line naming the rank and exits 1;
+  the key `dead`; every rank reads it each round, prints one line naming the rank and exits 1;
 - when the store itself is gone, the rank that hosted it (rank 0, unless torchrun's agent hosts
   it) is the one that died;
 - a rank that finishes writes `done/<rank>` and is no longer watched; the store host waits for
@@ -33,7 +33,11 @@ import torch.distributed as dist
 
 PREFIX = "openchatkit/watchdog"
 NUM_WATCHED = 2  # ring neighbours each rank watches
-STORE_FAILURES = 3  # consecutive store errors before the store host is declared dead
+# Rounds (heartbeat + check) per heartbeat period of timeout / 12: three, so that detection
+# (up to two rounds late: the count is first seen one round after the last beat, and checked
+# once a round) plus reading `dead` (one more round) add at most one period to the timeout.
+ROUNDS_PER_PERIOD = 3
+STORE_FAILURES = 3 * ROUNDS_PER_PERIOD  # consecutive store errors (three periods): host dead
 
 
 def uses_agent_store() -> bool:
@@ -67,7 +71,8 @@ class PeerWatchdog:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         self.rank, self.world_size, self.timeout = rank, world_size, timeout
-        self.interval = max(0.2, min(5.0, timeout / 12))  # seconds between heartbeats
+        # Seconds between rounds: a third of the heartbeat period min(5, timeout / 12).
+        self.interval = max(0.1, min(5.0, timeout / 12)) / ROUNDS_PER_PERIOD
         self.describe = describe
         self.on_dead = on_dead or self._exit_with
         self.hosts_store = rank == 0 and not uses_agent_store()
@@ -91,6 +96,13 @@ class PeerWatchdog:
         self.store_failures = 0
         self.store_lost = False  # set once the store host is declared dead: no more store calls
         self.thread = threading.Thread(target=self._loop, name="peer-watchdog", daemon=True)
+
+    @property
+    def stop_bound_s(self) -> float:
+        """Seconds from a peer's death (or freeze) until every watchdog has called `on_dead`:
+        --peer-timeout plus one heartbeat period (min(5, timeout / 12) s; 65 s at the default
+        60), plus scheduling delays. A store call that blocks adds its own timeout."""
+        return self.timeout + ROUNDS_PER_PERIOD * self.interval
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"

@@ -7,13 +7,14 @@ lines (readline on a terminal, plain lines from a pipe) and hands them to `ChatS
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
 from typing import TextIO
 
-from openchatkit.conversation import Message, PromptFormat, fit_to_window
-from openchatkit.fileio import atomic_file
+from openchatkit.conversation import Message, PromptFormat, clean_text, fit_to_window
+from openchatkit.fileio import OutputError, atomic_file
 from openchatkit.inference.generation import GenerationSettings, GenerationStats, stream_text
 from openchatkit.models.loading import LoadedModel
 from openchatkit.moderation import CAUTION_INSTRUCTION, CAUTION_LABELS, INTERVENTION, REFUSAL
@@ -71,7 +72,7 @@ def _check(parse, ok, why):
 
 # /set NAME → parser of VALUE; each raises ValueError with the reason.
 SETTERS = {
-    "temperature": _check(float, lambda v: v >= 0, "must be >= 0"),
+    "temperature": _check(float, lambda v: 0 <= v < math.inf, "must be >= 0 and finite"),
     "top_k": _check(int, lambda v: v >= 0, "must be >= 0 (0 turns it off)"),
     "top_p": _check(float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "max_tokens": _check(int, lambda v: v >= 1, "must be >= 1"),
@@ -241,15 +242,25 @@ class ChatSession:
                 "context window and are left out of the prompt)\n"
             )
             self.told_dropped = True
-        if self.format.count_tokens(prompt) > self.loaded.context_window - self.settings.max_tokens:
-            self.err.write(
-                "message too long for the context window; shorten it or lower max_tokens\n"
-            )
+        budget = self.loaded.context_window - self.settings.max_tokens
+        if self.format.count_tokens(prompt) > budget:
+            system_alone = self._count(self._with_system([])) if self.system else 0
+            if system_alone > budget // 2:
+                self.err.write(
+                    f"the system message is too long ({system_alone} tokens of the "
+                    f"{budget} the window leaves after max_tokens); shorten it with /system\n"
+                )
+            else:
+                self.err.write(
+                    "message too long for the context window; shorten it or lower max_tokens\n"
+                )
             return None
         review = self.review_answer if self.moderator and self.moderation_on else None
         answer = self.generate(prompt, self.format.stop_strings, review)
         if review is not None and answer == REFUSAL:  # the answer was flagged: turn not kept
             return answer
+        if not answer and self.last_stats and self.last_stats.stop_reason == "interrupted":
+            return None  # Ctrl-C before the first word: the turn is dropped, not kept empty
         self.messages = self.messages + [
             {"role": "user", "content": text},
             {"role": "assistant", "content": answer},
@@ -297,7 +308,7 @@ class ChatSession:
     # ---- commands ----------------------------------------------------------------------
     def handle_line(self, line: str) -> bool:
         """Handle one input line; False means the session should end."""
-        line = line.strip()
+        line = clean_text(line).strip()
         if not line:
             return True
         if not line.startswith("/"):
@@ -340,7 +351,12 @@ class ChatSession:
         if not messages:
             self.err.write("(the conversation is empty)\n")
             return
-        self.out.write(self.format.render(messages, add_generation_prompt=False) + "\n")
+        # As the model sees it: old turns that no longer fit the window are left out.
+        budget = self.loaded.context_window - self.settings.max_tokens
+        kept, dropped = fit_to_window(messages, self._count, budget)
+        if dropped:
+            self.err.write(f"({dropped} oldest turn(s) no longer fit the window; not shown)\n")
+        self.out.write(self.format.render(kept, add_generation_prompt=False) + "\n")
 
     def cmd_hyperparameters(self, arg: str) -> None:
         for key, value in self.settings.as_dict().items():
@@ -375,13 +391,22 @@ class ChatSession:
             reason = str(exc) if "must" in str(exc) or "expected" in str(exc) else "bad value"
             self.err.write(f"/set {key}: '{value}' rejected: {reason}\n")
             return
+        if key == "max_tokens" and parsed >= self.loaded.context_window:
+            self.err.write(
+                f"/set max_tokens: '{value}' rejected: must be below the "
+                f"{self.loaded.context_window}-token context window\n"
+            )
+            return
         if key == "verbose":
             self.verbose = parsed
         elif key == "retrieval_k":
             self.retrieval_k = parsed
         else:
             setattr(self.settings, key, parsed)
-        self.err.write(f"({key} = {parsed})\n")
+        note = ""
+        if key in ("temperature", "top_k", "top_p") and not self.settings.sample:
+            note = "; sampling is off, so it applies after /set sample on"
+        self.err.write(f"({key} = {parsed}{note})\n")
 
     def cmd_context(self, arg: str) -> None:
         if self.retriever is None:
@@ -425,9 +450,14 @@ class ChatSession:
             "settings": self.settings.as_dict(),
             "messages": self.messages,
         }
+        # A new name or a regular file only (a device, symlink or folder is refused, never
+        # replaced), in a folder that exists; written to a temp file there, then renamed.
         try:
-            with atomic_file(path) as f:
+            with atomic_file(path, create_parent=False) as f:
                 json.dump(record, f, indent=2)
+        except OutputError as exc:
+            self.err.write(f"/save: {exc}\n")
+            return
         except OSError as exc:
             self.err.write(f"/save {path}: {exc.strerror or exc}\n")
             return

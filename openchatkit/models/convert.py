@@ -18,7 +18,7 @@ import torch
 from loguru import logger
 
 from openchatkit.errors import UserError
-from openchatkit.fileio import atomic_dir
+from openchatkit.fileio import atomic_dir, check_output_folder
 from openchatkit.models import sharded
 from openchatkit.models.arch import is_tied
 from openchatkit.models.hf_weights import (
@@ -38,11 +38,9 @@ CHAT_FORMATS = ("openchatkit",)
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    """An existing, non-empty output folder is refused unless `overwrite`."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder {out} exists and is not empty (pass --overwrite)")
+    """An existing, non-empty output folder is refused unless `overwrite`; so is one that
+    cannot be written (checked before a long download or conversion)."""
+    check_output_folder(out, overwrite)
 
 
 def _load_config(source: str | os.PathLike) -> Any:
@@ -195,6 +193,32 @@ def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
     return ckpt
 
 
+def check_trainer_checkpoint(folder: Path) -> None:
+    """A trainer checkpoint (meta.json) is converted only when the trainer would resume from
+    it: manifest.json present and every file meta.json lists there with its size."""
+    if not (folder / "meta.json").is_file():
+        return
+    from openchatkit.training.checkpoint import verify_checkpoint
+
+    problem = verify_checkpoint(folder, hashes=False)
+    if problem is None and not sharded.is_sharded_folder(folder):
+        problem = "manifest.json is missing"
+    if problem is not None:
+        raise UserError(
+            f"--ckpt-path {folder}: incomplete trainer checkpoint ({problem}); the trainer "
+            "skips it too: convert an earlier checkpoint_<step>/"
+        )
+
+
+def trained_stage_sizes(folder: Path) -> list[int] | None:
+    """Layers per pipeline stage a trainer checkpoint was trained with (from meta.json)."""
+    try:
+        sizes = json.loads((folder / "meta.json").read_text()).get("layers_per_stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sizes if isinstance(sizes, list) and sizes else None
+
+
 def read_sharded_source(
     ckpt: str | os.PathLike, config_name: str | None = None
 ) -> tuple[Path, sharded.Manifest]:
@@ -202,6 +226,7 @@ def read_sharded_source(
     from the config (`config_name`, else the folder's config.json). The chat format comes from the
     manifest, else from a trainer checkpoint's meta.json."""
     folder = resolve_checkpoint(ckpt)
+    check_trainer_checkpoint(folder)
     if sharded.is_sharded_folder(folder):
         manifest = sharded.read_manifest(folder)
     elif (folder / sharded.layer_file(0)).is_file() and (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from openchatkit.errors import UserError
@@ -84,6 +85,10 @@ def ensure_embedded_model(dest: Path | None = None) -> Path:
     with FileLock(str(dest.parent / f".{dest.name}.lock")):
         if marker.is_file() and json.loads(marker.read_text()) == _source_record(gguf):
             return dest
+        # Under the lock no other conversion runs, so any temp folder beside dest is a killed
+        # run's leftover (hundreds of MB): remove it.
+        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         logging.getLogger(__name__).info("converting %s once to %s", gguf.name, dest)
         with atomic_dir(dest, overwrite=True) as tmp:
             convert_gguf_to_hf(gguf, tmp)

@@ -58,8 +58,13 @@ def resolve_model(name: str | None) -> tuple[str, str]:
     assert name is not None
     if looks_like_path(name):
         path = Path(name).expanduser()
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--model: {name} is a file; give the model's folder")
         if not path.is_dir():
             raise UserError(f"--model: folder {name} does not exist")
+        hint = _sharded_hint(path)
+        if hint:
+            raise UserError(f"--model: {name} is {hint}")
         if not (path / "config.json").is_file():
             raise UserError(f"--model: {name} has no config.json; is it an HF model folder?")
         return str(path), path.name
@@ -68,6 +73,33 @@ def resolve_model(name: str | None) -> tuple[str, str]:
     if not is_cached(name):
         check_hub_repo(name, what="--model")
     return name, name
+
+
+def _sharded_hint(path: Path) -> str | None:
+    """What to say when `path` is a trainer checkpoint folder or a layer-sharded model: the bot
+    loads HF folders, and the converter makes one."""
+    checkpoint_root = (path / "latest").is_file() or any(path.glob("checkpoint_*/meta.json"))
+    sharded = (path / "manifest.json").is_file()
+    if not (checkpoint_root or sharded):
+        return None
+    arch = "<arch>"
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        manifest = next(iter(sorted(path.glob("checkpoint_*/manifest.json"))), manifest)
+    try:
+        import json
+
+        name = json.loads(manifest.read_text()).get("architecture")  # gptneox | gptj | llama
+        arch = name if name in ("gptneox", "gptj", "llama") else arch
+    except (OSError, ValueError, AttributeError):
+        pass
+    what = "a trainer checkpoint folder" if checkpoint_root else "a layer-sharded model folder"
+    if (path / "meta.json").is_file():
+        what = "a trainer checkpoint"
+    return (
+        f"{what}, not an HF model; convert it first: python tools/convert_to_hf_{arch}.py "
+        f"--ckpt-path {path} --save-path huggingface_models/{path.name}"
+    )
 
 
 def parse_gpu_vram(entries: list[str] | None) -> dict[int, str]:
@@ -198,8 +230,14 @@ def load_chat_model(
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # OSError, ValueError, safetensors' SafetensorError, ...
+        if not isinstance(err, (OSError, ValueError)) and not type(err).__module__.startswith(
+            "safetensors"
+        ):
+            raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if type(err).__module__.startswith("safetensors"):
+            first = f"a weight file is damaged or truncated ({first})"
         if not Path(source).exists():
             raise UserError(
                 f"--model: cannot load '{display}': not a local folder, and the hub could not "

@@ -132,17 +132,19 @@ def prepare_pretrained(
     """Download `PRETRAINED_MODELS[folder]` (or `model_name`) and write its layer-sharded form to
     `<save_dir>/<org>_<name>/` (default `pretrained/<folder>/`). An already complete output is
     kept unless `overwrite`. Returns the output folder."""
-    from openchatkit.models import sharded
-    from openchatkit.models.convert import convert_hf_to_sharded
-
     spec = PRETRAINED_MODELS[folder]
     name = model_name or spec.repo_id
     base = Path(save_dir) if save_dir is not None else REPO_ROOT / "pretrained" / folder
     out = base / output_name(name)
-    if sharded.is_sharded_folder(out) and not overwrite:
+    if (out / "manifest.json").is_file() and not overwrite:  # written last: complete
         logger.info("{} is already prepared (pass --overwrite to redo it)", out)
         return out
-    source = resolve_hf_source(name)
+    from openchatkit.fileio import check_writable_dir
+
+    check_writable_dir(out, "--save-dir")  # before a download of many GB
+    source = resolve_hf_source(name)  # before torch is imported
+    from openchatkit.models.convert import convert_hf_to_sharded
+
     logger.info("converting {} to the layer-sharded format in {}", source, out)
     return convert_hf_to_sharded(
         source,

@@ -206,9 +206,9 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> N
 
 def make_readable(path: Path) -> None:
     """Give a temp file or folder (created 0600/0700) the permissions the umask allows."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    from openchatkit.fileio import apply_umask
+
+    apply_umask(path)
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dest: str | os.PathLike) -> list[str]:

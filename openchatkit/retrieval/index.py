@@ -246,7 +246,7 @@ class RetrievalIndex:
         the hit's source document, and a hit already inside an earlier hit's merged span is
         skipped, so the same text is never returned twice.
         """
-        if k < 1 or len(self) == 0:
+        if k < 1 or len(self) == 0 or not query.strip():  # an empty query matches nothing
             return []
         # Ask for extra candidates: some may be swallowed by an earlier hit's merged span.
         scores, rows = self.search_vectors(self.embed_query(query), k * 2 if merge_window else k)

@@ -4,8 +4,11 @@ A checkpoint folder is a layer-sharded model folder (written by `save_stage`, so
 `tools/convert_to_hf_*.py --ckpt-path` reads it directly) plus:
     optimizer/stage_<pp rank>.pt  optimizer state and fp32 masters keyed by parameter name
     rng/rank_<rank>.pt            torch / numpy / python RNG states of each rank
-    meta.json                     step, layout, scheduler, loss scale, data-iterator state, flags
-and `<checkpoint-path>/latest` names the newest complete one.
+    meta.json                     step, layout, scheduler, loss scale, data-iterator state, flags,
+                                  and `files`: the size and sha256 of every other file
+and `<checkpoint-path>/latest` names the newest complete one. Before resuming, the sizes and
+hashes are checked (`verify_checkpoint`); a damaged checkpoint is skipped with one warning for
+the newest intact earlier one (`find_latest`).
 
 Atomicity: every rank writes into `.checkpoint_<step>.tmp/`; after a barrier rank 0 writes
 meta.json last, renames the folder to `checkpoint_<step>` and then rewrites `latest`. A kill at
@@ -19,6 +22,7 @@ the embedding's state.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -56,19 +60,130 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_latest(root: str | os.PathLike) -> Path | None:
-    """The checkpoint `latest` names, else the newest complete one, else None."""
+def find_latest(root: str | os.PathLike, verify: bool = True) -> Path | None:
+    """The newest checkpoint that passes `verify_checkpoint`, else None (a fresh run).
+
+    `latest` is tried first, then the complete checkpoints newest first. Skipping a bad one
+    (a truncated or missing file, a hash that differs from meta.json) costs one warning naming
+    it; when every checkpoint is bad the run stops with a UserError rather than silently
+    starting over.
+    """
     root = Path(root)
+    candidates: list[Path] = []
     latest = root / LATEST
     if latest.is_file():
-        candidate = root / latest.read_text().strip()
-        if (candidate / META).is_file():
-            return candidate
-        logger.warning(
-            "{} names {}, which is incomplete; using the newest complete", latest, candidate
+        try:
+            named = root / latest.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            named = None
+        if named is not None and (named / META).is_file():
+            candidates.append(named)
+        else:
+            logger.warning("{} names {}, which is incomplete", latest, named)
+    candidates += [p for _, p in reversed(list_checkpoints(root)) if p not in candidates]
+    bad: list[str] = []
+    for folder in candidates:
+        problem = verify_checkpoint(folder) if verify else None
+        if problem is None:
+            if bad:
+                logger.warning("skipping damaged {}; resuming from {}", "; ".join(bad), folder)
+            return folder
+        bad.append(f"{folder.name}: {problem}")
+    if bad:
+        raise UserError(
+            f"--checkpoint-path {root}: no intact checkpoint ({'; '.join(bad)}); move the "
+            "folder away to start afresh"
         )
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
+    return None
+
+
+HASH_BLOCK = 8 << 20  # bytes read at a time when hashing
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """The files of a checkpoint folder being written (relative, sorted), meta.json and the
+    hash shares excluded: the same list on every rank once all have written."""
+    out = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel != META and not rel.startswith(HASHES + "/"):
+            out.append(rel)
+    return sorted(out)
+
+
+HASHES = ".hashes"
+
+
+def hash_share(tmp: Path, rank: int, world_size: int) -> None:
+    """Every rank, after all wrote: size and sha256 of every `world_size`-th file, so the
+    hashing of a large checkpoint is spread over the ranks. Written to `.hashes/rank_<r>.json`."""
+    files = checkpoint_files(tmp)[rank::world_size]
+    record = {
+        rel: {"size": (tmp / rel).stat().st_size, "sha256": file_sha256(tmp / rel)} for rel in files
+    }
+    (tmp / HASHES).mkdir(exist_ok=True)
+    write_json(tmp / HASHES / f"rank_{rank:05d}.json", record)
+
+
+def collect_hashes(tmp: Path) -> dict[str, dict[str, Any]]:
+    """Rank 0: the shares merged (files no share covers, e.g. in a single process, hashed
+    here), then the share folder removed."""
+    files: dict[str, dict[str, Any]] = {}
+    for share in sorted((tmp / HASHES).glob("rank_*.json")):
+        files.update(json.loads(share.read_text()))
+    for rel in checkpoint_files(tmp):
+        if rel not in files:
+            files[rel] = {"size": (tmp / rel).stat().st_size, "sha256": file_sha256(tmp / rel)}
+    shutil.rmtree(tmp / HASHES, ignore_errors=True)
+    return dict(sorted(files.items()))
+
+
+def verify_checkpoint(folder: Path, hashes: bool | None = None) -> str | None:
+    """None when manifest.json and every file meta.json lists are there with their sizes (and
+    sha256, unless `hashes` is False or OPENCHATKIT_VERIFY_HASHES=0); else what is wrong, in a
+    few words. Files of checkpoints written before sizes were recorded are not checked."""
+    if hashes is None:
+        hashes = os.environ.get("OPENCHATKIT_VERIFY_HASHES", "1") != "0"
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        return f"unreadable {META}"
+    # A full checkpoint is a layer-sharded folder; a LoRA one holds adapter.json instead.
+    if not any((folder / name).is_file() for name in ("manifest.json", "adapter.json")):
+        return "manifest.json is missing"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict):
+        return None
+    for rel, want in files.items():
+        path = folder / rel
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if size != want.get("size"):
+            return f"{rel} has {size} bytes, {want.get('size')} expected"
+    if hashes:
+        for rel, want in files.items():
+            if want.get("sha256") and file_sha256(folder / rel) != want["sha256"]:
+                return f"{rel} differs from its recorded sha256"
+    return None
+
+
+def remove_stale_temps(root: str | os.PathLike) -> None:
+    """While holding the folder's lock: temp and old folders a killed run left behind."""
+    root = Path(root)
+    if root.is_dir():
+        for p in root.iterdir():
+            if re.fullmatch(rf"\.{PREFIX}\d+\.(tmp|old)", p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
@@ -143,7 +258,8 @@ def publish(root: str | os.PathLike, step: int, meta: dict[str, Any], keep: int)
     """Rank 0, after every rank wrote: meta.json, rename, `latest`, retention."""
     root = Path(root)
     tmp = temp_dir(root, step)
-    write_json(tmp / META, {"format_version": FORMAT_VERSION, **meta})
+    files = collect_hashes(tmp)
+    write_json(tmp / META, {"format_version": FORMAT_VERSION, **meta, "files": files})
     final = checkpoint_dir(root, step)
     if final.exists():  # the same step written by a run that died before updating `latest`
         old = root / f".{PREFIX}{step}.old"
@@ -172,7 +288,13 @@ def load_stage_states(folder: Path) -> tuple[dict[str, dict], dict[str, torch.Te
     if not files:
         raise UserError(f"checkpoint {folder}: no optimizer/stage_*.pt")
     for path in files:
-        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except (RuntimeError, OSError, EOFError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(
+                f"checkpoint {folder}: unreadable {path.name} (truncated?): {first}"
+            ) from None
         states.update(saved["state"])
         masters.update(saved["master"])
     return states, masters

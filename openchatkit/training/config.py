@@ -161,6 +161,7 @@ class TrainConfig:
     loss_on: str
     reset_position_ids: bool
     seed: int
+    strict_data: bool  # a malformed data line is fatal instead of skipped with a warning
     # optimisation
     total_steps: int
     warmup_steps: int
@@ -347,7 +348,7 @@ class TrainConfig:
             dp_backend=dp_backend,
             tasks=tuple(parse_task_spec(f.task_name)) if check_files else (),
             eval_tasks=(
-                tuple(parse_task_spec(f.evaluation_data))
+                tuple(parse_task_spec(f.evaluation_data, "--evaluation-data"))
                 if check_files and f.evaluation_data
                 else None
             ),

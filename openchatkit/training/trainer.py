@@ -171,6 +171,7 @@ class Run:
             seed=config.seed,
             loss_on=config.loss_on,
             reset_position_ids=config.reset_position_ids,
+            strict_data=config.strict_data,
             cycle=cycle,
         )
         return GlobalBatchLoader(stream, config.batch_size, layout.dp_rank, layout.dp)
@@ -220,7 +221,22 @@ class Run:
         if rng is not None:
             ckpt.set_rng_state(rng)
         else:
+            if same_layout:
+                logger.warning(
+                    "{}: no RNG state for rank {}; reseeding, so the run is no longer "
+                    "bit-identical to an uninterrupted one",
+                    folder,
+                    layout.rank,
+                )
             ckpt.seed_everything(config.seed + meta["step"] * 1000 + layout.rank)
+        saved_seq = meta.get("args", {}).get("seq_length")
+        if saved_seq is not None and saved_seq != config.seq_length:
+            logger.warning(
+                "resuming with --seq-length {}; the checkpoint was trained with {} (the data "
+                "stream restarts its packing at the new length)",
+                config.seq_length,
+                saved_seq,
+            )
         self.start_step = int(meta["step"])
         if meta["global_batch_sequences"] != config.global_batch_sequences:
             logger.warning(
@@ -256,6 +272,8 @@ class Run:
         ckpt.write_rank_state(tmp, layout.rank)
         maybe_fault("save", step, self.rdv.rank)
         self.barrier()
+        ckpt.hash_share(tmp, self.rdv.rank, self.rdv.world_size)  # sizes + sha256 for meta.json
+        self.barrier()
         if rank0:
             meta = {
                 "step": step,
@@ -269,6 +287,10 @@ class Run:
             final = ckpt.publish(self.root, step, meta, config.num_checkpoints)
             logger.info("saved {}", final)
         self.barrier()
+        # The next save copies manifest fields and tokenizer files from the stage's source
+        # folder; a resumed run's source checkpoint may be gone by then (--num-checkpoints).
+        if config.lora is None:  # a LoRA stage keeps the base model as its source
+            self.stage.source_folder = ckpt.checkpoint_dir(self.root, step)
 
     # -- loop ---------------------------------------------------------------------------------
     def train(self) -> int:
@@ -296,6 +318,10 @@ class Run:
                 config.tokens_per_step,
                 config.precision,
             )
+        if self.start_step > 0:
+            # Steps after the checkpoint were logged by the run that died: readers (and
+            # tools/plot_metrics.py) keep the records after this mark for those steps.
+            metrics.log({"kind": "resume", "step": self.start_step, "from": str(self.resume_from)})
         profiler = None
         if config.profiling == "tidy_profiling":
             profiler = StepProfiler(
@@ -353,13 +379,15 @@ class Run:
                 if peak is not None:
                     record["mfu"] = tokens_per_s * flops_tok / (peak * layout.world_size)
                 metrics.log(record)
-                if config.evaluation_steps and step % config.evaluation_steps == 0:
-                    eval_loss = self.engine.evaluate(iter(self.eval_batches))
-                    metrics.log({"kind": "eval", "step": step, "eval_loss": eval_loss})
+                # A checkpoint due at this step is written before the evaluation, so nothing
+                # that fails after it can cost the step's weights.
                 if (config.checkpoint_steps and step % config.checkpoint_steps == 0) or (
                     step == config.total_steps
                 ):
                     self.save(step)
+                if config.evaluation_steps and step % config.evaluation_steps == 0:
+                    eval_loss = self.engine.evaluate(iter(self.eval_batches))
+                    metrics.log({"kind": "eval", "step": step, "eval_loss": eval_loss})
         finally:
             self.loader.close()
             metrics.close()

@@ -157,6 +157,7 @@ def test_latest_names_only_complete_checkpoints(tmp_path):
     for step in (2, 4):
         tmp = ckpt.prepare_temp(tmp_path, step)
         (tmp / "x").write_text("weights")
+        (tmp / "manifest.json").write_text("{}")  # a checkpoint is a layer-sharded folder
         ckpt.publish(tmp_path, step, {"step": step}, keep=0)
     # A half-written temp folder and a folder without meta.json never count.
     ckpt.prepare_temp(tmp_path, 6)
