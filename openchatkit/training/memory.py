@@ -67,10 +67,6 @@ KNOWN_CONFIGS: dict[str, dict] = {
         model_type="gpt_neox", hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
         intermediate_size=10240, vocab_size=50432, rotary_pct=1.0, tie_word_embeddings=False,
     ),
-    "togethercomputer_RedPajama-INCITE-Chat-3B-v1": dict(
-        model_type="gpt_neox", hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
-        intermediate_size=10240, vocab_size=50432, rotary_pct=1.0, tie_word_embeddings=False,
-    ),
     "togethercomputer_RedPajama-INCITE-7B-Base": dict(
         model_type="gpt_neox", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
         intermediate_size=16384, vocab_size=50432, rotary_pct=1.0, tie_word_embeddings=False,
@@ -84,12 +80,12 @@ KNOWN_CONFIGS: dict[str, dict] = {
         model_type="gptj", n_embd=4096, n_layer=28, n_head=16, n_inner=None, rotary_dim=64,
         vocab_size=50400, tie_word_embeddings=False,
     ),
-    # GPT-JT-6B-v1 (the GPT-JT-Moderation-6B base) is GPT-J-6B's shape.
-    "togethercomputer_GPT-JT-6B-v1": dict(
-        model_type="gptj", n_embd=4096, n_layer=28, n_head=16, n_inner=None, rotary_dim=64,
-        vocab_size=50400, tie_word_embeddings=False,
-    ),
 }  # fmt: skip
+# Fine-tuned variants have their base's shape.
+KNOWN_CONFIGS["togethercomputer_RedPajama-INCITE-Chat-3B-v1"] = KNOWN_CONFIGS[
+    "togethercomputer_RedPajama-INCITE-Base-3B-v1"
+]
+KNOWN_CONFIGS["togethercomputer_GPT-JT-6B-v1"] = KNOWN_CONFIGS["EleutherAI_gpt-j-6b"]
 
 
 @dataclass(frozen=True)
