@@ -9,6 +9,9 @@ from pathlib import Path
 from openchatkit.errors import UserError
 from openchatkit.models.loading import LoadedModel, load_chat_model, pick_device, pick_dtype
 
+# HF checkpoint key -> the model's parameter name, where transformers 5 renames on load.
+MODULE_NAMES = {"embed_out.weight": "lm_head.weight"}
+
 
 def is_sharded_source(name: str | None) -> bool:
     """A local folder in the layer-sharded format, a checkpoint_<step>/ or a trainer
@@ -41,16 +44,64 @@ def load_eval_model(
     name: str | None, device: str = "auto", dtype: str = "auto", adapter: str | None = None
 ) -> LoadedModel:
     """Load any MODEL `eval.py` accepts, with a PEFT `adapter` on top when given; user mistakes
-    are one-line UserErrors."""
+    are one-line UserErrors. A LoRA trainer checkpoint brings its own base and adapters."""
     if not is_sharded_source(name):
         return load_chat_model(name, device=device, dtype=dtype, adapter=adapter)
     assert name is not None
-    loaded = load_sharded_in_memory(Path(name).expanduser(), device, dtype)
-    if adapter is not None:
-        from openchatkit.models.lora import attach_adapter
+    source = Path(name).expanduser()
+    folder = checkpoint_folder(source)
+    from openchatkit.models.lora import attach_adapter, read_adapter_meta
 
+    if read_adapter_meta(folder) is not None:
+        if adapter is not None:
+            raise UserError(
+                f"--adapter: --model {name} is a LoRA checkpoint and brings its own adapters; "
+                "give its base as --model instead"
+            )
+        return load_lora_checkpoint(source, folder, device, dtype)
+    loaded = load_sharded_in_memory(source, device, dtype)
+    if adapter is not None:
         loaded.model = attach_adapter(loaded.model, adapter).eval()
         loaded.name = f"{loaded.name} + adapter {Path(adapter).name}"
+    return loaded
+
+
+def checkpoint_folder(source: Path) -> Path:
+    """The folder a sharded source names: a trainer --checkpoint-path without `latest` gives its
+    newest complete checkpoint; `latest` and checkpoint_<step>/ resolve as the converter does."""
+    from openchatkit.models.convert import resolve_checkpoint
+
+    if not (source / "latest").exists() and any(source.glob("checkpoint_*/meta.json")):
+        from openchatkit.training.checkpoint import find_latest
+
+        source = find_latest(source) or source
+    return resolve_checkpoint(source)
+
+
+def load_lora_checkpoint(source: Path, folder: Path, device: str, dtype: str) -> LoadedModel:
+    """A LoRA trainer checkpoint, in memory: the base model its adapter.json names (checked by
+    content fingerprint, as the trainer's resume checks it) with the adapters applied through
+    peft, the same model as `tools/export_lora.py` + `--adapter` on the converted base."""
+    from openchatkit.models.lora import (
+        locate_base,
+        peft_model_from_tensors,
+        read_adapter_checkpoint,
+    )
+    from openchatkit.models.registry import get_architecture, read_model_type
+    from openchatkit.training.checkpoint import verify_checkpoint
+
+    what = f"--model {source}"
+    problem = verify_checkpoint(folder, hashes=False) if (folder / "meta.json").is_file() else None
+    if problem is not None:
+        raise UserError(f"{what}: incomplete LoRA checkpoint {folder.name} ({problem})")
+    _, meta, settings, tensors = read_adapter_checkpoint(folder)
+    base = locate_base(meta, what)
+    loaded = load_sharded_in_memory(base, device, dtype)
+    arch = get_architecture(read_model_type(base))
+    loaded.model = peft_model_from_tensors(loaded.model, settings, tensors, arch, what)
+    # Named as base + adapter, the adapter as a trainer run is named: "my-run/checkpoint_40".
+    adapter = folder.name if folder == source else f"{source.name}/{folder.name}"
+    loaded.name = f"{loaded.name} + adapter {adapter}"
     return loaded
 
 
@@ -91,6 +142,13 @@ def load_sharded_in_memory(source: Path, device: str = "auto", dtype: str = "aut
     torch_dtype = pick_dtype(dtype, dev)
     with quiet_transformers():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        names = set(model.state_dict())
+        # Keys as HF checkpoints store them; transformers 5 renames a few while loading a folder
+        # (GPT-NeoX's `embed_out` is the `lm_head` module): the same here.
+        state = {
+            MODULE_NAMES.get(k, k) if k not in names and MODULE_NAMES.get(k) in names else k: v
+            for k, v in state.items()
+        }
         missing, unexpected = model.load_state_dict(state, strict=False)
     tied = (
         {k for k in missing if k.endswith("lm_head.weight")}

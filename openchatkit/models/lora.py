@@ -194,8 +194,33 @@ def adapter_meta(settings: LoraSettings, base: str | os.PathLike) -> dict[str, A
         "format": "openchatkit-lora",
         "lora": asdict(settings),
         "base_model": str(base),
+        # Where `base_model` pointed when training (it may be relative to the trainer's working
+        # directory); the evaluator falls back to it when run from elsewhere.
+        "base_model_abs": str(Path(base).resolve()),
         "base_fingerprint": base_fingerprint(base),
     }
+
+
+def locate_base(meta: dict[str, Any], what: str) -> Path:
+    """The base model folder a LoRA checkpoint's adapter.json names, checked as the trainer's
+    resume checks it: the folder exists and its content fingerprint is the one trained on.
+    `what` names the user's flag and value in the one-line errors."""
+    named = str(meta.get("base_model", ""))
+    candidates = [Path(named).expanduser(), Path(str(meta.get("base_model_abs", named)))]
+    base = next((p for p in candidates if named and p.is_dir()), None)
+    if base is None:
+        raise UserError(
+            f"{what}: its base model {named} (recorded by the trainer) does not exist; put the "
+            "base back at that path"
+        )
+    found = base_fingerprint(base)
+    if found != meta.get("base_fingerprint"):
+        raise UserError(
+            f"{what}: its adapters were trained on {named} (fingerprint "
+            f"{meta.get('base_fingerprint')}), but {base} now holds another model (fingerprint "
+            f"{found})"
+        )
+    return base
 
 
 def read_adapter_meta(folder: str | os.PathLike) -> dict[str, Any] | None:
@@ -216,20 +241,32 @@ def settings_from_meta(meta: dict[str, Any]) -> LoraSettings:
 
 
 def peft_key(arch: Any, name: str) -> str:
-    """Our adapter name -> the key PEFT saves for the HF model.
+    """Our adapter name -> the key PEFT saves for the HF model, through the key map.
 
     `layers.3.self_attn.q_proj.lora_A.default.weight` -> the HF weight of the adapted module
-    (`model.layers.3.self_attn.q_proj.weight`, from the key map) minus `.weight`, then
-    `.lora_A.weight`, under `base_model.model.`."""
-    head, _, tail = name.partition(".lora_")
-    if not tail:  # a bias trained under --lora-bias: `layers.3.mlp.x.base_layer.bias`
-        module, _, param = name.replace(".base_layer.", ".").rpartition(".")
-        hf, _ = arch.hf_key("layer", f"{module.split('.', 2)[2]}.{param}", module.split(".")[1])
-        return f"base_model.model.{hf}"
-    _, index, module = head.split(".", 2)  # "layers", "3", "self_attn.q_proj"
-    matrix, _, param = tail.partition(".")  # "A", "default.weight"
-    hf_weight, _ = arch.hf_key("layer", f"{module}.weight", int(index))
-    return f"base_model.model.{hf_weight[: -len('.weight')]}.lora_{matrix}.{param.split('.')[-1]}"
+    (`model.layers.3.self_attn.q_proj.weight`) minus `.weight`, then `.lora_A.weight`, under
+    `base_model.model.`. Biases trained under `--lora-bias` keep the base layer's name, with
+    PEFT's `base_layer` infix where the module carries an adapter:
+    `layers.3.attention.query_key_value.base_layer.bias` ->
+    `base_model.model.gpt_neox.layers.3.attention.query_key_value.base_layer.bias`,
+    `head.final_layer_norm.bias` -> `base_model.model.gpt_neox.final_layer_norm.bias`."""
+    part, _, rest = name.partition(".")  # "embed" | "layers" | "head", then the part's key
+    index = None
+    if part == "layers":
+        part = "layer"
+        index, _, rest = rest.partition(".")  # "3", "self_attn.q_proj.lora_A.default.weight"
+    head, _, tail = rest.partition(".lora_")
+    if tail:  # an adapter matrix
+        matrix, _, param = tail.partition(".")  # "A", "default.weight"
+        hf_weight, _ = arch.hf_key(part, f"{head}.weight", index)
+        return f"base_model.model.{hf_weight.removesuffix('.weight')}.lora_{matrix}.{param.split('.')[-1]}"
+    adapted = ".base_layer." in rest  # a bias of an adapted module (PEFT keeps the infix)
+    module, _, param = rest.replace(".base_layer.", ".").rpartition(".")
+    hf, _ = arch.hf_key(part, f"{module}.{param}", index)
+    if adapted:
+        stem, _, last = hf.rpartition(".")
+        hf = f"{stem}.base_layer.{last}"
+    return f"base_model.model.{hf}"
 
 
 def export_peft(
@@ -283,6 +320,37 @@ def read_adapter_checkpoint(
     return folder, meta, settings_from_meta(meta), tensors
 
 
+def peft_model_from_tensors(
+    model: Any, settings: LoraSettings, tensors: dict[str, torch.Tensor], arch: Any, what: str
+) -> Any:
+    """A PeftModel of `model` with a checkpoint's adapter tensors, in memory (nothing written):
+    the same model `PeftModel.from_pretrained(model, DIR)` gives for DIR = `export_peft(...)`.
+    Every tensor must land in the model and every adapter tensor be given (else UserError)."""
+    import torch
+
+    _quiet_bitsandbytes()
+    from peft import PeftModelForCausalLM
+    from peft.utils import set_peft_model_state_dict
+
+    config = settings.peft_config()
+    config.task_type = "CAUSAL_LM"
+    config.inference_mode = True  # as from_pretrained(is_trainable=False): all frozen
+    payload = {peft_key(arch, n): t for n, t in tensors.items()}
+    state = torch.random.get_rng_state()  # peft draws lora_A's initial values; we overwrite them
+    try:
+        peft_model = PeftModelForCausalLM(model, config, adapter_name=ADAPTER_NAME)
+    finally:
+        torch.random.set_rng_state(state)
+    result = set_peft_model_state_dict(peft_model, payload, adapter_name=ADAPTER_NAME)
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if result.unexpected_keys or missing:
+        raise UserError(
+            f"{what}: the adapters do not fit the base model (unexpected "
+            f"{result.unexpected_keys[:3]}, missing {missing[:3]})"
+        )
+    return peft_model.eval()
+
+
 def attach_adapter(model: Any, adapter_dir: str | os.PathLike, what: str = "--adapter") -> Any:
     """`PeftModel.from_pretrained(model, adapter_dir)`, every failure one UserError naming the
     adapter and the base (an adapter made for another base does not fit its shapes)."""
@@ -294,15 +362,31 @@ def attach_adapter(model: Any, adapter_dir: str | os.PathLike, what: str = "--ad
         raise UserError(f"{what} {folder}: no {PEFT_CONFIG} (export one with tools/export_lora.py)")
     import warnings
 
+    base = getattr(model.config, "_name_or_path", "the base model")
     try:
         with warnings.catch_warnings():
             # peft calls a transformers method deprecated in 5.x (FutureWarning): not the user's.
             warnings.simplefilter("ignore", FutureWarning)
-            return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+            peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError, OSError) as err:
-        base = getattr(model.config, "_name_or_path", "the base model")
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise UserError(f"{what} {folder} does not fit {base}: {first}") from None
+    # peft skips tensors of the file that name no parameter of the model, silently; such an
+    # adapter (made for another architecture, or with mis-named keys) would change nothing.
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights = folder / PEFT_WEIGHTS
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as f:
+            keys = set(f.keys())
+        unused = sorted(keys - set(get_peft_model_state_dict(peft_model)))
+        if unused:
+            raise UserError(
+                f"{what} {folder} does not fit {base}: {len(unused)} of its tensors name no "
+                f"parameter of the model, e.g. {unused[0]}"
+            )
+    return peft_model
 
 
 def merge_into_hf(
