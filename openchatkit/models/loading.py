@@ -78,24 +78,36 @@ def resolve_model(name: str | None) -> tuple[str, str]:
 def _sharded_hint(path: Path) -> str | None:
     """What to say when `path` is a trainer checkpoint folder or a layer-sharded model: the bot
     loads HF folders, and the converter makes one."""
+    import json
+
     checkpoint_root = (path / "latest").is_file() or any(path.glob("checkpoint_*/meta.json"))
     sharded = (path / "manifest.json").is_file()
-    if not (checkpoint_root or sharded):
+    # A LoRA checkpoint (adapter.json) holds adapters only; its manifest is its base's.
+    lora = next(iter(sorted(path.glob("checkpoint_*/adapter.json"))), path / "adapter.json")
+    if not (checkpoint_root or sharded or lora.is_file()):
         return None
     arch = "<arch>"
     manifest = path / "manifest.json"
     if not manifest.is_file():
         manifest = next(iter(sorted(path.glob("checkpoint_*/manifest.json"))), manifest)
     try:
-        import json
-
+        if lora.is_file():
+            manifest = Path(json.loads(lora.read_text())["base_model"]) / "manifest.json"
         name = json.loads(manifest.read_text()).get("architecture")  # gptneox | gptj | llama
         arch = name if name in ("gptneox", "gptj", "llama") else arch
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         pass
     what = "a trainer checkpoint folder" if checkpoint_root else "a layer-sharded model folder"
     if (path / "meta.json").is_file():
         what = "a trainer checkpoint"
+    if lora.is_file():
+        return (
+            f"{what} holding LoRA adapters only, not an HF model; export the adapter with python "
+            f"tools/export_lora.py --ckpt-path {path} --save-path adapters/{path.name} and give "
+            f"it as --adapter with the HF form of its base as --model, or merge: python "
+            f"tools/convert_to_hf_{arch}.py --ckpt-path {path} --merge-lora --save-path "
+            f"huggingface_models/{path.name}"
+        )
     return (
         f"{what}, not an HF model; convert it first: python tools/convert_to_hf_{arch}.py "
         f"--ckpt-path {path} --save-path huggingface_models/{path.name}"
