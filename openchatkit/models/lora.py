@@ -206,8 +206,8 @@ def locate_base(meta: dict[str, Any], what: str) -> Path:
     resume checks it: the folder exists and its content fingerprint is the one trained on.
     `what` names the user's flag and value in the one-line errors."""
     named = str(meta.get("base_model", ""))
-    candidates = [Path(named).expanduser(), Path(str(meta.get("base_model_abs", named)))]
-    base = next((p for p in candidates if named and p.is_dir()), None)
+    candidates = [Path(str(p)).expanduser() for p in (named, meta.get("base_model_abs")) if p]
+    base = next((p for p in candidates if p.is_dir()), None)
     if base is None:
         raise UserError(
             f"{what}: its base model {named} (recorded by the trainer) does not exist; put the "
