@@ -7,6 +7,7 @@ limit that keeps the run to a few minutes; nothing is downloaded):
 Before/after a fine-tune (a trainer --checkpoint-path is converted in memory, nothing written):
     python evaluation/eval.py --model model_ckpts/my-run --compare embedded --chat-suite
     python evaluation/eval.py --adapter adapters/SmolLM2-135M-OIG-lora --compare embedded
+    python evaluation/eval.py --model model_ckpts/my-lora-run --compare embedded  # base + adapters
 One GPU (batch size found automatically):
     python evaluation/eval.py --model huggingface_models/my-run --tasks mmlu,hellaswag --limit 0 \
         --device cuda --batch-size auto
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model",
         default=None,
         help="embedded (default), an HF folder, a hub id, a layer-sharded folder or a trainer "
-        "--checkpoint-path (its latest checkpoint)",
+        "--checkpoint-path (its latest checkpoint); a LoRA one brings its base and adapters",
     )
     p.add_argument(
         "--compare", default=None, metavar="MODEL2", help="evaluate MODEL2 too, side by side"

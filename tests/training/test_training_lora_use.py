@@ -14,29 +14,32 @@ import warnings
 import pytest
 import torch
 
-BIASES = ("all", "lora_only")
-
 
 @pytest.fixture(scope="module")
 def neox(tiny, tt, cli, tmp_path_factory):
-    """2-step LoRA runs of the tiny GPT-NeoX, one per --lora-bias, their adapters exported by
-    tools/export_lora.py (root/<bias>), and the HF base."""
+    """The tiny GPT-NeoX's HF base, and `neox["run"](bias)`: a 2-step LoRA run with that
+    --lora-bias (made once, on first use), its adapter exported by tools/export_lora.py."""
     root = tmp_path_factory.mktemp("lora-neox")
-    runs = {}
-    for bias in BIASES:
-        ckpt = root / f"run-{bias}"
-        flags = dict(lora_r=4, lora_dropout=0.0, lora_bias=bias, total_steps=2, lr=1e-2)
-        r = tt.run_train(tt.train_args(tiny, "gpt_neox", ckpt, **flags))
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs[bias] = ckpt
-        r = cli.run("tools/export_lora.py", "--ckpt-path", ckpt, "--save-path", root / bias)
-        assert r.returncode == 0, r.stderr
     hf = root / "hf"
     r = cli.run(
         "tools/convert_to_hf_gptneox.py", "--ckpt-path", tiny["gpt_neox"], "--save-path", hf
     )
     assert r.returncode == 0, r.stderr
-    return {"root": root, "hf": hf, "runs": runs}
+    runs = {}
+
+    def run(bias):
+        if bias not in runs:
+            ckpt = root / f"run-{bias}"
+            flags = dict(lora_r=4, lora_dropout=0.0, lora_bias=bias, total_steps=2, lr=1e-2)
+            r = tt.run_train(tt.train_args(tiny, "gpt_neox", ckpt, **flags))
+            assert r.returncode == 0, r.stderr[-3000:]
+            adapter = root / f"adapter-{bias}"
+            r = cli.run("tools/export_lora.py", "--ckpt-path", ckpt, "--save-path", adapter)
+            assert r.returncode == 0, r.stderr
+            runs[bias] = ckpt, adapter
+        return runs[bias]
+
+    return {"root": root, "hf": hf, "run": run}
 
 
 def _trainer_logits(base, folder, ids):
@@ -53,15 +56,16 @@ def _trainer_logits(base, folder, ids):
         return stage(ids)
 
 
-@pytest.mark.parametrize("bias", BIASES)
+# lora_only trains a subset of what all trains (the adapted modules' biases, saved under
+# `base_layer` as in all): slow set only.
+@pytest.mark.parametrize("bias", ["all", pytest.param("lora_only", marks=pytest.mark.slow)])
 def test_trained_biases_export_to_peft_and_merge(bias, tiny, cli, neox):
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    ckpt = neox["runs"][bias]
-    adapter = neox["root"] / bias
+    ckpt, adapter = neox["run"](bias)
     exported = load_file(adapter / "adapter_model.safetensors")
     biases = {k for k in exported if k.endswith(".bias")}
     adapted = {f"base_model.model.gpt_neox.layers.{i}.attention.query_key_value.base_layer.bias"
@@ -114,8 +118,7 @@ def _files(*folders):
 
 def test_eval_takes_lora_checkpoint_as_model(tiny, cli, neox):
     """--model CKPT (base + adapters in memory) equals --model HF_BASE --adapter EXPORTED."""
-    ckpt = neox["runs"]["all"]
-    adapter = neox["root"] / "all"
+    ckpt, adapter = neox["run"]("all")
     env = cli.user_env(HF_HUB_OFFLINE="1")
     common = ["--tasks", "perplexity", "--data", tiny["valid"], "--limit", 5, "--device", "cpu"]
     before = _files(ckpt, tiny["gpt_neox"])
@@ -141,7 +144,7 @@ def test_eval_takes_lora_checkpoint_as_model(tiny, cli, neox):
 
 def test_eval_lora_checkpoint_bad_base(tiny, cli, neox, tmp_path):
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(neox["runs"]["all"], ckpt)
+    shutil.copytree(neox["run"]("all")[0], ckpt)
     other = tmp_path / "base-copy"
     shutil.copytree(tiny["gpt_neox"], other)
     meta_path = ckpt / "checkpoint_2" / "adapter.json"
@@ -169,7 +172,7 @@ def test_eval_lora_checkpoint_bad_base(tiny, cli, neox, tmp_path):
     fake = tmp_path / "adapter"
     fake.mkdir()
     (fake / "adapter_config.json").write_text("{}")
-    r = cli.run("evaluation/eval.py", "--model", neox["runs"]["all"], "--adapter", fake, *args,
+    r = cli.run("evaluation/eval.py", "--model", neox["run"]("all")[0], "--adapter", fake, *args,
                 env=env)  # fmt: skip
     cli.assert_one_line_error(r, "--adapter", "brings its own adapters")
     assert not (tmp_path / "out").exists()
@@ -191,6 +194,6 @@ def test_locate_base_falls_back_to_the_absolute_path(tiny, tmp_path, monkeypatch
 
 
 def test_bot_hints_at_export_for_a_lora_checkpoint(cli, neox):
-    r = cli.run("inference/bot.py", "--model", neox["runs"]["all"], "--prompt", "hi")
+    r = cli.run("inference/bot.py", "--model", neox["run"]("all")[0], "--prompt", "hi")
     cli.assert_one_line_error(r, "LoRA adapters only", "tools/export_lora.py", "--adapter",
                               "convert_to_hf_gptneox.py", "--merge-lora")  # fmt: skip
