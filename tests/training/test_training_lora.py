@@ -76,7 +76,11 @@ def _trainer_logits(base, ckpt, ids):
 
 
 def test_export_loads_in_peft_and_merge_equals_base_plus_adapter(tiny, cli, lora_run):
+    import warnings
+
     from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     adapter = lora_run["root"] / "adapter"
@@ -87,7 +91,14 @@ def test_export_loads_in_peft_and_merge_equals_base_plus_adapter(tiny, cli, lora
     base = AutoModelForCausalLM.from_pretrained(lora_run["hf"], dtype=torch.float32)
     with torch.no_grad():
         plain = base(ids).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    assert not [w for w in caught if "keys" in str(w.message).lower()]  # no missing keys
+    # The file holds exactly the keys peft itself saves for this config (none ignored).
+    exported = load_file(adapter / "adapter_model.safetensors")
+    assert exported.keys() == get_peft_model_state_dict(peft_model).keys()
+    with torch.no_grad():
         theirs = peft_model(ids).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert (theirs - plain).abs().max() > 1e-4  # the adapter changes the model
