@@ -68,15 +68,22 @@ def _train(rank: int, folder: str, flags: dict, port: int, out: str) -> None:
     initial = {n: p.detach().clone() for n, p in stage.named_parameters()}
     engine = TrainEngine(stage, layout, config, device=torch.device("cpu"))
     rows = config.replica_batch_sequences  # replica r takes rows [r*rows, (r+1)*rows)
-    results = []
+    results, early = [], []
     for batch in _batches(shape.vocab_size, seed=7):
         mine = {k: v[layout.dp_rank * rows : (layout.dp_rank + 1) * rows] for k, v in batch.items()}
         r = engine.train_step([mine])
         results.append((r.loss, r.grad_norm, r.num_tokens))
+        early.append((engine.grads.started_early, len(engine.grads.buckets)))
     params = {n: p.detach().clone() for n, p in stage.named_parameters()}
     trainable = sorted(n for n, p in stage.named_parameters() if p.requires_grad)
     torch.save(
-        {"steps": results, "params": params, "initial": initial, "trainable": trainable},
+        {
+            "steps": results,
+            "params": params,
+            "initial": initial,
+            "trainable": trainable,
+            "early": early,
+        },
         Path(out) / f"rank{rank}.pt",
     )
     if layout.is_distributed:
@@ -132,11 +139,18 @@ COMMON = dict(batch_size=BATCH, micro_batch_size=2, lr=1e-3, total_steps=10, see
     [("llama", 2, 2, "gpipe"), ("gpt_neox", 2, 1, "1f1b")],
     ids=["llama-tied-pp2dp2-gpipe", "neox-pp2-1f1b"],
 )
-def test_engine_ranks_equal_one_process(tiny, tmp_path, arch, pp, dp, mode):
+def test_engine_ranks_equal_one_process(tiny, tmp_path, monkeypatch, arch, pp, dp, mode):
+    # Small buckets: many dp all-reduces, most started from hooks during the backward (the
+    # forked ranks inherit the patched module).
+    monkeypatch.setattr("openchatkit.training.engine.BUCKET_NUMEL", 3000)
     folder = tiny[arch]
     ref = _run(folder, COMMON, tmp_path / "ref")[0]
     layout = dict(pipeline_group_size=pp, data_group_size=dp, pp_mode=mode)
-    _assert_ranks_match(ref, _run(folder, dict(COMMON, **layout), tmp_path / "par"))
+    ranks = _run(folder, dict(COMMON, **layout), tmp_path / "par")
+    _assert_ranks_match(ref, ranks)
+    for got in ranks:
+        # Every bucket's sum started from a hook during the last backward.
+        assert all(early == n > 1 for early, n in got["early"]), got["early"]
 
 
 @pytest.mark.parametrize(
