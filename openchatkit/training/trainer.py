@@ -143,7 +143,9 @@ class Run:
             if config.load_in_4bit:
                 from openchatkit.models.quantize import quantize_linear_4bit
 
-                quantize_linear_4bit(self.stage, keep=config.lora.target_modules)
+                quantize_linear_4bit(
+                    self.stage, compute_dtype=dtype, keep=config.lora.target_modules
+                )
             apply_lora(self.stage, config.lora, seed=config.seed)
             if self.resume_from is not None:
                 load_adapter_into(self.stage, self.resume_from, config.lora.bias)
