@@ -132,7 +132,11 @@ class GradBuckets:
             self.release_bucket(b)
 
     def end_step(self) -> None:
-        """After the optimizer step: keep and zero the buffers, or free them."""
+        """After the optimizer step: keep and zero the buffers, or free them. Until the next
+        `begin` the hooks only count (a backward outside a step starts no all-reduce)."""
+        self._expected = 0
+        for b in self.buckets:
+            b.launched = False
         if self.persistent:
             self.zero_()
         else:
@@ -155,7 +159,7 @@ class GradBuckets:
                 f"gradient {self._count[key]} of a parameter whose bucket was already summed "
                 f"(expected {self._expected} backward passes)"
             )
-        if self._count[key] == self._expected:
+        if self._expected and self._count[key] == self._expected:
             bucket.pending -= 1
             # Start every bucket that is ready, strictly in index order.
             while self._next < len(self.buckets) and self.buckets[self._next].pending == 0:
