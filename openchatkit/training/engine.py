@@ -8,8 +8,10 @@ Per optimizer step, on every rank:
 2. Each accumulation pass runs the schedule (GPipe or 1F1B; a plain loop when pp == 1) with the
    position ids passed as keyword arguments on every rank (they are not sent between stages) and
    logits upcast to fp32 before the loss.
-3. Gradients are summed over the dp group (bucketed all-reduce), then the two copies of a tied
-   embedding (first stage's `embed.*`, last stage's `head.lm_head.weight`) are summed over the
+3. Gradients are summed over the dp group: they live in flat buckets (reverse parameter order),
+   and each bucket's all-reduce starts asynchronously as soon as the backward of the last
+   micro-batch has produced its gradients, overlapping the rest of the backward
+   (`grad_buckets.py`). Then the two copies of a tied embedding (first stage's `embed.*`, last stage's `head.lm_head.weight`) are summed over the
    tie group so both stay identical.
 4. Grad norm and the overflow check are reduced over the pp group (the tied copy counted once),
    the step is skipped on a non-finite norm (fp16: the loss scale halves, the LR schedule does
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 from openchatkit.distributed.layout import ParallelLayout
 from openchatkit.training.config import TrainConfig
+from openchatkit.training.grad_buckets import GradBuckets
 from openchatkit.training.loss import move_head_into_loss
 from openchatkit.training.optim import (
     build_optimizer,
@@ -154,6 +157,15 @@ class TrainEngine:
         self.scheduler = build_scheduler(
             self.optimizer, config.warmup_steps, config.total_steps, config.lr_decay_style
         )
+        # Model-dtype gradients in flat buckets, summed over dp during the backward. In fp32
+        # the optimizer reads them, so the buffers persist; over fp32 masters they are copied
+        # and freed each step.
+        self.grads = GradBuckets(
+            self.master.model_params,
+            layout.dp_group,
+            BUCKET_NUMEL,
+            persistent=not self.master.uses_master,
+        )
         self.tracer = None  # set by the trainer when profiling (a torch profiler span helper)
         if layout.pp > 1:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -263,6 +275,17 @@ class TrainEngine:
             return torch.zeros((), dtype=torch.float64, device=self.device)
         return torch.stack([x.detach().double() for x in losses]).sum()
 
+    def _grads_to_master(self) -> None:
+        """Hand the summed gradients to the optimizer: over fp32 masters, convert bucket by
+        bucket and free each bucket at once (the step never holds both copies whole)."""
+        if not self.master.uses_master:
+            return  # the optimizer updates the model parameters and reads their views
+        master_of = dict(zip(map(id, self.master.model_params), self.master.params, strict=True))
+        for bucket in self.grads.buckets:
+            for p in bucket.params:
+                master_of[id(p)].grad = p.grad.float()
+            self.grads.release_bucket(bucket)
+
     def _global_tokens(self, batches: list[dict[str, torch.Tensor]]) -> int:
         local = sum(count_target_tokens(b["labels"]) for b in batches)
         t = torch.tensor([local], dtype=torch.float64, device=self.device)
@@ -280,32 +303,6 @@ class TrainEngine:
         self._all_reduce(vec, self.layout.pp_group)
         return vec
 
-    def _bucketed_all_reduce(self, grads: list[torch.Tensor], group) -> None:
-        """Sum gradients over `group`, flattening them into buckets of one dtype."""
-        if group is None or dist.get_world_size(group) == 1:
-            return
-        bucket: list[torch.Tensor] = []
-        numel = 0
-
-        def flush() -> None:
-            if not bucket:
-                return
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-            bucket.clear()
-
-        for g in grads:
-            if bucket and (g.dtype != bucket[0].dtype or numel + g.numel() > BUCKET_NUMEL):
-                flush()
-                numel = 0
-            bucket.append(g)
-            numel += g.numel()
-        flush()
-
     # -- public ---------------------------------------------------------------------------------
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step over this replica's accumulation batches."""
@@ -313,21 +310,18 @@ class TrainEngine:
         num_tokens = self._global_tokens(batches)
         self.loss_fn.normalizer = float(max(num_tokens, 1))
         self.loss_fn.scale = self.scaler.scale
-        self.master.zero_grad()
+        # Zeroed gradient views; each bucket's dp all-reduce starts as soon as the backward
+        # has produced its last gradient (one backward per micro-batch per pass).
+        self.grads.begin(expected=self.n_microbatches * len(batches))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in batches:
             loss_sum += self._run_pipeline(batch, grad=True)
-        # Model-dtype gradients (zeros for parameters that got none).
-        for p in self.master.model_params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.master.model_params]
-        with self.span("dp_all_reduce"):
-            self._bucketed_all_reduce(grads, self.layout.dp_group)
+        with self.span("dp_all_reduce_wait"):
+            self.grads.finish()
         if self._tied_local is not None:
             with self.span("tie_all_reduce"):
                 self._all_reduce(self._tied_local.grad, self.layout.tie_group)
-        self.master.grads_to_master()
+        self._grads_to_master()
         inv_scale = 1.0 / self.scaler.scale
         sumsq = torch.zeros((), dtype=torch.float64, device=self.device)
         for name, m in zip(self.master.names, self.master.params, strict=True):
@@ -359,6 +353,7 @@ class TrainEngine:
             self.scheduler.step()
         self.scaler.update(skipped)
         self.master.zero_grad()
+        self.grads.end_step()
         return StepResult(
             loss=loss,
             grad_norm=grad_norm,

@@ -11,14 +11,14 @@ Pure arithmetic over the model's config and the trainer's flags (no torch import
   GPipe, where the head runs inside a recomputed loss: openchatkit/training/loss.py);
 - communication: torch.distributed.pipelining allocates a receive buffer per micro-batch, for
   activations (every stage but the first) and for their gradients (every stage but the last);
-  data parallel adds the all-reduce bucket during the optimizer step;
+  the data-parallel all-reduce runs in place on the gradients' own flat buckets;
 - a transient: the backward working set of one layer (two with recomputation) or of the loss;
 - a fixed runtime allowance (CUDA context, cuBLAS workspaces, NCCL, allocator slack).
 
 Under LoRA only the adapters have gradients, masters and optimizer state (the base may be NF4
 with --load-in-4bit); activations are counted as for full fine-tuning plus the adapters' own,
 an upper bound. The peak is the larger of two phases: pipeline (state with model-dtype grads + activations +
-buffers) and optimizer step (state with fp32 grads + all-reduce bucket).
+buffers) and optimizer step (state with fp32 grads + one model-dtype bucket being converted).
 
 Activation bytes per token per layer were measured on CPU with `memory_probe.LiveBytes` (a
 dispatch-mode allocator count, equal to what saved-tensor hooks see) on tiny transformers layers
@@ -332,9 +332,10 @@ def plan_memory(dims: ModelDims, setup: TrainSetup) -> list[StageMemory]:
         transient = math.ceil(per_token["transient"] * tokens)
         state = weights + master + optimizer
         pipeline = state + grads + act * n + logits + comm + transient
-        bucket = 2 * min(BUCKET_NUMEL, trainable) * e if setup.dp > 1 else 0
-        # fp32 gradients on the masters (in fp32 the model's own gradients), one model-dtype
-        # gradient being converted, and the data-parallel bucket and its copy.
+        # fp32 gradients on the masters (in fp32 the model's own gradients, which live in the
+        # flat buckets the dp all-reduce sums in place); over fp32 masters the model-dtype
+        # gradients are converted bucket by bucket, each bucket freed once converted.
+        bucket = min(BUCKET_NUMEL, trainable) * e if e != 4 else 0
         step = state + trainable * 4 + bucket + comm
         peak = max(pipeline, step) + RUNTIME_BYTES
         out.append(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import re
 import signal
@@ -45,6 +46,13 @@ _PEER_LOST = re.compile(
     re.I,
 )
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    """Weights a parameter stands for: an NF4 `Params4bit` packs two per byte (its quant state
+    keeps the original shape)."""
+    state = getattr(p, "quant_state", None)
+    return math.prod(state.shape) if state is not None else p.numel()
 
 
 class Run:
@@ -143,7 +151,9 @@ class Run:
             if config.load_in_4bit:
                 from openchatkit.models.quantize import quantize_linear_4bit
 
-                quantize_linear_4bit(self.stage, keep=config.lora.target_modules)
+                quantize_linear_4bit(
+                    self.stage, compute_dtype=dtype, keep=config.lora.target_modules
+                )
             apply_lora(self.stage, config.lora, seed=config.seed)
             if self.resume_from is not None:
                 load_adapter_into(self.stage, self.resume_from, config.lora.bias)
@@ -198,7 +208,7 @@ class Run:
         tied = self.stage.tied_copy_names
         params = [(n, p) for n, p in self.stage.named_parameters() if not tied or n != tied[1]]
         local = [
-            sum(p.numel() for _, p in params),
+            sum(_logical_numel(p) for _, p in params),
             sum(p.numel() for _, p in params if p.requires_grad),
         ]
         t = torch.tensor(local, dtype=torch.float64, device=self.device)

@@ -63,20 +63,31 @@ def _train(rank: int, folder: str, flags: dict, port: int, out: str) -> None:
         layout.is_last_stage,
         dtype=torch.float32,
     )
+    if config.load_in_4bit:
+        from openchatkit.models.quantize import quantize_linear_4bit
+
+        quantize_linear_4bit(stage, torch.float32)
     if config.lora is not None:
         apply_lora(stage, config.lora, seed=config.seed)
     initial = {n: p.detach().clone() for n, p in stage.named_parameters()}
     engine = TrainEngine(stage, layout, config, device=torch.device("cpu"))
     rows = config.replica_batch_sequences  # replica r takes rows [r*rows, (r+1)*rows)
-    results = []
+    results, early = [], []
     for batch in _batches(shape.vocab_size, seed=7):
         mine = {k: v[layout.dp_rank * rows : (layout.dp_rank + 1) * rows] for k, v in batch.items()}
         r = engine.train_step([mine])
         results.append((r.loss, r.grad_norm, r.num_tokens))
+        early.append((engine.grads.started_early, len(engine.grads.buckets)))
     params = {n: p.detach().clone() for n, p in stage.named_parameters()}
     trainable = sorted(n for n, p in stage.named_parameters() if p.requires_grad)
     torch.save(
-        {"steps": results, "params": params, "initial": initial, "trainable": trainable},
+        {
+            "steps": results,
+            "params": params,
+            "initial": initial,
+            "trainable": trainable,
+            "early": early,
+        },
         Path(out) / f"rank{rank}.pt",
     )
     if layout.is_distributed:
@@ -132,11 +143,18 @@ COMMON = dict(batch_size=BATCH, micro_batch_size=2, lr=1e-3, total_steps=10, see
     [("llama", 2, 2, "gpipe"), ("gpt_neox", 2, 1, "1f1b")],
     ids=["llama-tied-pp2dp2-gpipe", "neox-pp2-1f1b"],
 )
-def test_engine_ranks_equal_one_process(tiny, tmp_path, arch, pp, dp, mode):
+def test_engine_ranks_equal_one_process(tiny, tmp_path, monkeypatch, arch, pp, dp, mode):
+    # Small buckets: many dp all-reduces, most started from hooks during the backward (the
+    # forked ranks inherit the patched module).
+    monkeypatch.setattr("openchatkit.training.engine.BUCKET_NUMEL", 3000)
     folder = tiny[arch]
     ref = _run(folder, COMMON, tmp_path / "ref")[0]
     layout = dict(pipeline_group_size=pp, data_group_size=dp, pp_mode=mode)
-    _assert_ranks_match(ref, _run(folder, dict(COMMON, **layout), tmp_path / "par"))
+    ranks = _run(folder, dict(COMMON, **layout), tmp_path / "par")
+    _assert_ranks_match(ref, ranks)
+    for got in ranks:
+        # Every bucket's sum started from a hook during the last backward.
+        assert all(early == n > 1 for early, n in got["early"]), got["early"]
 
 
 @pytest.mark.parametrize(
@@ -166,6 +184,28 @@ def test_lora_ranks_equal_one_process_and_leave_the_base_alone(tiny, tmp_path, a
     # B starts at zero, so the first step's loss is the base model's.
     full = _run(folder, COMMON, tmp_path / "full")[0]
     assert ref["steps"][0][0] == pytest.approx(full["steps"][0][0], rel=1e-6)
+
+
+@pytest.mark.parametrize("arch,pp,dp,mode", [("llama", 2, 2, "1f1b"), ("gpt_neox", 2, 1, "gpipe")])
+def test_qlora_on_cpu_ranks_equal_one_process(tiny, tmp_path, arch, pp, dp, mode):
+    """QLoRA (NF4 base, bitsandbytes' CPU path): quantization is per linear and deterministic,
+    so every layout equals one process; the packed 4-bit base stays bit-identical."""
+    folder = tiny[arch]
+    qlora = dict(COMMON, lora_r=4, lora_dropout=0.0, load_in_4bit=True)
+    ref = _run(folder, qlora, tmp_path / "ref")[0]
+    layout = dict(pipeline_group_size=pp, data_group_size=dp, pp_mode=mode)
+    ranks = _run(folder, dict(qlora, **layout), tmp_path / "par")
+    _assert_ranks_match(ref, ranks)
+    packed = [n for n, v in ref["params"].items() if v.dtype == torch.uint8]
+    assert packed, "no NF4 weights"
+    for got in [ref, *ranks]:
+        for name, value in got["params"].items():
+            if name not in got["trainable"]:
+                assert torch.equal(value, got["initial"][name]), name
+    # The 4-bit model differs from the full-precision one (it is quantized) but not by much.
+    lora = _run(folder, dict(COMMON, lora_r=4, lora_dropout=0.0), tmp_path / "lora")[0]
+    q_loss, f_loss = ref["steps"][0][0], lora["steps"][0][0]
+    assert q_loss != f_loss and abs(q_loss - f_loss) < 0.05 * f_loss
 
 
 @pytest.mark.gpu

@@ -61,6 +61,30 @@ def test_checkpoint_holds_only_adapters_and_resumes_exactly(tiny, tt, lora_run, 
     assert tt.train_losses(ckpt) == tt.train_losses(lora_run["ckpt"])
 
 
+def test_qlora_on_cpu_trains_and_resumes_exactly(tiny, tt, lora_run, tmp_path):
+    """--load-in-4bit on CPU (bitsandbytes' NF4 CPU path): an adapter-only checkpoint, a loss
+    that differs from full-precision LoRA's (the base is quantized) and an exact resume."""
+    ckpt = tmp_path / "qlora"
+    r = tt.run_train(tt.train_args(tiny, "llama", ckpt, load_in_4bit=True, **LORA))
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = {p.name for p in (ckpt / "checkpoint_4").iterdir()}
+    assert "adapter_stage_0.safetensors" in names and "layer_00000.safetensors" not in names
+    losses = tt.train_losses(ckpt)
+    full = tt.train_losses(lora_run["ckpt"])
+    assert losses.keys() == full.keys() and losses != full
+    assert all(abs(losses[k] - full[k]) < 0.05 * full[k] for k in full)
+    resumed = tmp_path / "qlora-resumed"
+    r = tt.run_train(
+        tt.train_args(tiny, "llama", resumed, load_in_4bit=True, stop_after_steps=2, **LORA)
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = tt.run_train(tt.train_args(tiny, "llama", resumed, load_in_4bit=True, **LORA))
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    assert tt.train_losses(resumed) == losses
+    a, b = _adapters(ckpt / "checkpoint_4"), _adapters(resumed / "checkpoint_4")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _trainer_logits(base, ckpt, ids):
     """Logits of our stage model with the checkpoint's adapters."""
     from openchatkit.models.lora import apply_lora, load_adapter_into, read_adapter_checkpoint
@@ -154,9 +178,13 @@ def test_lora_bad_inputs(tiny, tt, cli, lora_run, tmp_path):
     cli.assert_one_line_error(train(lora_r=-1), "--lora-r must be >= 0")
     r = train(lora_r=4, lora_target_modules="q_proj,nope")
     cli.assert_one_line_error(r, "--lora-target-modules 'nope'", "q_proj", "down_proj")
-    cli.assert_one_line_error(
-        train(lora_r=4, load_in_4bit=True), "--load-in-4bit needs --device cuda"
-    )
+    # Where bitsandbytes cannot run NF4 (simulated: its import fails), one line.
+    fake = tmp_path / "no-bnb" / "bitsandbytes"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no NF4 backend here')\n")
+    args = tt.train_args(tiny, "llama", tmp_path / "q", lora_r=4, load_in_4bit=True)
+    r = tt.run_train(args, PYTHONPATH=str(fake.parent))
+    cli.assert_one_line_error(r, "--load-in-4bit: bitsandbytes cannot run NF4 on cpu")
     cli.assert_one_line_error(train(load_in_4bit=True), "give --lora-r")
     # Adapters trained on one base, resumed on another (same shapes, other weights).
     other = tmp_path / "other-base"
