@@ -12,6 +12,7 @@ optimizer state; HF = `save_pretrained` of the adapter + optimizer.pt).
 
     python benchmarks/bench_lora.py                  # ~6 min on 2 cores
     python benchmarks/bench_lora.py --rounds 1 --steps 2
+    python benchmarks/bench_lora.py --loss-on bot    # chat SFT: loss on the bot turns only
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ import json, os, resource, statistics, sys, tempfile, time
 from pathlib import Path
 import torch
 side, seq, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+loss_on = sys.argv[5]
 from transformers import AutoTokenizer
 from openchatkit.data import GlobalBatchLoader, PackedSequenceStream
 from openchatkit.models.embedded import ensure_embedded_model
 from openchatkit.models.pretrained import prepare_pretrained
 hf_dir, sharded = ensure_embedded_model(), prepare_pretrained("SmolLM2-135M-Instruct")
 tok = AutoTokenizer.from_pretrained(hf_dir)
-stream = PackedSequenceStream(os.environ["BENCH_DATA"], tok, seq, seed=0)
+stream = PackedSequenceStream(os.environ["BENCH_DATA"], tok, seq, seed=0, loss_on=loss_on)
 loader = GlobalBatchLoader(stream, batch)
 batches = [next(loader) for _ in range(steps + 1)]
 R, ALPHA, DROP = 16, 32, 0.05
@@ -58,7 +60,8 @@ with tempfile.TemporaryDirectory() as tmp:
         from openchatkit.training import checkpoint as ckpt
         from openchatkit.training.config import read_model_shape
         from openchatkit.training.engine import TrainEngine
-        flags = dict(lr=2e-4, batch_size=batch, micro_batch_size=batch, total_steps=10_000)
+        flags = dict(lr=2e-4, batch_size=batch, micro_batch_size=batch, total_steps=10_000,
+                     loss_on=loss_on)
         if side == "lora":
             flags.update(lora_r=R, lora_alpha=ALPHA, lora_dropout=DROP)
         config = config_with_defaults(read_model_shape(sharded), **flags)
@@ -118,6 +121,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="steps per round and side (2 untimed)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--loss-on",
+        choices=["all", "bot"],
+        default="all",
+        help="bot: labels -100 on the human turns (~57%% of tokens here), the same for every side",
+    )
     return p.parse_args(argv)
 
 
@@ -134,7 +143,8 @@ def child(side: str, args: argparse.Namespace) -> dict:
         "MALLOC_TOP_PAD_": "1073741824",
     }
     cmd = [sys.executable, "-c", CHILD, side, str(args.seq_length), str(args.batch_size)]
-    r = subprocess.run([*cmd, str(args.steps)], cwd=REPO, env=env, capture_output=True, text=True)
+    cmd += [str(args.steps), args.loss_on]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{side} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -145,7 +155,8 @@ def main(argv=None) -> int:
     tokens = args.seq_length * args.batch_size
     print(
         f"SmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores) | seq {args.seq_length} x "
-        f"batch {args.batch_size} = {tokens} tokens/step | LoRA r=16 alpha 32 on q/k/v/o"
+        f"batch {args.batch_size} = {tokens} tokens/step | LoRA r=16 alpha 32 on q/k/v/o | "
+        f"loss on {args.loss_on}"
     )
     runs: dict[str, list[dict]] = {s: [] for s in SIDES}
     for r in range(args.rounds):

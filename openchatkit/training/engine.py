@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from openchatkit.distributed.layout import ParallelLayout
 from openchatkit.training.config import TrainConfig
 from openchatkit.training.grad_buckets import GradBuckets
-from openchatkit.training.loss import move_head_into_loss
+from openchatkit.training.loss import move_head_into_loss, shifted_targets
 from openchatkit.training.optim import (
     build_optimizer,
     build_scheduler,
@@ -63,12 +63,13 @@ class TokenMeanLoss:
         self.scale = 1.0
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # logits (B, S, V) in the model dtype, upcast to fp32 before log-softmax (a no-op in
-        # fp32). The labels are shifted instead of the logits (position t predicts token t+1,
-        # the last position predicts nothing), which avoids copying a (B, S-1, V) slice.
-        target = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # (B*S,)
-        flat = logits.float().reshape(-1, logits.shape[-1])  # (B*S, V)
-        loss = F.cross_entropy(flat, target, ignore_index=-100, reduction="sum")
+        # logits (B, S, V) in the model dtype; the labels are shifted, not the logits.
+        return self.on_rows(logits.reshape(-1, logits.shape[-1]), shifted_targets(labels))
+
+    def on_rows(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """logits (N, V) in the model dtype, upcast to fp32 before log-softmax (a no-op in
+        fp32); target (N,), -100 ignored."""
+        loss = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
         return loss * (self.scale / self.normalizer)
 
 
@@ -129,9 +130,14 @@ class TrainEngine:
             config.precision == "fp16", config.initial_loss_scale, config.loss_scale_window
         )
         self.loss_fn = TokenMeanLoss()
-        if layout.pp > 1 and config.pp_mode == "gpipe" and layout.is_last_stage:
-            # GPipe holds every micro-batch on the last stage: keep hidden states, not logits.
-            self.loss_fn = move_head_into_loss(module, self.loss_fn)
+        # GPipe holds every micro-batch on the last stage: keep hidden states, not logits.
+        recompute = layout.pp > 1 and config.pp_mode == "gpipe"
+        # --loss-on bot: the head and cross-entropy only on the rows that carry a target.
+        select_rows = config.loss_on == "bot"
+        if layout.is_last_stage and (recompute or select_rows):
+            self.loss_fn = move_head_into_loss(
+                module, self.loss_fn, recompute=recompute, select_rows=select_rows
+            )
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.master = MasterWeights(named)
         # Under LoRA the embeddings are frozen: no tied gradients to keep in step.
