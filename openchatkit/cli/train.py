@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lo.add_argument("--lora-bias", choices=["none", "all", "lora_only"], default="none")
     lo.add_argument(
-        "--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (bitsandbytes; CUDA or CPU)"
+        "--load-in-4bit",
+        action="store_true",
+        help="QLoRA: NF4 base weights (bitsandbytes; CUDA or CPU)",
     )
 
     c = p.add_argument_group("checkpoints, evaluation, logs")
