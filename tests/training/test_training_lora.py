@@ -61,6 +61,7 @@ def test_checkpoint_holds_only_adapters_and_resumes_exactly(tiny, tt, lora_run, 
     assert tt.train_losses(ckpt) == tt.train_losses(lora_run["ckpt"])
 
 
+@pytest.mark.slow  # ~35 s; layout parity of QLoRA is in the default set (test_training_engine)
 def test_qlora_on_cpu_trains_and_resumes_exactly(tiny, tt, lora_run, tmp_path):
     """--load-in-4bit on CPU (bitsandbytes' NF4 CPU path): an adapter-only checkpoint, a loss
     that differs from full-precision LoRA's (the base is quantized) and an exact resume."""
