@@ -109,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def read_lines(interactive: bool):
     """Yield input lines: with readline editing and history on a terminal, plain from a pipe."""
     if interactive:
+        import signal
+
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # Started with SIGINT ignored (a background job of a non-interactive shell, nohup):
+            # Python then leaves it ignored, but on a terminal Ctrl-C must stop an answer.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             import readline
 
