@@ -11,8 +11,8 @@ Per optimizer step, on every rank:
 3. Gradients are summed over the dp group: they live in flat buckets (reverse parameter order),
    and each bucket's all-reduce starts asynchronously as soon as the backward of the last
    micro-batch has produced its gradients, overlapping the rest of the backward
-   (`grad_buckets.py`). Then the two copies of a tied embedding (first stage's `embed.*`, last stage's `head.lm_head.weight`) are summed over the
-   tie group so both stay identical.
+   (`grad_buckets.py`). Then the two copies of a tied embedding (first stage's `embed.*`, last
+   stage's `head.lm_head.weight`) are summed over the tie group so both stay identical.
 4. Grad norm and the overflow check are reduced over the pp group (the tied copy counted once),
    the step is skipped on a non-finite norm (fp16: the loss scale halves, the LR schedule does
    not advance), grads are clipped, the optimizer and LR schedule step, and fp32 masters are
@@ -166,6 +166,9 @@ class TrainEngine:
         # Model-dtype gradients in flat buckets, summed over dp during the backward. In fp32
         # the optimizer reads them, so the buffers persist; over fp32 masters they are copied
         # and freed each step.
+        self._master_of = dict(
+            zip(map(id, self.master.model_params), self.master.params, strict=True)
+        )
         self.grads = GradBuckets(
             self.master.model_params,
             layout.dp_group,
@@ -286,10 +289,9 @@ class TrainEngine:
         bucket and free each bucket at once (the step never holds both copies whole)."""
         if not self.master.uses_master:
             return  # the optimizer updates the model parameters and reads their views
-        master_of = dict(zip(map(id, self.master.model_params), self.master.params, strict=True))
         for bucket in self.grads.buckets:
             for p in bucket.params:
-                master_of[id(p)].grad = p.grad.float()
+                self._master_of[id(p)].grad = p.grad.float()
             self.grads.release_bucket(bucket)
 
     def _global_tokens(self, batches: list[dict[str, torch.Tensor]]) -> int:
