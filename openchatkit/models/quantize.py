@@ -17,10 +17,14 @@ from openchatkit.errors import UserError
 
 
 def check_4bit_support(device: str) -> None:
-    """One line if bitsandbytes cannot quantize to NF4 and run a matmul on `device`."""
+    """One line if bitsandbytes cannot quantize to NF4 and run a matmul on `device`. On CUDA
+    (bitsandbytes' own kernels) only the import is checked: this runs before each rank picks
+    its GPU, and a probe would open a CUDA context on GPU 0 from every rank."""
     try:
         import bitsandbytes as bnb
 
+        if device == "cuda":
+            return
         probe = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
         probe = probe.to(device)
         with torch.no_grad():
