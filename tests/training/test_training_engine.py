@@ -212,18 +212,25 @@ def test_head_on_target_rows_only_equals_every_row(tiny, tmp_path, arch, pp, dp,
     assert rows["rows_seen"] and all(m < n for m, n in rows["rows_seen"])
 
 
-@pytest.mark.parametrize("arch,pp,dp,mode", [("llama", 2, 2, "1f1b"), ("gpt_neox", 2, 1, "gpipe")])
-def test_qlora_on_cpu_ranks_equal_one_process(tiny, tmp_path, arch, pp, dp, mode):
+@pytest.mark.parametrize(
+    "arch,pp,dp,mode,bias", [("llama", 2, 2, "1f1b", "none"), ("gpt_neox", 2, 1, "gpipe", "all")]
+)
+def test_qlora_on_cpu_ranks_equal_one_process(tiny, tmp_path, arch, pp, dp, mode, bias):
     """QLoRA (NF4 base, bitsandbytes' CPU path): quantization is per linear and deterministic,
-    so every layout equals one process; the packed 4-bit base stays bit-identical."""
+    so every layout equals one process; the packed 4-bit base stays bit-identical. With
+    `--lora-bias all` the (unquantized) biases of the 4-bit linears train too."""
     folder = tiny[arch]
-    qlora = dict(COMMON, lora_r=4, lora_dropout=0.0, load_in_4bit=True)
+    qlora = dict(COMMON, lora_r=4, lora_dropout=0.0, load_in_4bit=True, lora_bias=bias)
     ref = _run(folder, qlora, tmp_path / "ref")[0]
     layout = dict(pipeline_group_size=pp, data_group_size=dp, pp_mode=mode)
     ranks = _run(folder, dict(qlora, **layout), tmp_path / "par")
     _assert_ranks_match(ref, ranks)
     packed = [n for n, v in ref["params"].items() if v.dtype == torch.uint8]
     assert packed, "no NF4 weights"
+    biases = [n for n in ref["trainable"] if n.endswith(".bias")]
+    assert bool(biases) == (bias == "all"), biases
+    for name in biases:  # trained, so moved
+        assert not torch.equal(ref["params"][name], ref["initial"][name]), name
     for got in [ref, *ranks]:
         for name, value in got["params"].items():
             if name not in got["trainable"]:
