@@ -143,12 +143,21 @@ def same_model(a: str | None, b: str | None) -> bool:
     return a.strip().rstrip("/") == b.strip().rstrip("/")
 
 
-def check_model_exists(name: str | None) -> None:
-    """A path that does not exist fails here, before any import of torch."""
-    from openchatkit.models.loading import looks_like_path
+def check_model_exists(name: str | None, flag: str = "--model") -> None:
+    """A path that does not exist, or a hub id that is neither cached nor served, fails here,
+    before any model is loaded (a missing `--compare` model would otherwise fail only after the
+    first model's whole evaluation)."""
+    from openchatkit.models.embedded import is_embedded_name
+    from openchatkit.models.loading import check_hub_id, looks_like_path
 
-    if name and looks_like_path(name) and not Path(name).expanduser().exists():
-        raise UserError(f"--model: folder {name} does not exist")
+    if is_embedded_name(name):
+        return
+    assert name is not None
+    if looks_like_path(name):
+        if not Path(name).expanduser().exists():
+            raise UserError(f"{flag}: folder {name} does not exist")
+        return
+    check_hub_id(name, flag)
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -172,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     from openchatkit.evaluation.tasks import check_lm_eval_tasks, parse_tasks
 
     plan = parse_tasks(args.tasks)
+    if args.data and not plan.perplexity:
+        raise UserError("--data is read only by the perplexity task; add perplexity to --tasks")
     check_lm_eval_tasks(plan.lm_eval)
     check_model_exists(args.model)
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise UserError(f"--adapter {args.adapter}: no adapter_config.json (tools/export_lora.py)")
     if args.compare is not None:
-        check_model_exists(args.compare)
+        check_model_exists(args.compare, "--compare")
         if same_model(args.model, args.compare) and args.adapter is None:
             raise UserError("--compare names the same model as --model; give a different one")
     limit = DEFAULT_LIMIT if args.limit is None else (args.limit or None)  # None: all

@@ -120,8 +120,11 @@ def load_sharded_in_memory(source: Path, device: str = "auto", dtype: str = "aut
     if not (source / "latest").exists() and any(source.glob("checkpoint_*/meta.json")):
         from openchatkit.training.checkpoint import find_latest
 
-        source = find_latest(source) or source
-    folder, manifest = read_sharded_source(source)
+        # Named "run/checkpoint_N" as when `latest` names it.
+        found = find_latest(source)
+        folder, manifest = read_sharded_source(found or source)
+    else:
+        folder, manifest = read_sharded_source(source)
     sharded.check_files(folder, manifest)
     try:
         config = AutoConfig.from_pretrained(folder)

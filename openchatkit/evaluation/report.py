@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from openchatkit.errors import UserError
 from openchatkit.evaluation.tasks import task_split
-from openchatkit.fileio import atomic_file
+from openchatkit.fileio import (
+    apply_umask,
+    atomic_file,
+    check_writable_dir,
+    describe_os_error,
+    temp_prefix,
+)
 
 # The metrics a table shows per task, first found wins; every metric stays in results.json.
 HEADLINE = ("acc_norm", "acc", "exact_match", "token_perplexity", "word_perplexity")
@@ -167,32 +174,48 @@ def chat_section(records: list[dict]) -> list[str]:
     return out
 
 
+OUTPUT_NAMES = ("results.json", "report.md")
+
+
 def write_outputs(folder: Path, records: list[dict]) -> None:
-    """results.json (first model), results_<i>.json (the others), report.md — each atomically,
-    and only once every one of them is rendered (nothing half-written)."""
+    """results.json (first model), results_<i>.json (the others), report.md: every file is
+    rendered and written to a temporary name first, then all are renamed, so a failure leaves
+    the folder as it was. results_<i>.json of an earlier, wider `--compare` are removed."""
     texts = {"results.json": json.dumps(records[0], indent=2) + "\n"}
     for i, record in enumerate(records[1:], start=2):
         texts[f"results_{i}.json"] = json.dumps(record, indent=2) + "\n"
     texts["report.md"] = render_report(records)
-    for name, text in texts.items():
-        with atomic_file(folder / name) as f:
-            f.write(text)
+    check_writable(folder, names=list(texts))
+    folder.mkdir(parents=True, exist_ok=True)
+    temps: dict[str, str] = {}
+    try:
+        for name, text in texts.items():
+            fd, temps[name] = tempfile.mkstemp(prefix=temp_prefix(folder / name), dir=folder)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            apply_umask(temps[name])
+        for name, tmp in temps.items():
+            os.replace(tmp, folder / name)
+    except OSError as err:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"--output: cannot write {folder}: {describe_os_error(err)}") from None
+    for stale in folder.glob("results_*.json"):
+        if stale.name not in texts and stale.is_file():
+            stale.unlink()
 
 
-def check_writable(folder: Path) -> None:
-    """Fail before any work when `folder` could not be written; creates nothing (the folder is
-    made when the results are written)."""
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--output: {folder} exists and is not a folder")
-    if not probe.is_dir():
-        raise UserError(f"--output: cannot write to {folder}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"--output: cannot write to {folder}: {probe} is not writable")
+def check_writable(folder: Path, names: list[str] | tuple[str, ...] = OUTPUT_NAMES) -> None:
+    """Fail before any work when `folder` or a file to be written in it could not be written;
+    creates nothing (the folder is made when the results are written)."""
+    check_writable_dir(folder, "--output")
+    for name in names:
+        target = folder / name
+        if target.is_symlink() or (target.exists() and not target.is_file()):
+            what = "a symlink" if target.is_symlink() else "not a regular file"
+            raise UserError(f"--output: cannot write {target}: it is {what}")
 
 
 def plot(records: list[dict], out: Path) -> None:

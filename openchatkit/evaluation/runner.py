@@ -18,7 +18,13 @@ from pathlib import Path
 from loguru import logger
 
 from openchatkit.errors import UserError
-from openchatkit.evaluation.tasks import MMLU, PACKAGED, TaskPlan, make_task_manager
+from openchatkit.evaluation.tasks import (
+    MMLU,
+    PACKAGED,
+    TaskPlan,
+    make_task_manager,
+    offline_names,
+)
 
 # Rough (choices, tokens per request) of each offline task, for the time estimate only.
 TASK_SHAPE = {
@@ -156,6 +162,13 @@ def run_harness(loaded, plan: TaskPlan, settings: EvalSettings) -> dict:
             )
         except KeyError as err:  # a YAML naming an unknown task or group
             raise UserError(f"--tasks: lm-eval cannot load {err}") from None
+        except (ConnectionError, OSError, ImportError) as err:
+            # Data that is neither packaged nor cached (no network), or a task's extra package.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"--tasks: lm-eval could not load a task's data or code ({first}); "
+                f"offline tasks: {offline_names()}"
+            ) from None
     if raw is None:
         raise UserError("lm-eval returned no results")
     return harness_results(raw)

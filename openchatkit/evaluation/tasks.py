@@ -14,6 +14,7 @@ paths, so they are written at run time into a temporary folder handed to lm-eval
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import os
 import re
@@ -187,42 +188,88 @@ def parse_tasks(spec: str) -> TaskPlan:
             path = Path(name).expanduser()
             if not path.is_file():
                 raise UserError(f"--tasks: YAML file {name} does not exist")
+            check_task_yaml(path, name)
             plan.yaml_paths.append(path.resolve())
         elif name not in plan.lm_eval:
             plan.lm_eval.append(name)
     return plan
 
 
+def check_task_yaml(path: Path, name: str) -> None:
+    """A task YAML given by path parses and names a task or group (checked before any model is
+    loaded; lm-eval's own `!function` tags are accepted, not run)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        config = yaml.load(path.read_text(errors="replace"), Loader=Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "cannot be parsed"
+        raise UserError(f"--tasks: YAML file {name} is not valid YAML{where}: {problem}") from None
+    if not isinstance(config, dict) or not ({"task", "group", "include"} & config.keys()):
+        raise UserError(f"--tasks: YAML file {name} defines no `task:` or `group:`")
+
+
 def offline_names() -> str:
     return ", ".join([PERPLEXITY, *OFFLINE_TASKS])
 
 
-_NAME = re.compile(r"""^["']?(task|group)["']?:\s*["']?([^\s"']+)""", re.M)
+_NAME = re.compile(r"""^["']?(task|group)["']?:[ \t]*["']?([^\s"']+)""", re.M)
 _TAG_LIST = re.compile(r"^tag:\s*\n((?:[ \t]+-[^\n]*\n?)+)", re.M)
-_TAG_ONE = re.compile(r"""^tag:\s*["']?([\w\-.]+)""", re.M)
+_TAG_ONE = re.compile(r"""^tag:[ \t]*["']?([\w\-.]+)""", re.M)
+# A group's member list: `task:` then `- name` or `- task: name` items.
+_MEMBERS = re.compile(r"^task:[ \t]*\n((?:(?:[ \t]+[^\n]*)?\n)+)", re.M)
+_MEMBER = re.compile(r"""^[ \t]+-[ \t]*(?:task:[ \t]*)?["']?([\w\-.]+)""", re.M)
 _DATASET = re.compile(r"""^["']?dataset_path["']?:\s*["']?([^\s"']+)""", re.M)
 _INCLUDE = re.compile(r"""^["']?include["']?:\s*["']?([^\s"']+)""", re.M)
+# `datasets` builders that read `data_files` (local files or URLs) rather than a hub repo.
+_BUILDERS = {"arrow", "csv", "json", "pandas", "parquet", "text"}
 
 
-def lm_eval_task_files() -> dict[str, Path]:
-    """Every task, group and tag name of lm-eval's stock YAMLs -> the file defining it.
+@dataclass
+class StockTasks:
+    """lm-eval's stock YAMLs: every task, group and tag name -> the file defining it, and every
+    group or tag -> its member names."""
 
-    A text scan (~0.5 s) rather than lm-eval's TaskIndex (~10 s: it parses every YAML and its
-    includes), so a mistyped name fails at once.
-    """
-    names: dict[str, Path] = {}
+    files: dict[str, Path] = field(default_factory=dict)
+    members: dict[str, list[str]] = field(default_factory=dict)
+
+
+@functools.cache
+def stock_tasks() -> StockTasks:
+    """A text scan (~0.5 s) rather than lm-eval's TaskIndex (~10 s: it parses every YAML and its
+    includes), so a mistyped name fails at once."""
+    stock = StockTasks()
     for path in sorted(lm_eval_tasks_dir().rglob("*.yaml")):
         text = path.read_text(errors="ignore")
-        for match in _NAME.finditer(text):
-            names.setdefault(match.group(2), path)
-        for match in _TAG_ONE.finditer(text):
-            names.setdefault(match.group(1), path)
+        own = [m.group(2) for m in _NAME.finditer(text)]
+        tags = [m.group(1) for m in _TAG_ONE.finditer(text)]
         for match in _TAG_LIST.finditer(text):
             for line in match.group(1).splitlines():
                 tag = line.strip().lstrip("-").strip().strip("\"'")
                 if tag:
-                    names.setdefault(tag, path)
-    return names
+                    tags.append(tag)
+        for name in [*own, *tags]:
+            stock.files.setdefault(name, path)
+        for tag in tags:
+            stock.members.setdefault(tag, []).extend(own)
+        group = re.search(r"""^group:[ \t]*["']?([^\s"']+)""", text, re.M)
+        listed = _MEMBERS.search(text)
+        if group and listed:
+            stock.members.setdefault(group.group(1), []).extend(
+                m.group(1) for m in _MEMBER.finditer(listed.group(1))
+            )
+    return stock
+
+
+def lm_eval_task_files() -> dict[str, Path]:
+    """Every task, group and tag name of lm-eval's stock YAMLs -> the file defining it."""
+    return stock_tasks().files
 
 
 def dataset_of(path: Path, depth: int = 0) -> str | None:
@@ -239,9 +286,27 @@ def dataset_of(path: Path, depth: int = 0) -> str | None:
     return None
 
 
+def hub_datasets(name: str, depth: int = 0) -> list[str]:
+    """The hub data sets a stock task reads; a group's or tag's are its members'. Local paths
+    and `datasets` builders over `data_files` are not hub repos."""
+    stock = stock_tasks()
+    if name not in stock.files or depth > 4:
+        return []
+    dataset = dataset_of(stock.files[name])
+    if dataset is not None and name not in stock.members:
+        local = dataset in _BUILDERS or Path(dataset).exists()
+        return [] if local else [dataset]
+    found: list[str] = []
+    for member in stock.members.get(name, []):
+        if member != name:
+            found.extend(hub_datasets(member, depth + 1))
+    return list(dict.fromkeys(found))
+
+
 def check_lm_eval_tasks(names: list[str]) -> None:
-    """Every name is one of lm-eval's tasks, and a task that reads hub data can reach it (or has
-    it cached). One-line UserError naming close names or the offline tasks otherwise."""
+    """Every name is one of lm-eval's tasks, and a task (or every task of a group) that reads
+    hub data can reach it or has it cached. One-line UserError naming close names or the offline
+    tasks otherwise."""
     from openchatkit.hub import check_hub_repo, is_cached
 
     if not names:
@@ -256,17 +321,15 @@ def check_lm_eval_tasks(names: list[str]) -> None:
                 f"--tasks: unknown task '{name}'{hint} (offline: {offline_names()}; "
                 "or any lm-eval task name, or a path to an lm-eval YAML)"
             )
-        dataset = dataset_of(known[name])
-        if not dataset or "/" not in dataset or Path(dataset).exists():
-            continue
-        if is_cached(dataset, "README.md", repo_type="dataset"):
-            continue
-        try:
-            check_hub_repo(dataset, repo_type="dataset", what=f"--tasks {name}")
-        except UserError as err:
-            raise UserError(
-                f"{err} (task '{name}' reads hub data; offline tasks: {offline_names()})"
-            ) from None
+        for dataset in hub_datasets(name):
+            if is_cached(dataset, "README.md", repo_type="dataset"):
+                continue
+            try:
+                check_hub_repo(dataset, repo_type="dataset", what=f"--tasks {name}")
+            except UserError as err:
+                raise UserError(
+                    f"{err} (task '{name}' reads hub data; offline tasks: {offline_names()})"
+                ) from None
 
 
 def make_task_manager(plan: TaskPlan, folder: Path):

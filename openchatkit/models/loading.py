@@ -68,11 +68,17 @@ def resolve_model(name: str | None) -> tuple[str, str]:
         if not (path / "config.json").is_file():
             raise UserError(f"--model: {name} has no config.json; is it an HF model folder?")
         return str(path), path.name
-    if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name):
-        raise UserError(f"--model: '{name}' is neither a folder nor a hub id like org/name")
-    if not is_cached(name):
-        check_hub_repo(name, what="--model")
+    check_hub_id(name)
     return name, name
+
+
+def check_hub_id(name: str, flag: str = "--model") -> None:
+    """`name` is a well-formed hub id that is cached or that the hub serves now; UserError
+    naming `flag` otherwise."""
+    if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name):
+        raise UserError(f"{flag}: '{name}' is neither a folder nor a hub id like org/name")
+    if not is_cached(name):
+        check_hub_repo(name, what=flag)
 
 
 def _sharded_hint(path: Path) -> str | None:

@@ -18,6 +18,10 @@ def bad_inputs(tmp_path):
     bad.write_text('{"text": "<human>: hi\\n<bot>: hello"}\n{"text": ""}\nnot json\n')
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
+    broken_yaml = tmp_path / "broken.yaml"
+    broken_yaml.write_text("task: [unclosed\n  dataset_path: x\n")
+    taken = tmp_path / "taken"
+    (taken / "results.json").mkdir(parents=True)  # a folder where results.json should go
     return [
         (["--model", str(tmp_path / "no-such-model")], ["--model", "does not exist"]),
         (["--data", str(tmp_path / "none.jsonl")], ["--data", "does not exist"]),
@@ -27,9 +31,15 @@ def bad_inputs(tmp_path):
         (["--tasks", "lambada_openai"], ["lambada_openai", "HF_HUB_OFFLINE", "offline tasks:"]),
         (["--tasks", "perplexity,missing.yaml"], ["YAML file missing.yaml does not exist"]),
         (["--limit", "-1"], ["--limit must be >= 0"]),
-        (["--output", str(blocker / "out")], ["--output: cannot write"]),
+        (["--output", str(blocker / "out")], ["--output", "a-file is not a folder"]),
         (["--compare", "embedded"], ["--compare names the same model"]),
         (["--model", str(tmp_path), "--compare", str(tmp_path) + "/"], ["same model"]),
+        # A stock group whose member tasks read hub data (no dataset_path of its own).
+        (["--tasks", "mmlu_pro"], ["mmlu_pro", "TIGER-Lab/MMLU-Pro", "offline tasks:"]),
+        (["--compare", "nobody/no-such-model"], ["--compare", "no-such-model", "HF_HUB_OFFLINE"]),
+        (["--tasks", "arc_easy", "--data", str(bad)], ["--data is read only by the perplexity"]),
+        (["--tasks", str(broken_yaml)], ["--tasks", "broken.yaml"]),
+        (["--output", str(taken)], ["--output", "results.json", "not a regular file"]),
     ]
 
 
@@ -37,10 +47,16 @@ def test_bad_inputs_are_one_line_errors(cli, tmp_path):
     env = cli.user_env(HF_HUB_OFFLINE="1")
     default_out = cli.REPO / "eval_results"
     existed = default_out.exists()
-    for args, needles in bad_inputs(tmp_path):
-        proc = cli.run(EVAL, *args, env=env, timeout=120)
+    for i, (args, needles) in enumerate(bad_inputs(tmp_path)):
+        # Each case also names a fresh --output (unless it is about --output): nothing may
+        # appear there, whether or not the default folder already exists.
+        out = tmp_path / f"out{i}"
+        extra = [] if "--output" in args else ["--output", str(out)]
+        proc = cli.run(EVAL, *args, *extra, env=env, timeout=120)
         cli.assert_one_line_error(proc, *needles)
+        assert not out.exists(), args
     assert default_out.exists() == existed  # nothing written for any of them
+    assert list((tmp_path / "taken").iterdir()) == [tmp_path / "taken" / "results.json"]
     # A model that fails only when loaded (after the cheap checks) leaves no output folder either.
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()

@@ -93,3 +93,46 @@ def test_read_records_counts_bad_lines(tmp_path):
     )
     with pytest.raises(UserError, match=r"2 malformed line\(s\) \(first: line 2"):
         read_records([path])
+
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_messages_records_scored_as_the_chat_template_renders_them(tiny_loaded, tmp_path):
+    """`messages` records: scored on the tokenizer's chat template rendering (what the trainer
+    trains on), equal to the same conversation given as a rendered `text`; under --loss-on bot
+    only the assistant turns count. A tokenizer without a template is a one-line error."""
+    import copy
+
+    import pytest
+
+    from openchatkit.errors import UserError
+
+    chats = [
+        [
+            {"role": "user", "content": f"what is {i} plus {i}?"},
+            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+            {"role": "user", "content": "thanks"},
+            {"role": "assistant", "content": "you are welcome"},
+        ]
+        for i in range(4)
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    records = read_records([path])
+    with pytest.raises(UserError, match="no chat template"):
+        render_records(records, tiny_loaded.tokenizer, "all")
+    tok = copy.deepcopy(tiny_loaded.tokenizer)
+    tok.chat_template = TEMPLATE
+    rendered = render_records(records, tok, "all")
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in chats]
+    assert [r.text for r in rendered] == texts and "<|assistant|>2 plus 2 is 4." in texts[2]
+    model = tiny_loaded.model
+    ours = perplexity(model, tok, rendered, progress=False).per_record
+    plain = perplexity(model, tok, [ScoredText(t) for t in texts], progress=False).per_record
+    assert ours == pytest.approx(plain, rel=1e-9)
+    bot = perplexity(model, tok, render_records(records, tok, "bot"), progress=False)
+    assert all(f < b < 0 for b, f in zip(bot.per_record, ours, strict=True))

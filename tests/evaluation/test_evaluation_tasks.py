@@ -148,6 +148,17 @@ def test_trainer_checkpoint_scores_as_its_hf_folder(
     ref = perplexity(tiny_loaded.model, tiny_loaded.tokenizer, texts, batch_size=4, progress=False)
     assert ours.per_record == ref.per_record
     assert math.isfinite(ours.metrics()["token_perplexity"])
+    # A benchmark too: the same lm-eval metrics as the HF folder.
+    yaml = write_task(tmp_path)
+    settings = EvalSettings(tasks=str(yaml), limit=None, batch_size=2, device="cpu")
+    mc = [run_harness(m, parse_tasks(str(yaml)), settings) for m in (loaded, tiny_loaded)]
+    assert mc[0] == mc[1] and mc[0]["tiny_mc"]["n"] == len(DOCS)
+    # Without `latest`: the newest *complete* checkpoint (an interrupted checkpoint_5 without
+    # meta.json is skipped).
+    (root / "latest").unlink()
+    (root / "checkpoint_5").mkdir()
+    (root / "checkpoint_5" / "manifest.json").write_text("{")
+    assert load_eval_model(str(root), device="cpu", dtype="float32").name == "run/checkpoint_3"
 
 
 def test_chat_suite_answers_through_the_bot_session(tiny_loaded):
