@@ -35,14 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from openchatkit.models.convert import check_output_dir
-    from openchatkit.models.lora import export_peft, read_adapter_checkpoint
+    from openchatkit.models.lora import (
+        base_weight_sample,
+        export_peft,
+        locate_base,
+        read_adapter_checkpoint,
+    )
     from openchatkit.models.registry import get_architecture, read_model_type
 
     out = Path(args.save_path)
     check_output_dir(out, args.overwrite)
     folder, meta, settings, tensors = read_adapter_checkpoint(args.ckpt_path)
-    arch = get_architecture(read_model_type(meta["base_model"]))
-    export_peft(tensors, settings, arch, meta["base_model"], out)
+    # The base must still be the one trained on: its key names decide the exported ones.
+    base = locate_base(meta, f"--ckpt-path {args.ckpt_path}")
+    arch = get_architecture(read_model_type(base))
+    sample = base_weight_sample(base, arch, tensors)
+    export_peft(tensors, settings, arch, meta["base_model"], out, base_sample=sample)
     print(f"{folder}: {len(tensors)} adapter tensors (r={settings.r}) -> PEFT", file=sys.stderr)
     print(out)
     return 0

@@ -177,24 +177,50 @@ def _merge_lora_checkpoint(args: argparse.Namespace, arch: str) -> int:
     import tempfile
 
     from openchatkit.models.convert import convert_sharded_to_hf
-    from openchatkit.models.lora import export_peft, merge_into_hf, read_adapter_checkpoint
-    from openchatkit.models.registry import get_architecture
+    from openchatkit.models.lora import (
+        export_peft,
+        locate_base,
+        merge_into_hf,
+        read_adapter_checkpoint,
+    )
+    from openchatkit.models.registry import (
+        MODEL_TYPES,
+        get_architecture,
+        name_for_model_type,
+        read_model_type,
+    )
 
     _, meta, settings, tensors = read_adapter_checkpoint(args.ckpt_path)
+    # The base the adapters were trained on, checked by content as the trainer's resume does.
+    base_dir = locate_base(meta, f"--ckpt-path {args.ckpt_path}")
+    base_type = read_model_type(base_dir)
+    if base_type != MODEL_TYPES[arch]:
+        raise UserError(
+            f"--ckpt-path {args.ckpt_path}: its base model {base_dir} is {base_type}, not "
+            f"{MODEL_TYPES[arch]}; use tools/convert_to_hf_{name_for_model_type(base_type)}.py"
+        )
     out = Path(args.save_path)
+    created = out.parent  # the outermost parent folder this run creates, removed on failure
+    while not created.parent.exists():
+        created = created.parent
+    made = not created.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
     try:
         base = convert_sharded_to_hf(
-            meta["base_model"], work / "base", arch, config_name=args.config_name,
+            base_dir, work / "base", arch, config_name=args.config_name,
             chat_format=args.chat_format,
         )  # fmt: skip
         adapter = export_peft(
             tensors, settings, get_architecture(arch), meta["base_model"], work / "adapter"
         )
         merge_into_hf(base, adapter, out)
-    finally:
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        if made:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     print(f"{meta['base_model']} + LoRA r={settings.r} ({args.ckpt_path}) -> HF", file=sys.stderr)
     print(out)
     return 0

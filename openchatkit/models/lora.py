@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 ADAPTER_META = "adapter.json"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+# Beside an exported adapter: evenly spaced values of one adapted base weight, so that loading
+# the adapter on another base of the same shapes is refused rather than silently wrong.
+BASE_SAMPLE = "openchatkit_base.json"
+SAMPLE_N = 256
 ADAPTER_NAME = "default"  # peft's name for the one adapter
 
 
@@ -160,6 +164,7 @@ def load_adapter_into(stage: nn.Module, folder: Path, bias: str = "none") -> Non
             saved.update(load_file(path))
         except Exception as err:  # safetensors raises its own error types
             raise UserError(f"{path}: unreadable ({str(err).splitlines()[0]})") from None
+    used: set[str] = set()
     with torch.no_grad():
         for name, param in stage.named_parameters():
             if not is_adapter_param(name, bias):
@@ -167,6 +172,18 @@ def load_adapter_into(stage: nn.Module, folder: Path, bias: str = "none") -> Non
             if name not in saved:
                 raise UserError(f"{folder}: the checkpoint has no adapter tensor {name!r}")
             param.copy_(saved[name].to(param.dtype))
+            used.add(name)
+    # An adapter the model has no place for would be dropped without a word.
+    # Only this stage's layers count: the other stages' files are read too.
+    layers = {f"layers.{key}." for key in getattr(stage, "layers", {})}
+    unused = sorted(
+        n for n in saved if ".lora_" in n and n not in used and any(n.startswith(p) for p in layers)
+    )
+    if unused:
+        raise UserError(
+            f"{folder}: {len(unused)} adapter tensor(s) have no place in the model, e.g. "
+            f"{unused[0]!r} (other --lora-target-modules?)"
+        )
 
 
 def base_fingerprint(folder: str | os.PathLike) -> str:
@@ -269,15 +286,76 @@ def peft_key(arch: Any, name: str) -> str:
     return f"base_model.model.{hf}"
 
 
+def _sample(weight: torch.Tensor) -> list[float]:
+    import torch
+
+    flat = weight.detach().reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, SAMPLE_N).long()
+    return flat[index].float().tolist()
+
+
+def base_weight_sample(base: str | os.PathLike, arch: Any, tensors: dict) -> dict | None:
+    """The base's weight under the first adapter of the lowest layer (read from the layer-sharded
+    base, whose layer files hold the HF layer's own keys) as `BASE_SAMPLE` records it."""
+    from safetensors import safe_open
+
+    names = sorted(n for n in tensors if n.startswith("layers.") and ".lora_A" in n)
+    if not names:
+        return None
+    name = min(names, key=lambda n: int(n.split(".")[1]))
+    layer, _, rest = name.removeprefix("layers.").partition(".")
+    module = rest.split(".lora_A")[0]
+    path = Path(base) / f"layer_{int(layer):05d}.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        weight = f.get_tensor(f"{module}.weight")
+    key = peft_key(arch, name).removeprefix("base_model.model.")
+    key = key.replace(".lora_A.weight", ".weight")
+    return {"base_model": str(base), "key": key, "values": _sample(weight)}
+
+
+def check_base_sample(model: Any, folder: Path, what: str) -> None:
+    """Refuse an adapter exported from another base: the sampled base weight must match the
+    model's within the rounding of the model's dtype (fp32: exact up to 1e-6)."""
+    import torch
+
+    path = folder / BASE_SAMPLE
+    if not path.is_file():
+        return  # an adapter not exported by us: peft's own shape checks only
+    try:
+        record = json.loads(path.read_text())
+        key, want = record["key"], torch.tensor(record["values"], dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{what} {folder}: unreadable {BASE_SAMPLE} ({err})") from None
+    try:
+        weight = model.get_parameter(key)
+    except AttributeError:
+        return  # another architecture: peft's key check names it
+    if not weight.dtype.is_floating_point or weight.numel() < SAMPLE_N:
+        return  # an 8-bit or 4-bit base: no comparable values
+    got = torch.tensor(_sample(weight), dtype=torch.float32)
+    eps = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}.get(weight.dtype)
+    tol = (eps or 2**-8) * want.abs() + 1e-7
+    off = int(((got - want).abs() > tol).sum())
+    if off > SAMPLE_N // 4:
+        base = getattr(model.config, "_name_or_path", "the model")
+        raise UserError(
+            f"{what} {folder} was exported for {record.get('base_model')}, but {base} holds "
+            f"other weights ({off} of {SAMPLE_N} sampled values of {key} differ); give the base "
+            "it was trained on"
+        )
+
+
 def export_peft(
     tensors: dict[str, torch.Tensor],
     settings: LoraSettings,
     arch: Any,
     base_name: str,
     out: str | os.PathLike,
+    base_sample: dict | None = None,
 ) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` that
-    `peft.PeftModel.from_pretrained(hf_base, out)` loads; the folder appears whole."""
+    `peft.PeftModel.from_pretrained(hf_base, out)` loads (and `BASE_SAMPLE` when given); the
+    folder appears whole."""
     from safetensors.torch import save_file
 
     from openchatkit.fileio import atomic_dir, write_json
@@ -293,6 +371,8 @@ def export_peft(
     with atomic_dir(Path(out), overwrite=True) as tmp:
         save_file(payload, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         write_json(tmp / PEFT_CONFIG, fields)
+        if base_sample is not None:
+            write_json(tmp / BASE_SAMPLE, base_sample)
     return Path(out)
 
 
@@ -363,6 +443,7 @@ def attach_adapter(model: Any, adapter_dir: str | os.PathLike, what: str = "--ad
     import warnings
 
     base = getattr(model.config, "_name_or_path", "the base model")
+    check_base_sample(model, folder, what)
     try:
         with warnings.catch_warnings():
             # peft calls a transformers method deprecated in 5.x (FutureWarning): not the user's.

@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -420,12 +421,37 @@ def check_resume_kind(folder: Path, config: TrainConfig) -> None:
             f"--checkpoint-path {config.checkpoint_path}: {folder.name} holds full weights, not "
             "LoRA adapters; use a new --checkpoint-path for a LoRA run"
         )
+    if meta is not None and config.lora is not None:
+        # The adapter's shape and function: r, alpha, targets, bias. Dropout only acts in
+        # training, like the learning rate, and may change on resume.
+        saved = meta.get("lora", {})
+        now = asdict(config.lora)
+        changed = [
+            f"{key} {_lora_value(saved.get(key))} -> {_lora_value(now[key])}"
+            for key in ("r", "alpha", "target_modules", "bias")
+            if _lora_value(saved.get(key)) != _lora_value(now[key])
+        ]
+        if changed:
+            raise UserError(
+                f"--checkpoint-path {config.checkpoint_path}: {folder.name} holds adapters with "
+                f"other LoRA settings ({'; '.join(changed)}); resume with the same --lora-* "
+                "flags or use a new --checkpoint-path"
+            )
     if meta is not None and meta["base_fingerprint"] != base_fingerprint(config.model_name):
         raise UserError(
             f"--checkpoint-path {config.checkpoint_path}: its adapters were trained on "
             f"{meta['base_model']} (fingerprint {meta['base_fingerprint']}), not on "
             f"--model-name {config.model_name}; give that base or a new --checkpoint-path"
         )
+
+
+def _lora_value(value):
+    """A LoRA setting as comparable text: target lists in any order, alpha 32 == 32.0."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(sorted(map(str, value)))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{float(value):g}"
+    return str(value)
 
 
 def save_adapter_checkpoint(stage, folder: Path, pp_rank: int, config: TrainConfig) -> None:

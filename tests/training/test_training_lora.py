@@ -61,6 +61,36 @@ def test_checkpoint_holds_only_adapters_and_resumes_exactly(tiny, tt, lora_run, 
     assert tt.train_losses(ckpt) == tt.train_losses(lora_run["ckpt"])
 
 
+def test_resume_under_another_layout_and_with_dropout(tiny, tt, lora_run, tmp_path):
+    """Stop a pp=2 run after 2 steps, resume it in one process: the straight one-process run's
+    losses and adapters (within float rounding of the layouts). With dropout on, a stopped and
+    resumed run equals the straight run bit for bit (the dropout RNG state is restored)."""
+    ckpt = tmp_path / "pp2-then-pp1"
+    pp2 = dict(LORA, pipeline_group_size=2, stop_after_steps=2)
+    r = tt.run_train(tt.train_args(tiny, "llama", ckpt, **pp2), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = tt.run_train(tt.train_args(tiny, "llama", ckpt, **LORA))
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    straight = tt.train_losses(lora_run["ckpt"])
+    assert tt.train_losses(ckpt) == pytest.approx(straight, rel=1e-5)
+    a, b = _adapters(lora_run["ckpt"] / "checkpoint_4"), _adapters(ckpt / "checkpoint_4")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    drop = dict(LORA, lora_dropout=0.1)
+    runs = {}
+    for name, stops in (("straight", [None]), ("resumed", [2, None])):
+        for stop in stops:
+            args = tt.train_args(tiny, "llama", tmp_path / name, stop_after_steps=stop, **drop)
+            r = tt.run_train(args)
+            assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = tt.train_losses(tmp_path / name)
+    assert runs["resumed"] == runs["straight"]
+    assert runs["straight"] != straight  # dropout really acted
+    a, b = (_adapters(tmp_path / n / "checkpoint_4") for n in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow  # ~35 s; layout parity of QLoRA is in the default set (test_training_engine)
 def test_qlora_on_cpu_trains_and_resumes_exactly(tiny, tt, lora_run, tmp_path):
     """--load-in-4bit on CPU (bitsandbytes' NF4 CPU path): an adapter-only checkpoint, a loss
@@ -200,6 +230,32 @@ def test_lora_bad_inputs(tiny, tt, cli, lora_run, tmp_path):
     args[args.index("--model-name") + 1] = str(other)
     r = tt.run_train(args)
     cli.assert_one_line_error(r, "trained on", str(tiny["llama"]), str(other))
+    # Other adapter shapes on resume: another rank, fewer target modules.
+    r = train(ckpt=ckpt, total_steps=6, lora_r=8)
+    cli.assert_one_line_error(r, "other LoRA settings", "r 4 -> 8")
+    r = train(ckpt=ckpt, total_steps=6, lora_r=4, lora_target_modules="q_proj")
+    cli.assert_one_line_error(r, "other LoRA settings", "target_modules")
+    # Export and merge check the base by content, as resume does: a checkpoint whose recorded
+    # base folder now holds other weights is refused, naming it.
+    moved = tmp_path / "moved-base"
+    shutil.copytree(lora_run["ckpt"] / "checkpoint_4", moved)
+    import json
+
+    meta = json.loads((moved / "adapter.json").read_text())
+    meta["base_model"] = meta["base_model_abs"] = str(other)
+    (moved / "adapter.json").write_text(json.dumps(meta))
+    r = cli.run("tools/export_lora.py", "--ckpt-path", moved, "--save-path", tmp_path / "e")
+    cli.assert_one_line_error(r, "trained on", str(other), "another model")
+    deep = tmp_path / "new" / "deeper" / "out"
+    r = cli.run(
+        "tools/convert_to_hf_llama.py", "--ckpt-path", moved, "--merge-lora", "--save-path", deep
+    )
+    cli.assert_one_line_error(r, "another model")
+    r = cli.run(
+        "tools/convert_to_hf_gptneox.py", "--ckpt-path", ckpt, "--merge-lora", "--save-path", deep
+    )
+    cli.assert_one_line_error(r, "its base model", "is llama, not gpt_neox")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "new").exists()
     # A full-weight run cannot take over a LoRA checkpoint folder, nor the other way round.
     cli.assert_one_line_error(train(ckpt=ckpt, total_steps=6), "holds LoRA adapters")
     # A LoRA checkpoint given to a full-weight converter without --merge-lora.
@@ -226,4 +282,21 @@ def test_lora_bad_inputs(tiny, tt, cli, lora_run, tmp_path):
         tmp_path / "m",
     )
     cli.assert_one_line_error(r, str(adapter), "does not fit")
+    assert not (tmp_path / "m").exists()
+    # The same shapes, other weights (the copy whose layer 0 moved): refused by the base sample
+    # the export wrote, naming both bases.
+    assert (adapter / "openchatkit_base.json").is_file()
+    other_hf = tmp_path / "other-hf"
+    r = cli.run("tools/convert_to_hf_llama.py", "--ckpt-path", other, "--save-path", other_hf)
+    assert r.returncode == 0, r.stderr
+    r = cli.run(
+        "tools/merge_lora.py",
+        "--base",
+        other_hf,
+        "--adapter",
+        adapter,
+        "--save-path",
+        tmp_path / "m",
+    )
+    cli.assert_one_line_error(r, "was exported for", str(tiny["llama"]), "holds other weights")
     assert not (tmp_path / "m").exists()
