@@ -152,8 +152,13 @@ class Run:
             if config.load_in_4bit:
                 from openchatkit.models.quantize import quantize_linear_4bit
 
+                # QLoRA's compute dtype: bf16 on a GPU that has it, also for an fp32 run (the
+                # 4-bit linears cast their output back to the input's dtype); else the run's.
+                compute = dtype
+                if self.device.type == "cuda" and dtype == torch.float32:
+                    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else dtype
                 quantize_linear_4bit(
-                    self.stage, compute_dtype=dtype, keep=config.lora.target_modules
+                    self.stage, compute_dtype=compute, keep=config.lora.target_modules
                 )
             apply_lora(self.stage, config.lora, seed=config.seed)
             if self.resume_from is not None:
