@@ -70,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         from openchatkit.models.lora import check_targets
 
         check_targets(AutoConfig.from_pretrained(config.model_name), config.lora.target_modules)
+    # Resuming: the checkpoint's kind (full / LoRA), LoRA settings and base must match; checked
+    # before any process group exists, so every rank stops at once instead of after set-up.
+    from openchatkit.training.checkpoint import find_latest
+    from openchatkit.training.trainer import check_resume_kind
+
+    latest = find_latest(config.checkpoint_path, verify=False)
+    if latest is not None:
+        check_resume_kind(latest, config)
     # Refuse before any allocation when a stage will not fit its GPU (CUDA only).
     check_before_training(config, device_bytes=_device_bytes)
     rdv = resolve_rendezvous(config.rank, config.world_size, config.dist_url, config.pp, config.dp)
