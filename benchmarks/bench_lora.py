@@ -192,6 +192,10 @@ def child(side: str, args: argparse.Namespace) -> dict:
         "MALLOC_TRIM_THRESHOLD_": "68719476736",
         "MALLOC_TOP_PAD_": "1073741824",
     }
+    if side.endswith("-dp2"):
+        # One thread per rank on both sides (accelerate's multi-CPU set-up would otherwise
+        # pick its own thread count from the physical cores).
+        env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-c", CHILD, side, str(args.seq_length), str(args.batch_size)]
     cmd += [str(args.steps), args.loss_on]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

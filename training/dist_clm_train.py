@@ -77,7 +77,15 @@ def main(argv: list[str] | None = None) -> int:
 
     latest = find_latest(config.checkpoint_path, verify=False)
     if latest is not None:
-        check_resume_kind(latest, config)
+        from openchatkit.errors import UserError
+
+        try:
+            check_resume_kind(latest, config)
+        except UserError as err:
+            if "unreadable" not in str(err):
+                raise
+            # A damaged newest checkpoint: the trainer's verified search skips it (hashing
+            # every file, which is not worth doing twice here).
     # Refuse before any allocation when a stage will not fit its GPU (CUDA only).
     check_before_training(config, device_bytes=_device_bytes)
     rdv = resolve_rendezvous(config.rank, config.world_size, config.dist_url, config.pp, config.dp)

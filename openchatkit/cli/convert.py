@@ -197,7 +197,12 @@ def _merge_lora_checkpoint(args: argparse.Namespace, arch: str) -> int:
     if base_type != MODEL_TYPES[arch]:
         raise UserError(
             f"--ckpt-path {args.ckpt_path}: its base model {base_dir} is {base_type}, not "
-            f"{MODEL_TYPES[arch]}; use tools/convert_to_hf_{name_for_model_type(base_type)}.py"
+            f"{MODEL_TYPES[arch]}"
+            + (
+                f"; use tools/convert_to_hf_{ours}.py"
+                if (ours := name_for_model_type(base_type))
+                else ""
+            )
         )
     out = Path(args.save_path)
     created = out.parent  # the outermost parent folder this run creates, removed on failure

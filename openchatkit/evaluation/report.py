@@ -13,8 +13,10 @@ first), the split each task scored, and the chat-suite answers side by side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -179,8 +181,9 @@ OUTPUT_NAMES = ("results.json", "report.md")
 
 def write_outputs(folder: Path, records: list[dict]) -> None:
     """results.json (first model), results_<i>.json (the others), report.md: every file is
-    rendered and written to a temporary name first, then all are renamed, so a failure leaves
-    the folder as it was. results_<i>.json of an earlier, wider `--compare` are removed."""
+    rendered and written to a temporary name first and only then are they renamed (one rename
+    each), so a failure while rendering or writing leaves the folder as it was.
+    results_<i>.json of an earlier, wider `--compare` are removed."""
     texts = {"results.json": json.dumps(records[0], indent=2) + "\n"}
     for i, record in enumerate(records[1:], start=2):
         texts[f"results_{i}.json"] = json.dumps(record, indent=2) + "\n"
@@ -203,8 +206,9 @@ def write_outputs(folder: Path, records: list[dict]) -> None:
             Path(tmp).unlink(missing_ok=True)
         raise UserError(f"--output: cannot write {folder}: {describe_os_error(err)}") from None
     for stale in folder.glob("results_*.json"):
-        if stale.name not in texts and stale.is_file():
-            stale.unlink()
+        if re.fullmatch(r"results_\d+\.json", stale.name) and stale.name not in texts:
+            with contextlib.suppress(OSError):  # the new results are in place already
+                stale.unlink()
 
 
 def check_writable(folder: Path, names: list[str] | tuple[str, ...] = OUTPUT_NAMES) -> None:

@@ -220,11 +220,12 @@ def offline_names() -> str:
 
 
 _NAME = re.compile(r"""^["']?(task|group)["']?:[ \t]*["']?([^\s"']+)""", re.M)
-_TAG_LIST = re.compile(r"^tag:\s*\n((?:[ \t]+-[^\n]*\n?)+)", re.M)
-_TAG_ONE = re.compile(r"""^tag:[ \t]*["']?([\w\-.]+)""", re.M)
-# A group's member list: `task:` then `- name` or `- task: name` items.
-_MEMBERS = re.compile(r"^task:[ \t]*\n((?:(?:[ \t]+[^\n]*)?\n)+)", re.M)
-_MEMBER = re.compile(r"""^[ \t]+-[ \t]*(?:task:[ \t]*)?["']?([\w\-.]+)""", re.M)
+# `tag: x`, `"tag": "x"`, or a list of tags below `tag:` (items indented or at column 0).
+_TAG_LIST = re.compile(r"""^["']?tag["']?:[ \t]*\n((?:[ \t]*-[^\n]*\n?)+)""", re.M)
+_TAG_ONE = re.compile(r"""^["']?tag["']?:[ \t]*["']?([\w\-.]+)""", re.M)
+# A group's member list: `task:` then `- name` or `- task: name` items (nested keys indented).
+_MEMBERS = re.compile(r"""^["']?task["']?:[ \t]*\n((?:[ \t]*-[^\n]*\n|[ \t]+[^\n]*\n|\n)+)""", re.M)
+_MEMBER = re.compile(r"""^[ \t]*-[ \t]*(?:["']?task["']?:[ \t]*)?["']?([\w\-.]+)""", re.M)
 _DATASET = re.compile(r"""^["']?dataset_path["']?:\s*["']?([^\s"']+)""", re.M)
 _INCLUDE = re.compile(r"""^["']?include["']?:\s*["']?([^\s"']+)""", re.M)
 # `datasets` builders that read `data_files` (local files or URLs) rather than a hub repo.
@@ -248,12 +249,7 @@ def stock_tasks() -> StockTasks:
     for path in sorted(lm_eval_tasks_dir().rglob("*.yaml")):
         text = path.read_text(errors="ignore")
         own = [m.group(2) for m in _NAME.finditer(text)]
-        tags = [m.group(1) for m in _TAG_ONE.finditer(text)]
-        for match in _TAG_LIST.finditer(text):
-            for line in match.group(1).splitlines():
-                tag = line.strip().lstrip("-").strip().strip("\"'")
-                if tag:
-                    tags.append(tag)
+        tags = _tags(path, text)
         for name in [*own, *tags]:
             stock.files.setdefault(name, path)
         for tag in tags:
@@ -265,6 +261,22 @@ def stock_tasks() -> StockTasks:
                 m.group(1) for m in _MEMBER.finditer(listed.group(1))
             )
     return stock
+
+
+def _tags(path: Path, text: str, depth: int = 0) -> list[str]:
+    """The tags of a task YAML, its own or (when it has none) those of its `include:` chain."""
+    tags = [m.group(1) for m in _TAG_ONE.finditer(text)]
+    for match in _TAG_LIST.finditer(text):
+        for line in match.group(1).splitlines():
+            tag = line.strip().lstrip("-").strip().strip("\"'")
+            if tag:
+                tags.append(tag)
+    include = _INCLUDE.search(text)
+    if not tags and include and depth < 3:
+        target = (path.parent / include.group(1)).resolve()
+        if target.is_file():
+            return _tags(target, target.read_text(errors="ignore"), depth + 1)
+    return tags
 
 
 def lm_eval_task_files() -> dict[str, Path]:

@@ -154,8 +154,11 @@ class Run:
 
                 # QLoRA's compute dtype: bf16 on a GPU that has it, also for an fp32 run (the
                 # 4-bit linears cast their output back to the input's dtype); else the run's.
+                # Not with trained biases: bitsandbytes casts a 4-bit linear's bias to the
+                # compute dtype in place, which would make a trained fp32 bias bf16.
                 compute = dtype
-                if self.device.type == "cuda" and dtype == torch.float32:
+                bf16_ok = config.lora.bias == "none"
+                if self.device.type == "cuda" and dtype == torch.float32 and bf16_ok:
                     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else dtype
                 quantize_linear_4bit(
                     self.stage, compute_dtype=compute, keep=config.lora.target_modules

@@ -47,3 +47,10 @@ def test_same_base_in_any_dtype_passes_and_another_is_refused(tmp_path):
             check_base_sample(_model(tuned.to(dtype)), folder, "--adapter")
     # No sample (an adapter not exported by us): nothing to check.
     check_base_sample(_model(tuned), tmp_path, "--adapter")
+
+
+def test_sample_of_a_large_weight_stays_in_bounds():
+    """Past 2**24 elements float32 index arithmetic rounds out of bounds (a 20B model's qkv)."""
+    weight = torch.arange(12288 * 4096, dtype=torch.int32).reshape(12288, 4096)
+    values = _sample(weight)
+    assert len(values) == 256 and values[0] == 0 and values[-1] == weight.numel() - 1
