@@ -176,18 +176,25 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ours = bench_ours(sharded, batches, 2e-5)
         hf = bench_hf(hf_dir, batches, 2e-5, Path(tmp))
-        ours_t, hf_t = [], []
+        ours_t, hf_t, ratios = [], [], []
         for r in range(args.rounds):
-            # The first step of each round warms caches and is not counted.
-            ours_t += next(ours)[1:]
-            hf_t += next(hf)[1:]
+            # The first step of each round warms caches and is not counted; the sides take
+            # turns going first.
+            first, second = (ours, hf) if r % 2 == 0 else (hf, ours)
+            a, b = next(first)[1:], next(second)[1:]
+            ours_r, hf_r = (a, b) if r % 2 == 0 else (b, a)
+            ours_t += ours_r
+            hf_t += hf_r
+            o, h = statistics.median(t for t, _ in ours_r), statistics.median(t for t, _ in hf_r)
+            ratios.append(h / o)
             print(
-                f"round {r + 1}: ours {statistics.median(t for t, _ in ours_t):.3f} s/step "
-                f"({statistics.median(c for _, c in ours_t):.3f} CPU s), HF Trainer "
-                f"{statistics.median(t for t, _ in hf_t):.3f} s/step "
-                f"({statistics.median(c for _, c in hf_t):.3f} CPU s)",
+                f"round {r + 1}: ours {o:.3f} s/step "
+                f"({statistics.median(c for _, c in ours_r):.3f} CPU s), HF Trainer "
+                f"{h:.3f} s/step ({statistics.median(c for _, c in hf_r):.3f} CPU s), "
+                f"ratio {h / o:.2f}x",
                 flush=True,
             )
+        print(f"ratio per round: {', '.join(f'{x:.2f}' for x in ratios)}")
     # Wall time suffers from other jobs on a shared machine; CPU time (all threads of this
     # process) much less, so both are reported.
     for label, idx in (("wall", 0), ("CPU", 1)):
