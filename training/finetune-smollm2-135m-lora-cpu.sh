@@ -41,9 +41,10 @@ echo "== 3/4 export the adapter in PEFT's format" >&2
 "$PYTHON" "$ROOT/tools/export_lora.py" --ckpt-path "$CKPT" --save-path "$OUT" --overwrite
 
 echo "== 4/4 evaluate base vs adapted: perplexity on the held-out sample + arc_easy (limit ${DEMO_EVAL_LIMIT:-100})" >&2
-# The embedded model with the adapter against the embedded model alone; the table is printed and
-# written to eval_results/lora-before-after/report.md.
-"$PYTHON" "$ROOT/evaluation/eval.py" --model embedded --adapter "$OUT" --compare embedded \
+# The base (the embedded model, layer-sharded) against the LoRA checkpoint (base + adapters,
+# applied in memory), so the deltas read adapted - base; the table is printed and written to
+# eval_results/lora-before-after/report.md.
+"$PYTHON" "$ROOT/evaluation/eval.py" --model "$BASE_MODEL" --compare "$CKPT" \
   --tasks perplexity,arc_easy --limit "${DEMO_EVAL_LIMIT:-100}" --batch-size 8 --dtype float32 \
   --data "$ROOT/data/OIG-sample/valid.jsonl" --output "${DEMO_EVAL_OUTPUT:-$ROOT/eval_results/lora-before-after}"
 
