@@ -11,7 +11,9 @@ peak RSS is its own), the sides alternating round by round:
   long as its slower rank; CPU time sums both.
 Reported per side: median step time (wall and CPU), tokens/s, peak RSS, optimizer-state bytes and
 checkpoint bytes (what a resumable checkpoint of that side holds: ours = model or adapter files +
-optimizer state; HF = `save_pretrained` of the adapter + optimizer.pt).
+optimizer state; HF = `save_pretrained` of the adapter + optimizer.pt). For the speed ratio
+against the peer alone, `bench_lora_interleaved.py` is steadier: both sides in one process,
+taking turns step by step.
 
     python benchmarks/bench_lora.py                  # ~6 min on 2 cores
     python benchmarks/bench_lora.py --rounds 1 --steps 2

@@ -105,7 +105,7 @@ def apply_lora(stage: nn.Module, settings: LoraSettings, seed: int = 0) -> None:
     Adapters start as peft starts them (A random, B zero), so the adapted model begins equal to
     the base. Each layer's draws come from a generator seeded by `seed` and the layer's global
     index, so every pipeline layout starts from the same adapters. peft's input dropout becomes
-    `LoraDropout` (same masks' law, ~4x faster on CPU; openchatkit/models/dropout.py)."""
+    `LoraDropout` (the same law, ~3x faster on CPU; openchatkit/models/dropout.py)."""
     import torch
 
     _quiet_bitsandbytes()
