@@ -2,10 +2,11 @@
 
 `bench_lora.py` runs each side in its own child process, the sides alternating by round; on a
 shared 2-core VM the round-to-round drift (±15 %) is larger than the difference between the
-sides. Here both live in one process and take turns: HF's own `Trainer.train()` runs its loop
-(dataloader, callbacks, optimizer, scheduler), and a callback at the end of each of its steps runs
-one step of our engine, so every HF step is followed and preceded by one of ours on the same
-machine state. The ratio is taken per pair (HF step i over our step i) and its median reported
+sides. Here both live in one process and take turns: HF's own `Trainer.train()` runs its loop,
+and a callback runs one step of our engine on the same batch beside each of its steps, after it
+on even steps and before it on odd ones. HF's timed window (`on_step_begin` to `on_step_end`)
+holds its forward, backward, clipping, optimizer, scheduler and zero_grad; its batch is fetched
+before it, as ours are built before the loop. The ratio is taken per pair (HF step i over our step i) and its median reported
 with the spread; `--also-torch-dropout` adds a third side, our engine with peft's `nn.Dropout`
 put back, to show what `LoraDropout` (openchatkit/models/dropout.py) is worth.
 
@@ -80,17 +81,25 @@ rows = [{k: b[k][i] for k in ("input_ids", "labels", "position_ids")}
         for b in batches for i in range(b["input_ids"].shape[0])]
 times = {"hf-peft": [], **{name: [] for name in engines}}
 
+def ours_step(i):
+    order = list(engines) if i % 2 == 0 else list(reversed(engines))
+    for name in order:
+        t0 = time.perf_counter()
+        engines[name].train_step([batches[i]])
+        times[name].append(time.perf_counter() - t0)
+
+# Step i: HF then ours for even i, ours then HF for odd i, so neither side always runs right
+# after the other. HF's window is its training step, clipping, optimizer, scheduler and
+# zero_grad; its batch is fetched before on_step_begin (ours are prebuilt too).
 class Interleave(TrainerCallback):
-    def on_step_begin(self, *a, **k):
+    def on_step_begin(self, args, state, control, **k):
+        if state.global_step % 2 == 1:
+            ours_step(state.global_step)
         self.t0 = time.perf_counter()
     def on_step_end(self, args, state, control, **k):
         times["hf-peft"].append(time.perf_counter() - self.t0)
-        i = state.global_step - 1
-        order = list(engines) if i % 2 == 0 else list(reversed(engines))
-        for name in order:
-            t0 = time.perf_counter()
-            engines[name].train_step([batches[i]])
-            times[name].append(time.perf_counter() - t0)
+        if state.global_step % 2 == 1:  # global_step counts this step already
+            ours_step(state.global_step - 1)
 
 with tempfile.TemporaryDirectory() as tmp:
     targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch,

@@ -1,5 +1,5 @@
-"""Dropout for the LoRA adapters' inputs, fast on CPU: the same Bernoulli masks at about a third
-of the cost of torch's.
+"""Dropout for the LoRA adapters' inputs, fast on CPU: masks of the same Bernoulli law as torch's
+at about a third of the cost.
 
 Why: peft drops each adapted module's input with `nn.Dropout`. On CPU torch draws that mask with
 `bernoulli_`, one element at a time from the one serial generator, and divides and multiplies in
@@ -9,14 +9,18 @@ threads) `bernoulli_` alone was 8 % of the time (torch.profiler, 2026-12-01).
 
 Here the mask takes 16 random bits per element, drawn as 64-bit words (one generator call per four
 elements) from the same default generator, so `torch.manual_seed`, the RNG state a checkpoint
-saves and activation checkpointing's recompute all behave as with torch's dropout. A comparison
+saves and activation checkpointing's recompute all behave as with torch's dropout. The masks
+themselves differ from torch's for the same seed (torch advances the generator once per element):
+a run resumed under this code from a checkpoint written before it does not replay the old run's
+masks. A comparison
 writes the 0/1 mask straight into the input's dtype (comparisons into bool and bool-to-float
 casts are not vectorised on CPU: ~6x slower), scaled in place; forward and backward are then one
 multiplication each (0.7-0.9 ms in all against torch's 2.0-3.1 ms, 2 threads).
 
 The drop probability is quantised to 1/65536: p' = round(p * 65536) / 65536, so |p' - p| <= 7.6e-6
 (torch's own float32 `bernoulli_` is quantised too, at 2^-24), and kept elements are scaled by
-1 / (1 - p'), so the output's expectation is the input exactly. Where p' would be 0 or 1 (p under
+1 / (1 - p'), so in fp32 the output's expectation is the input exactly (in bf16 / fp16 the scale
+is rounded to the dtype, as torch's own dropout rounds it: 1.0546875 for p = 0.05 in bf16). Where p' would be 0 or 1 (p under
 7.6e-6 or above 1 - 7.6e-6), and on other devices (CUDA's dropout is a fused Philox kernel
 already), torch's dropout runs as is.
 """
@@ -55,7 +59,8 @@ class LoraDropout(nn.Dropout):
         if x.device.type != "cpu" or not 0 < round(self.p * LEVELS) < LEVELS:
             return F.dropout(x, self.p, True, self.inplace)
         # A plain product: autograd keeps only the mask (the input's dtype) for the backward.
-        return x * dropout_mask(x.shape, self.p, x.dtype)
+        mask = dropout_mask(x.shape, self.p, x.dtype)
+        return x.mul_(mask) if self.inplace else x * mask
 
 
 def use_fast_dropout(module: nn.Module) -> int:

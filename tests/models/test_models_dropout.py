@@ -30,13 +30,25 @@ def test_drop_rate_scale_and_expectation(p):
     assert abs(LoraDropout(p).train()(ones).mean().item() - 1) < 5 * sigma / (1 - q)
 
 
-def test_bits_are_uniform_and_independent_of_position():
+@pytest.mark.parametrize("p", [0.5, 1 / 16, 0.3])
+def test_bits_are_uniform_and_independent_of_position(p):
     """Each of the four 16-bit slices of a word drops at the same rate (no slice is biased, e.g.
-    by a sign bit that random_ without a full range leaves at 0)."""
+    by a sign bit that random_ without a full range leaves at 0). p = 0.5 looks at each slice's
+    top bit, 1/16 at its top four bits, 0.3 at all of them."""
     torch.manual_seed(1)
-    mask = dropout_mask(torch.Size([4 * 500_000]), 0.5, torch.float32).view(-1, 4)
+    mask = dropout_mask(torch.Size([4 * 500_000]), p, torch.float32).view(-1, 4)
     rates = (mask == 0).float().mean(0)
-    assert torch.all((rates - 0.5).abs() < 5 * (0.25 / 500_000) ** 0.5), rates
+    q = round(p * LEVELS) / LEVELS
+    assert torch.all((rates - q).abs() < 5 * (q * (1 - q) / 500_000) ** 0.5), rates
+
+
+def test_threshold_is_exact_at_the_smallest_rate():
+    """p = 1/65536 drops exactly the one 16-bit value -32768: ~64 of 2^22 elements. An
+    off-by-one in the comparison would drop two values (~128) or none."""
+    torch.manual_seed(2)
+    n = 1 << 22
+    drops = int((dropout_mask(torch.Size([n]), 1 / LEVELS, torch.float32) == 0).sum())
+    assert 64 - 5 * 8 < drops < 64 + 5 * 8, drops
 
 
 def test_same_seed_same_mask_and_eval_is_identity():
@@ -105,5 +117,20 @@ def test_apply_lora_swaps_peft_dropout():
     apply_lora(stage, LoraSettings(r=2, alpha=4, dropout=0.1, target_modules=("q_proj", "v_proj")))
     drops = [m for m in stage.modules() if isinstance(m, nn.Dropout)]
     assert len(drops) == 2 and all(type(d) is LoraDropout and d.p == 0.1 for d in drops)
-    # With dropout 0 peft uses nn.Identity: nothing to swap.
+    assert all(".lora_" in n for n, p in stage.named_parameters() if p.requires_grad)
+    # With dropout 0 peft puts nn.Identity in lora_dropout: nothing to swap.
+    stage0 = nn.Module()
+    stage0.layers = nn.ModuleDict({"0": nn.Module()})
+    stage0.layers["0"].q_proj = nn.Linear(8, 8)
+    apply_lora(stage0, LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=("q_proj",)))
+    assert use_fast_dropout(stage0) == 0
+    assert not any(isinstance(m, nn.Dropout) for m in stage0.modules())
+    # Only peft's lora_dropout dicts are touched, not a model's own dropout.
     assert use_fast_dropout(nn.Sequential(nn.Dropout(0.5))) == 0
+
+
+def test_inplace_writes_into_the_input():
+    torch.manual_seed(4)
+    x = torch.ones(1000)
+    y = LoraDropout(0.5, inplace=True).train()(x)
+    assert y.data_ptr() == x.data_ptr() and (x == 0).any() and (x > 1).any()
