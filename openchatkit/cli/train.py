@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    t.add_argument("--optimizer", choices=["adam", "8bit-adam"], default="adam")
+    t.add_argument("--optimizer", choices=["adam", "8bit-adam", "paged-8bit-adam"], default="adam")
     t.add_argument("--fp16", action="store_true", help="fp16 weights, fp32 master, loss scale")
     t.add_argument("--bf16", action="store_true", help="bf16 weights, fp32 master")
     t.add_argument("--initial-loss-scale", type=float, default=2.0**16)

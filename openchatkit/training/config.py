@@ -169,7 +169,7 @@ class TrainConfig:
     lr_decay_style: str  # linear | constant (after the warm-up)
     weight_decay: float
     max_grad_norm: float  # 0 = no clipping
-    optimizer: str  # adam | 8bit-adam
+    optimizer: str  # adam | 8bit-adam | paged-8bit-adam
     precision: str  # fp32 | bf16 | fp16
     activation_checkpointing: str  # none | layers (recompute each layer in its backward)
     gpu_memory: float | None  # GiB per GPU for the memory check; None: the device's

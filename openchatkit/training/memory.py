@@ -162,7 +162,7 @@ class TrainSetup:
     num_microbatches: int  # per replica and pipeline pass
     schedule: str = "gpipe"  # gpipe | 1f1b
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    optimizer: str = "adam"  # adam | 8bit-adam
+    optimizer: str = "adam"  # adam | 8bit-adam | paged-8bit-adam
     checkpointing: str = "none"  # none | layers
     dp: int = 1
     # LoRA (openchatkit/models/lora.py): r = 0 is full fine-tuning.
@@ -315,9 +315,10 @@ def plan_memory(dims: ModelDims, setup: TrainSetup) -> list[StageMemory]:
             params += trainable
         grads = trainable * e
         master = trainable * 4 if e != 4 else 0
-        if setup.optimizer == "8bit-adam":
+        if setup.optimizer in ("8bit-adam", "paged-8bit-adam"):
             # Two uint8 states and two fp32 absmax per 256-element block; fp32 states below
-            # the 8-bit size.
+            # the 8-bit size. Paged state is counted as resident: the driver moves it to the
+            # host only under pressure, so this is an upper bound for the paged variant.
             optimizer = math.ceil((2 + 8 / 256) * (trainable - small)) + 8 * small
         else:
             optimizer = 8 * trainable

@@ -25,22 +25,51 @@ def lr_factor(step: int, warmup: int, total: int, decay: str = "linear") -> floa
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+OPTIMIZERS = ("adam", "8bit-adam", "paged-8bit-adam")
+EIGHT_BIT = ("8bit-adam", "paged-8bit-adam")
+
+
 def build_optimizer(
     params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """AdamW (`adam`) or bitsandbytes' 8-bit Adam (`8bit-adam`, also runs on CPU)."""
+    """AdamW (`adam`), bitsandbytes' 8-bit AdamW (`8bit-adam`, also runs on CPU) or its paged
+    variant (`paged-8bit-adam`, QLoRA's: the 8-bit state lives in CUDA unified memory, which the
+    driver pages out to host memory when the GPU runs short, instead of failing with OOM).
+    Paging exists only on CUDA; on CPU `paged-8bit-adam` is `8bit-adam` (the same update, said
+    once in the log). The two keep the same state, so a run may switch between them on resume."""
     if name == "adam":
         if params and all(p.is_cuda for p in params):
             # One fused kernel over every tensor instead of a Python loop of small kernels.
             return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
-    if name == "8bit-adam":
+    if name in EIGHT_BIT:
         try:
             import bitsandbytes as bnb
         except ImportError as err:  # pragma: no cover - it is a pinned dependency
-            raise UserError(f"--optimizer 8bit-adam needs bitsandbytes ({err})") from None
+            raise UserError(f"--optimizer {name} needs bitsandbytes ({err})") from None
+        if name == "paged-8bit-adam" and params and all(p.is_cuda for p in params):
+            return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        if name == "paged-8bit-adam":
+            from loguru import logger
+
+            logger.info("--optimizer paged-8bit-adam: paging needs CUDA; here it is 8bit-adam")
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
-    raise UserError(f"--optimizer {name}: expected adam or 8bit-adam")
+    raise UserError(f"--optimizer {name}: expected one of {', '.join(OPTIMIZERS)}")
+
+
+def page_loaded_state(optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict`, move a paged optimizer's large 8-bit states back into paged
+    (CUDA unified) memory: bitsandbytes loads them as ordinary device tensors, which would
+    quietly turn paging off for the rest of a resumed run. A no-op for other optimizers."""
+    if not getattr(optimizer, "is_paged", False):
+        return
+    for param, state in optimizer.state.items():
+        for key in ("state1", "state2"):
+            value = state.get(key)
+            if torch.is_tensor(value) and value.is_cuda:
+                buffer = optimizer.get_state_buffer(param, dtype=value.dtype)  # paged if large
+                buffer.copy_(value.view_as(buffer))
+                state[key] = buffer
 
 
 def build_scheduler(
@@ -91,4 +120,5 @@ def load_optimizer_state_by_name(
         state[index] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in saved[key].items()}
     sd["state"] = state
     optimizer.load_state_dict(sd)
+    page_loaded_state(optimizer)
     return missing

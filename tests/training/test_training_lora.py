@@ -91,6 +91,26 @@ def test_resume_under_another_layout_and_with_dropout(tiny, tt, lora_run, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_paged_8bit_adam_trains_and_switches_with_8bit_adam_on_resume(tiny, tt, tmp_path):
+    """QLoRA's optimizer choice, `--optimizer paged-8bit-adam`: on CPU it says in one line that
+    paging needs CUDA and runs 8bit-adam, so a run stopped under 8bit-adam and resumed under
+    the paged name equals the straight paged run bit for bit."""
+    straight = tmp_path / "paged"
+    r = tt.run_train(tt.train_args(tiny, "llama", straight, optimizer="paged-8bit-adam", **LORA))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "paging needs CUDA" in r.stderr and "Traceback" not in r.stderr
+    switched = tmp_path / "switched"
+    flags = dict(LORA, optimizer="8bit-adam", stop_after_steps=2)
+    r = tt.run_train(tt.train_args(tiny, "llama", switched, **flags))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = tt.run_train(tt.train_args(tiny, "llama", switched, optimizer="paged-8bit-adam", **LORA))
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    assert "no saved optimizer state" not in r.stderr
+    assert tt.train_losses(switched) == tt.train_losses(straight)
+    a, b = (_adapters(p / "checkpoint_4") for p in (straight, switched))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow  # ~35 s; layout parity of QLoRA is in the default set (test_training_engine)
 def test_qlora_on_cpu_trains_and_resumes_exactly(tiny, tt, lora_run, tmp_path):
     """--load-in-4bit on CPU (bitsandbytes' NF4 CPU path): an adapter-only checkpoint, a loss

@@ -264,6 +264,9 @@ def test_eight_bit_adam_state_is_about_two_bytes_per_parameter():
     }
     state = sum(storages.values())
     assert abs(plan.optimizer - state) <= 0.10 * state, (plan.optimizer, state)
+    # The paged variant keeps the same state (counted as resident: an upper bound on a GPU).
+    paged = TrainSetup((range(4),), 1, 16, 1, optimizer="paged-8bit-adam")
+    assert plan_memory(dims, paged)[0].optimizer == plan.optimizer
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -13,7 +13,8 @@
 #   python inference/bot.py --model togethercomputer/RedPajama-INCITE-Chat-3B-v1 --adapter adapters/redpajama-3b-lora
 #
 # Environment: FINETUNE_TOTAL_STEPS, FINETUNE_CHECKPOINT_STEPS, FINETUNE_CHECKPOINT_PATH, BASE_MODEL,
-# PYTHON. Extra flags pass through (e.g. --load-in-4bit for QLoRA on an NF4 base).
+# PYTHON. Extra flags pass through (e.g. --load-in-4bit --optimizer paged-8bit-adam for QLoRA: an
+# NF4 base and QLoRA's paged 8-bit optimizer).
 set -euo pipefail
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$(dirname "$DIR")")"
