@@ -36,6 +36,18 @@ CONFIGS = {
         use_parallel_residual=True,
         tie_word_embeddings=False,
     ),
+    # RedPajama-INCITE-3B (the LoRA recipe's base; openchatkit.training.memory.KNOWN_CONFIGS).
+    "redpajama-3b": dict(
+        hidden_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        intermediate_size=10240,
+        vocab_size=50432,
+        rotary_pct=1.0,
+        max_position_embeddings=2048,
+        use_parallel_residual=False,
+        tie_word_embeddings=False,
+    ),
     "tiny": dict(
         hidden_size=64,
         num_hidden_layers=2,

@@ -6,10 +6,14 @@
 #      SmolLM2-135M-shaped Llama with a small BPE tokenizer trained on the spot;
 #   2. a pp=1 bf16 step loop of a 1.4B GPT-NeoX with activation checkpointing: tokens/s, MFU,
 #      measured peak memory against the planner's prediction (benchmarks/gpu_step_check.py);
-#   3. benchmarks/bench_train_mfu.py: our engine against a plain HF bf16 loop.
+#   3. benchmarks/bench_train_mfu.py: our engine against a plain HF bf16 loop;
+#   4. the 3B LoRA recipe's step (RedPajama-INCITE-3B shape, fp16, r=16 on query_key_value,
+#      micro-batch 1 x 4, seq 2048): measured peak against the planner and the original's ~14 GB;
+#   5. the same as QLoRA: NF4 base, --optimizer paged-8bit-adam.
 #
 #   bash benchmarks/gpu_check.sh                   # OUT_DIR defaults to ./gpu_check_out
 #   OUT_DIR=$OUT bash benchmarks/gpu_check.sh      # on the device tool's machine
+#   PARTS="4 5" bash benchmarks/gpu_check.sh       # some parts only (a call is limited to 10 min)
 #
 # A machine without this project's pure-Python dependencies (loguru, peft, ...) takes them as
 # wheels from .whl/ (pip download --no-deps ... -d .whl NAME==VERSION on a machine with a
@@ -26,6 +30,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+PARTS=" ${PARTS:-1 2 3 4 5} "
+want() { [[ "$PARTS" == *" $1 "* ]]; }
 step() { echo "== $*" | tee -a "$LOG"; }
 run() { timeout "$1" "${@:2}" 2>&1 | tee -a "$LOG"; echo "exit ${PIPESTATUS[0]}" | tee -a "$LOG"; }
 
@@ -33,6 +39,7 @@ step "machine"
 run 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 run 30 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 
+if want 1; then
 step "1. bot on CUDA (random-init SmolLM2-135M-shaped Llama)"
 run 120 "$PY" - "$WORK/model" <<'PYEOF'
 import sys
@@ -58,12 +65,29 @@ for flags in "--dtype bfloat16" "--load-in-8bit"; do
   run 180 "$PY" inference/bot.py --model "$WORK/model" --device cuda $flags --no-sample \
     --prompt "What is the capital of France?" --max-tokens 64 --no-stream
 done
+fi
 
+if want 2; then
 step "2. pp=1 bf16 step loop, 1.4B GPT-NeoX, activation checkpointing: planner vs measured"
 run 300 "$PY" benchmarks/gpu_step_check.py --json "$OUT_DIR/gpu_step_check.json"
+fi
 
+if want 3; then
 step "3. bench_train_mfu.py (ours vs plain HF bf16)"
 run 300 "$PY" benchmarks/bench_train_mfu.py --rounds 2 --steps 4
+fi
+
+LORA3B=(--config redpajama-3b --precision fp16 --lora-r 16 --micro-batch-size 1 --num-microbatches 4 --steps 4)
+if want 4; then
+step "4. 3B LoRA recipe step (fp16, r=16): planner vs measured vs the original's ~14 GB"
+run 300 "$PY" benchmarks/gpu_step_check.py "${LORA3B[@]}" --json "$OUT_DIR/gpu_lora_3b.json"
+fi
+
+if want 5; then
+step "5. the same as QLoRA (NF4 base, paged 8-bit AdamW)"
+run 300 "$PY" benchmarks/gpu_step_check.py "${LORA3B[@]}" --load-in-4bit \
+  --optimizer paged-8bit-adam --json "$OUT_DIR/gpu_qlora_3b.json"
+fi
 
 rm -rf "$WORK"
 step "done: $LOG"

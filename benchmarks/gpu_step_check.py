@@ -1,11 +1,15 @@
-"""One GPU, pp=1, bf16: our engine's step loop on a 1.4B GPT-NeoX with activation checkpointing,
-its MFU and tokens/s, and its measured peak memory against the memory planner's prediction.
+"""One GPU, pp=1: our engine's step loop with activation checkpointing, its MFU and tokens/s,
+and its measured peak memory against the memory planner's prediction. By default a bf16 full
+fine-tune of a 1.4B GPT-NeoX; with `--lora-r` the LoRA (and with `--load-in-4bit` the QLoRA)
+path, e.g. the 3B LoRA recipe's settings, whose peak the original put at ~14 GB.
 
-The model is random-init from Pythia-1.4B's config (nothing downloaded). The prediction comes
+The model is random-init from a published config (nothing downloaded). The prediction comes
 from `openchatkit.training.memory` for the same TrainConfig; the measurement is
 `torch.cuda.max_memory_allocated` over the timed steps. Part of `benchmarks/gpu_check.sh`.
 
     python benchmarks/gpu_step_check.py                         # ~2 min on an H100/H200
+    python benchmarks/gpu_step_check.py --config redpajama-3b --precision fp16 --lora-r 16 \
+        --micro-batch-size 1 --num-microbatches 4               # the 3B LoRA recipe's step
     python benchmarks/gpu_step_check.py --device cpu --config tiny --steps 2 --seq-length 128
 """
 
@@ -31,6 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-microbatches", type=int, default=4)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--activation-checkpointing", choices=["none", "layers"], default="layers")
+    p.add_argument("--precision", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA on query_key_value, alpha 2r")
+    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base (with --lora-r)")
+    p.add_argument("--optimizer", default="adam", help="adam | 8bit-adam | paged-8bit-adam")
     p.add_argument("--json", help="also write the figures to this file")
     return p.parse_args(argv)
 
@@ -57,20 +65,35 @@ def main(argv=None) -> int:
     hf_config = GPTNeoXConfig(**CONFIGS[args.config])
     hf_config._attn_implementation = "sdpa"
     rows = args.micro_batch_size * args.num_microbatches
+    lora = {}
+    if args.lora_r:
+        lora = dict(lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05)
+        lora.update(lora_target_modules="query_key_value", load_in_4bit=args.load_in_4bit)
     config = config_with_defaults(
         ModelShape.from_dict(hf_config.to_dict()),
-        bf16=True,
+        bf16=args.precision == "bf16",
+        fp16=args.precision == "fp16",
+        optimizer=args.optimizer,
         batch_size=rows,
         micro_batch_size=args.micro_batch_size,
         seq_length=args.seq_length,
         total_steps=10_000,
         activation_checkpointing=args.activation_checkpointing,
+        **lora,
     )
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
     torch.manual_seed(0)
     stage = StageModel(
-        hf_config, range(hf_config.num_hidden_layers), True, True, dtype=torch.bfloat16,
-        device=device,
-    )  # fmt: skip
+        hf_config, range(hf_config.num_hidden_layers), True, True, dtype=dtype, device=device
+    )
+    if config.lora is not None:  # as the trainer does (openchatkit/training/trainer.py)
+        from openchatkit.models.lora import apply_lora
+
+        if config.load_in_4bit:
+            from openchatkit.models.quantize import quantize_linear_4bit
+
+            quantize_linear_4bit(stage, compute_dtype=dtype, keep=config.lora.target_modules)
+        apply_lora(stage, config.lora, seed=0)
     stage.set_activation_checkpointing(args.activation_checkpointing)
     engine = TrainEngine(stage, ParallelLayout(1, 1, 0), config, device=device)
     g = torch.Generator().manual_seed(0)
@@ -109,13 +132,19 @@ def main(argv=None) -> int:
     peak = peak_flops(device.type)
     result = {
         "config": args.config,
+        "precision": args.precision,
+        "lora_r": args.lora_r,
+        "load_in_4bit": args.load_in_4bit,
+        "optimizer": args.optimizer,
+        "trainable_params": sum(p.numel() for p in stage.parameters() if p.requires_grad),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "activation_checkpointing": args.activation_checkpointing,
         "tokens_per_step": rows * args.seq_length,
         "step_s": step,
         "step_s_spread": [min(times), max(times)],
         "tokens_per_s": tokens_s,
-        "mfu": tokens_s * flops_tok / peak if peak else None,
+        # 6N FLOPs per token counts weight gradients, which a frozen LoRA base does not have.
+        "mfu": tokens_s * flops_tok / peak if peak and not args.lora_r else None,
         # The planner's peak counts the CUDA runtime allowance; the allocator does not see it.
         "planned_peak_bytes": plan.peak,
         "planned_peak_without_runtime_bytes": plan.peak - RUNTIME_BYTES,

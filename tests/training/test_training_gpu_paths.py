@@ -92,3 +92,36 @@ def test_local_rank_is_never_guessed_from_the_global_rank_across_nodes():
         cuda_device_index(9, None, 9, 16, device_count=8)
     single = resolve_rendezvous(None, None, None, 1, 1, env={})
     assert single.local_rank == 0
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--lora-r", "4", "--load-in-4bit", "--optimizer", "paged-8bit-adam"]],
+    ids=["full", "qlora"],
+)
+def test_gpu_step_check_runs_on_cpu(flags, tmp_path):
+    """benchmarks/gpu_step_check.py, which gpu_check.sh runs on a lent GPU, on a tiny config on
+    CPU: it trains (full, or QLoRA as the 3B recipe check runs it) and reports the planner's
+    peak beside the step figures, so the script cannot rot between GPU sessions."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "figures.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "gpu_step_check.py"), "--device", "cpu"]
+    cmd += ["--config", "tiny", "--steps", "1", "--seq-length", "64", "--precision", "fp16"]
+    cmd += [*flags, "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["step_s"] > 0 and figures["planned_peak_bytes"] > 0
+    if flags:
+        # Only the adapters train: r x (in + out) per layer's query_key_value, 2 layers.
+        assert figures["lora_r"] == 4 and figures["load_in_4bit"]
+        assert figures["trainable_params"] == 2 * 4 * (64 + 3 * 64) and figures["mfu"] is None
+    else:
+        assert figures["trainable_params"] > 100_000
