@@ -414,10 +414,22 @@ class Run:
 
 
 def check_resume_kind(folder: Path, config: TrainConfig) -> None:
-    """Refuse to resume a LoRA run from full weights or the other way round, or adapters
-    trained on another base model (one line naming both)."""
+    """Refuse to resume a LoRA run from full weights or the other way round, adapters trained
+    on another base model, or optimizer state another `--optimizer` cannot take (one line
+    naming both)."""
     from openchatkit.models.lora import base_fingerprint, read_adapter_meta
 
+    saved_optimizer = ckpt.read_meta(folder).get("args", {}).get("optimizer")
+    if saved_optimizer and _optimizer_family(saved_optimizer) != _optimizer_family(
+        config.optimizer
+    ):
+        # torch's AdamW keeps exp_avg / exp_avg_sq, bitsandbytes' 8-bit AdamW quantized
+        # state1 / state2: either would fail with a KeyError at the first step.
+        raise UserError(
+            f"--optimizer {config.optimizer}: {folder.name} holds {saved_optimizer}'s state, "
+            f"which {config.optimizer} cannot take; resume with --optimizer {saved_optimizer} "
+            "or use a new --checkpoint-path"
+        )
     meta = read_adapter_meta(folder)
     if config.lora is None and meta is not None:
         raise UserError(
@@ -451,6 +463,11 @@ def check_resume_kind(folder: Path, config: TrainConfig) -> None:
             f"{meta['base_model']} (fingerprint {meta['base_fingerprint']}), not on "
             f"--model-name {config.model_name}; give that base or a new --checkpoint-path"
         )
+
+
+def _optimizer_family(name: str) -> str:
+    """Optimizers that share a state layout: the paged 8-bit AdamW is the 8-bit one."""
+    return "8bit-adam" if name in ("8bit-adam", "paged-8bit-adam") else name
 
 
 def _lora_value(value):

@@ -255,6 +255,10 @@ def test_lora_bad_inputs(tiny, tt, cli, lora_run, tmp_path):
     cli.assert_one_line_error(r, "other LoRA settings", "r 4 -> 8")
     r = train(ckpt=ckpt, total_steps=6, lora_r=4, lora_target_modules="q_proj")
     cli.assert_one_line_error(r, "other LoRA settings", "target_modules")
+    # Optimizer state another optimizer cannot take (AdamW's moments vs 8-bit quantized ones):
+    # a KeyError at the first step before; the 8-bit and paged 8-bit names may switch.
+    r = train(ckpt=ckpt, total_steps=6, optimizer="paged-8bit-adam", **LORA)
+    cli.assert_one_line_error(r, "--optimizer paged-8bit-adam", "holds adam's state")
     # Export and merge check the base by content, as resume does: a checkpoint whose recorded
     # base folder now holds other weights is refused, naming it.
     moved = tmp_path / "moved-base"
