@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_check.sh                   # OUT_DIR defaults to ./gpu_check_out
 #   OUT_DIR=$OUT bash benchmarks/gpu_check.sh      # on the device tool's machine
 #   PARTS="4 5" bash benchmarks/gpu_check.sh       # some parts only (a call is limited to 10 min)
+#   (5 also checks that paged 8-bit AdamW state comes back paged after a resume by name)
 #
 # A machine without this project's pure-Python dependencies (loguru, peft, ...) takes them as
 # wheels from .whl/ (pip download --no-deps ... -d .whl NAME==VERSION on a machine with a
@@ -30,7 +31,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-PARTS=" ${PARTS:-1 2 3 4 5} "
+PARTS="${PARTS:-1 2 3 4 5}"
+PARTS=" ${PARTS//,/ } "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
 step() { echo "== $*" | tee -a "$LOG"; }
 run() { timeout "$1" "${@:2}" 2>&1 | tee -a "$LOG"; echo "exit ${PIPESTATUS[0]}" | tee -a "$LOG"; }
@@ -87,6 +89,29 @@ if want 5; then
 step "5. the same as QLoRA (NF4 base, paged 8-bit AdamW)"
 run 300 "$PY" benchmarks/gpu_step_check.py "${LORA3B[@]}" --load-in-4bit \
   --optimizer paged-8bit-adam --json "$OUT_DIR/gpu_qlora_3b.json"
+step "5b. paged 8-bit AdamW state saved by name and resumed: paged again, same next step"
+run 120 "$PY" - <<'PYEOF'
+import torch
+from openchatkit.training.optim import (build_optimizer, load_optimizer_state_by_name,
+                                        optimizer_state_by_name)
+torch.manual_seed(0)
+init = torch.randn(512, 512, device="cuda")  # 262k elements: above bnb's 1e5 paging size
+grads = [torch.randn(512, 512, device="cuda") for _ in range(3)]
+w = torch.nn.Parameter(init.clone())
+opt = build_optimizer([w], "paged-8bit-adam", 1e-2, 0.0)
+for g in grads[:2]:
+    w.grad = g.clone(); opt.step()
+saved = optimizer_state_by_name(opt, ["w"], skip=set())
+w2 = torch.nn.Parameter(w.detach().clone())
+opt2 = build_optimizer([w2], "paged-8bit-adam", 1e-2, 0.0)
+assert load_optimizer_state_by_name(opt2, ["w"], saved, {}) == []
+paged = all(getattr(opt2.state[w2][k], "is_paged", False) for k in ("state1", "state2"))
+for p, o in ((w, opt), (w2, opt2)):
+    p.grad = grads[2].clone(); o.step()
+torch.cuda.synchronize()
+print("type", type(opt2).__name__, "state paged after resume:", paged,
+      "| step 3 equal:", torch.equal(w, w2))
+PYEOF
 fi
 
 rm -rf "$WORK"

@@ -152,6 +152,11 @@ def main(argv=None) -> int:
     }
     if measured:
         result["measured_over_planned"] = measured / result["planned_peak_without_runtime_bytes"]
+    if args.optimizer.startswith("paged"):
+        result["note"] = (
+            "max_memory_allocated does not see the paged (CUDA managed) optimizer state; "
+            "the planner counts it as resident"
+        )
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

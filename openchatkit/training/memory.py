@@ -490,7 +490,10 @@ def refusal(dims: ModelDims, setup: TrainSetup, gpu_bytes: float) -> str | None:
         peak = max(p.peak for p in plan_memory(dims, candidate))
         if peak <= gpu_bytes:
             return f"{line}; cheapest fix: {flags} (peak {gib(peak)} GiB)"
-    return f"{line}; no single change fits: use more GPUs, a shorter --seq-length or --optimizer 8bit-adam"
+    other = (
+        "" if setup.optimizer in ("8bit-adam", "paged-8bit-adam") else " or --optimizer 8bit-adam"
+    )
+    return f"{line}; no single change fits: use more GPUs, a shorter --seq-length{other}"
 
 
 def check_fits(

@@ -229,7 +229,8 @@ class Run:
         meta, folder, layout, config = self.meta, self.resume_from, self.layout, self.config
         states, masters = ckpt.load_stage_states(folder)
         missing = self.engine.load_state_dict(states, masters)
-        if missing and meta["step"] > 0 and config.optimizer == meta["args"]["optimizer"]:
+        same = _optimizer_family(config.optimizer) == _optimizer_family(meta["args"]["optimizer"])
+        if missing and meta["step"] > 0 and same:
             logger.warning(
                 "no saved optimizer state for {} parameters, e.g. {}", len(missing), missing[0]
             )
@@ -419,17 +420,6 @@ def check_resume_kind(folder: Path, config: TrainConfig) -> None:
     naming both)."""
     from openchatkit.models.lora import base_fingerprint, read_adapter_meta
 
-    saved_optimizer = ckpt.read_meta(folder).get("args", {}).get("optimizer")
-    if saved_optimizer and _optimizer_family(saved_optimizer) != _optimizer_family(
-        config.optimizer
-    ):
-        # torch's AdamW keeps exp_avg / exp_avg_sq, bitsandbytes' 8-bit AdamW quantized
-        # state1 / state2: either would fail with a KeyError at the first step.
-        raise UserError(
-            f"--optimizer {config.optimizer}: {folder.name} holds {saved_optimizer}'s state, "
-            f"which {config.optimizer} cannot take; resume with --optimizer {saved_optimizer} "
-            "or use a new --checkpoint-path"
-        )
     meta = read_adapter_meta(folder)
     if config.lora is None and meta is not None:
         raise UserError(
@@ -462,6 +452,18 @@ def check_resume_kind(folder: Path, config: TrainConfig) -> None:
             f"--checkpoint-path {config.checkpoint_path}: its adapters were trained on "
             f"{meta['base_model']} (fingerprint {meta['base_fingerprint']}), not on "
             f"--model-name {config.model_name}; give that base or a new --checkpoint-path"
+        )
+    # Last, so a checkpoint of the wrong kind gets that advice first.
+    saved_optimizer = ckpt.read_meta(folder).get("args", {}).get("optimizer")
+    if saved_optimizer and _optimizer_family(saved_optimizer) != _optimizer_family(
+        config.optimizer
+    ):
+        # torch's AdamW keeps exp_avg / exp_avg_sq, bitsandbytes' 8-bit AdamW quantized
+        # state1 / state2: either would fail with a KeyError at the first step.
+        raise UserError(
+            f"--optimizer {config.optimizer}: {folder.name} holds {saved_optimizer}'s state, "
+            f"which {config.optimizer} cannot take; resume with --optimizer {saved_optimizer} "
+            "or use a new --checkpoint-path"
         )
 
 

@@ -96,8 +96,12 @@ def test_local_rank_is_never_guessed_from_the_global_rank_across_nodes():
 
 @pytest.mark.parametrize(
     "flags",
-    [[], ["--lora-r", "4", "--load-in-4bit", "--optimizer", "paged-8bit-adam"]],
-    ids=["full", "qlora"],
+    [
+        pytest.param([], id="full", marks=pytest.mark.slow),  # ~7 s; the QLoRA case covers more
+        pytest.param(
+            ["--lora-r", "4", "--load-in-4bit", "--optimizer", "paged-8bit-adam"], id="qlora"
+        ),
+    ],
 )
 def test_gpu_step_check_runs_on_cpu(flags, tmp_path):
     """benchmarks/gpu_step_check.py, which gpu_check.sh runs on a lent GPU, on a tiny config on

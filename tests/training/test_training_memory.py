@@ -267,6 +267,11 @@ def test_eight_bit_adam_state_is_about_two_bytes_per_parameter():
     # The paged variant keeps the same state (counted as resident: an upper bound on a GPU).
     paged = TrainSetup((range(4),), 1, 16, 1, optimizer="paged-8bit-adam")
     assert plan_memory(dims, paged)[0].optimizer == plan.optimizer
+    # Nothing fits 1 MiB: the refusal suggests an 8-bit optimizer only to a run without one.
+    for name in ("adam", "8bit-adam", "paged-8bit-adam"):
+        line = refusal(dims, TrainSetup((range(4),), 1, 16, 1, optimizer=name), 2**20)
+        assert "no single change fits" in line
+        assert ("--optimizer 8bit-adam" in line) == (name == "adam"), line
 
 
 @pytest.mark.parametrize("arch", ARCHS)
