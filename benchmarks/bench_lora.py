@@ -182,8 +182,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def child(side: str, args: argparse.Namespace) -> dict:
-    env = {
+def child_env() -> dict[str, str]:
+    """The environment of a benchmark child (also bench_lora_interleaved.py's)."""
+    return {
         **os.environ,
         "TOKENIZERS_PARALLELISM": "false",
         "BENCH_DATA": str(REPO / "data" / "OIG-sample" / "train.jsonl"),
@@ -194,6 +195,10 @@ def child(side: str, args: argparse.Namespace) -> dict:
         "MALLOC_TRIM_THRESHOLD_": "68719476736",
         "MALLOC_TOP_PAD_": "1073741824",
     }
+
+
+def child(side: str, args: argparse.Namespace) -> dict:
+    env = child_env()
     if side.endswith("-dp2"):
         # One thread per rank on both sides (accelerate's multi-CPU set-up would otherwise
         # pick its own thread count from the physical cores).

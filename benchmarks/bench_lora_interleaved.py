@@ -28,6 +28,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # bench_lora beside this file
+
+from bench_lora import child_env  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, tempfile, time
@@ -128,18 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def one_run(args: argparse.Namespace) -> dict[str, list[float]]:
-    env = {
-        **os.environ,
-        "TOKENIZERS_PARALLELISM": "false",
-        "BENCH_DATA": str(REPO / "data" / "OIG-sample" / "train.jsonl"),
-        # As in bench_lora.py: keep freed blocks in the heap, so no step faults its pages in.
-        "MALLOC_MMAP_THRESHOLD_": "4294967296",
-        "MALLOC_TRIM_THRESHOLD_": "68719476736",
-        "MALLOC_TOP_PAD_": "1073741824",
-    }
     cmd = [sys.executable, "-c", CHILD, str(args.seq_length), str(args.batch_size)]
     cmd += [str(args.steps), args.loss_on, "1" if args.also_torch_dropout else "0"]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"run failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
