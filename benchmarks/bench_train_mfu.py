@@ -24,6 +24,10 @@ import argparse
 import statistics
 import time
 
+from openchatkit.training.memory import KNOWN_CONFIGS
+
+REDPAJAMA_3B = "togethercomputer_RedPajama-INCITE-Base-3B-v1"
+
 CONFIGS = {
     "pythia-1.4b": dict(
         hidden_size=2048,
@@ -36,17 +40,12 @@ CONFIGS = {
         use_parallel_residual=True,
         tie_word_embeddings=False,
     ),
-    # RedPajama-INCITE-3B (the LoRA recipe's base; openchatkit.training.memory.KNOWN_CONFIGS).
+    # RedPajama-INCITE-3B, the LoRA recipe's base: the planner's published shape plus the two
+    # fields it does not need.
     "redpajama-3b": dict(
-        hidden_size=2560,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        intermediate_size=10240,
-        vocab_size=50432,
-        rotary_pct=1.0,
+        {k: v for k, v in KNOWN_CONFIGS[REDPAJAMA_3B].items() if k != "model_type"},
         max_position_embeddings=2048,
         use_parallel_residual=False,
-        tie_word_embeddings=False,
     ),
     "tiny": dict(
         hidden_size=64,
