@@ -51,6 +51,7 @@ BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 SCHEDULES = ("gpipe", "1f1b")
 CHECKPOINTING = ("none", "layers")
+EIGHT_BIT = ("8bit-adam", "paged-8bit-adam")  # bitsandbytes' AdamW8bit state, paged or not
 
 # Published configs of the shipped base models (config.json fields), so a plan needs no download.
 # Keyed by the folder name `pretrained/<Model>/prepare.py` writes.
@@ -315,7 +316,7 @@ def plan_memory(dims: ModelDims, setup: TrainSetup) -> list[StageMemory]:
             params += trainable
         grads = trainable * e
         master = trainable * 4 if e != 4 else 0
-        if setup.optimizer in ("8bit-adam", "paged-8bit-adam"):
+        if setup.optimizer in EIGHT_BIT:
             # Two uint8 states and two fp32 absmax per 256-element block; fp32 states below
             # the 8-bit size. Paged state is counted as resident: the driver moves it to the
             # host only under pressure, so this is an upper bound for the paged variant.
@@ -490,9 +491,7 @@ def refusal(dims: ModelDims, setup: TrainSetup, gpu_bytes: float) -> str | None:
         peak = max(p.peak for p in plan_memory(dims, candidate))
         if peak <= gpu_bytes:
             return f"{line}; cheapest fix: {flags} (peak {gib(peak)} GiB)"
-    other = (
-        "" if setup.optimizer in ("8bit-adam", "paged-8bit-adam") else " or --optimizer 8bit-adam"
-    )
+    other = "" if setup.optimizer in EIGHT_BIT else " or --optimizer 8bit-adam"
     return f"{line}; no single change fits: use more GPUs, a shorter --seq-length{other}"
 
 

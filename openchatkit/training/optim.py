@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from openchatkit.errors import UserError
+from openchatkit.training.memory import EIGHT_BIT
 
 
 def lr_factor(step: int, warmup: int, total: int, decay: str = "linear") -> float:
@@ -26,7 +27,6 @@ def lr_factor(step: int, warmup: int, total: int, decay: str = "linear") -> floa
 
 
 OPTIMIZERS = ("adam", "8bit-adam", "paged-8bit-adam")
-EIGHT_BIT = ("8bit-adam", "paged-8bit-adam")
 
 
 def build_optimizer(
