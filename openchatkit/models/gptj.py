@@ -61,8 +61,12 @@ class Head(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
 
+    def normalize(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm alone (the trainer fuses the LM head into its loss)."""
+        return self.ln_f(hidden)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.ln_f(hidden))
+        return self.lm_head(self.normalize(hidden))
 
 
 def build_layer(config: Any, layer_idx: int) -> nn.Module:

@@ -59,8 +59,12 @@ class Head(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    def normalize(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm alone (the trainer fuses the LM head into its loss)."""
+        return self.final_layer_norm(hidden)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_layer_norm(hidden))
+        return self.lm_head(self.normalize(hidden))
 
 
 def build_layer(config: Any, layer_idx: int) -> nn.Module:

@@ -6,8 +6,9 @@ Per optimizer step, on every rank:
    is sum(token cross-entropy) / N, so the summed gradients equal one process's gradient of the
    token-mean loss on the whole global batch (upstream summed per-replica means instead).
 2. Each accumulation pass runs the schedule (GPipe or 1F1B; a plain loop when pp == 1) with the
-   position ids passed as keyword arguments on every rank (they are not sent between stages) and
-   logits upcast to fp32 before the loss.
+   position ids passed as keyword arguments on every rank (they are not sent between stages); the
+   last stage's LM head runs inside the loss, fused with the cross-entropy, with the logits in
+   fp32 (`loss.py`).
 3. Gradients are summed over the dp group: they live in flat buckets (reverse parameter order),
    and each bucket's all-reduce starts asynchronously as soon as the backward of the last
    micro-batch has produced its gradients, overlapping the rest of the backward
@@ -31,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from openchatkit.distributed.layout import ParallelLayout
+from openchatkit.models.norm import use_fast_rms_norm
 from openchatkit.training.config import TrainConfig
 from openchatkit.training.grad_buckets import GradBuckets
 from openchatkit.training.loss import move_head_into_loss, shifted_targets
@@ -129,14 +131,16 @@ class TrainEngine:
         self.scaler = LossScaler(
             config.precision == "fp16", config.initial_loss_scale, config.loss_scale_window
         )
+        use_fast_rms_norm(module)  # Llama's norms in fp32: a shorter backward (models/norm.py)
         self.loss_fn = TokenMeanLoss()
-        # GPipe holds every micro-batch on the last stage: keep hidden states, not logits.
-        recompute = layout.pp > 1 and config.pp_mode == "gpipe"
-        # --loss-on bot: the head and cross-entropy only on the rows that carry a target.
-        select_rows = config.loss_on == "bot"
-        if layout.is_last_stage and (recompute or select_rows):
+        if layout.is_last_stage:  # the LM head runs inside the loss (training/loss.py)
             self.loss_fn = move_head_into_loss(
-                module, self.loss_fn, recompute=recompute, select_rows=select_rows
+                module,
+                self.loss_fn,
+                # GPipe holds every micro-batch on the last stage: keep hidden states only.
+                recompute=layout.pp > 1 and config.pp_mode == "gpipe",
+                # --loss-on bot: the head and cross-entropy only on the rows with a target.
+                select_rows=config.loss_on == "bot",
             )
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.master = MasterWeights(named)

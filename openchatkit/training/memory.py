@@ -7,8 +7,9 @@ Pure arithmetic over the model's config and the trainer's flags (no torch import
   state (AdamW: 8 bytes per parameter; bitsandbytes 8-bit AdamW: 2, small tensors 8);
 - activations: the bytes one micro-batch keeps for its backward on this stage, times the number
   of micro-batches in flight (GPipe: all of them; 1F1B: min(pp - stage, micro-batches); pp = 1:
-  one), plus the last stage's logits and loss buffers per micro-batch in flight (none under
-  GPipe, where the head runs inside a recomputed loss: openchatkit/training/loss.py);
+  one), plus the last stage's loss buffers per micro-batch in flight (the LM head runs inside
+  the loss, fused with the cross-entropy, and is recomputed under GPipe:
+  openchatkit/training/loss.py);
 - communication: torch.distributed.pipelining allocates a receive buffer per micro-batch, for
   activations (every stage but the first) and for their gradients (every stage but the last);
   the data-parallel all-reduce runs in place on the gradients' own flat buckets;
@@ -213,9 +214,11 @@ def layer_activation_bytes(dims: ModelDims, precision: str, seq: int) -> float:
         return 10 * h * e + 2 * i * e + 4 * heads + 4 * e
     if dims.model_type == "llama":
         kv = dims.kv_heads * dims.head_dim
-        # RMSNorm keeps fp32 copies (8 h bytes) besides 6 h model-dtype tensors; gate, SiLU,
-        # up and their product (4 i); GQA k/v (2 kv).
-        return 6 * h * e + 8 * h + 4 * i * e + 2 * kv * e + 4 * heads + 8
+        # In half precision HF's RMSNorm keeps fp32 copies (8 h bytes; in fp32 the trainer's
+        # FastRMSNorm keeps none, openchatkit/models/norm.py) besides 6 h model-dtype tensors;
+        # gate, SiLU, up and their product (4 i); GQA k/v (2 kv).
+        norms = 8 * h if half else 0
+        return 6 * h * e + norms + 4 * i * e + 2 * kv * e + 4 * heads + 8
     # gptj, eager attention: fp32 scores and probabilities, (heads, seq) per token.
     if half:
         return 16 * h + 10 * i + 8 * dims.rotary_dim + 6 * heads * seq + 4
@@ -247,26 +250,36 @@ def stage_tokens_bytes(dims: ModelDims, setup: TrainSetup, stage: int) -> dict[s
         # layer and lives until the last of them has run its backward.
         kept += setup.seq_length * e
     logits, loss = 0.0, 0.0
-    if last and head_in_loss(setup):
-        # The head runs inside the loss and is recomputed (openchatkit/training/loss.py): a
-        # micro-batch keeps its hidden state (counted above) and labels; the logits, their fp32
-        # copy, the log-softmax and its gradient exist for one micro-batch at a time.
-        logits = 16
-        loss = dims.vocab * (2 * e + 12)
-    elif last:
-        kept += h * e + (4 * h if dims.model_type == "llama" else 8)  # final norm
-        # logits (model dtype, held by the schedule until the backward) and the fp32
-        # log-softmax cross-entropy keeps; labels.
-        logits = dims.vocab * (e + 4) + 16
-        # Loss forward/backward: an fp32 copy of the logits and the fp32 softmax gradient.
-        loss = dims.vocab * (8 + e)
+    if last:
+        # The LM head runs inside the loss, fused with the cross-entropy
+        # (openchatkit/training/loss.py): it keeps the fp32 unnormalised softmax (4 V) and
+        # per-row sums, targets and mask (16). Half precision adds the model-dtype logits before
+        # their fp32 copy in the forward, and the model-dtype logits gradient in the backward
+        # (e V); in fp32 the backward only makes (token, hidden) products.
+        buffers = dims.vocab * 4 + 16
+        working = dims.vocab * e if e == 2 else 3 * h * 4
+        if head_recomputed(setup):
+            # A micro-batch keeps its hidden state (counted above) and labels; the buffers
+            # exist for one micro-batch at a time, in its forward and again in its backward.
+            logits = 16
+            loss = buffers + working
+        else:
+            # The final norm's output and what it keeps: HF's RMSNorm in half precision works
+            # in fp32 (measured: 8 h + 4 in bf16); FastRMSNorm in fp32 keeps its output (h e)
+            # and 1 / rms.
+            if dims.model_type == "llama":
+                kept += 8 * h + 4 if e == 2 else h * e + 4
+            else:
+                kept += h * e + 8
+            logits = buffers
+            loss = working
     backward = full_layer * (2 if setup.checkpointing == "layers" else 1)
     return {"kept": kept, "logits": logits, "transient": max(backward, loss)}
 
 
-def head_in_loss(setup: TrainSetup) -> bool:
-    """The trainer moves the last stage's head into a recomputed loss under GPipe with pp > 1
-    (openchatkit/training/engine.py), where that stage holds every micro-batch."""
+def head_recomputed(setup: TrainSetup) -> bool:
+    """The trainer recomputes the head and loss in the backward under GPipe with pp > 1
+    (openchatkit/training/engine.py), where the last stage holds every micro-batch."""
     return setup.pp > 1 and setup.schedule == "gpipe"
 
 

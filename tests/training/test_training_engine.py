@@ -19,6 +19,7 @@ from openchatkit.cli.train import config_with_defaults
 from openchatkit.distributed.layout import ParallelLayout
 from openchatkit.models.lora import apply_lora
 from openchatkit.models.stage import StageModel
+from openchatkit.training import loss as loss_module
 from openchatkit.training.config import read_model_shape
 from openchatkit.training.engine import TrainEngine
 
@@ -75,11 +76,13 @@ def _train(rank: int, folder: str, flags: dict, port: int, out: str) -> None:
     rows_seen = []  # (rows the LM head ran on, rows of the micro-batch)
     if getattr(engine.loss_fn, "select_rows", False):
         micro = config.micro_batch_size * SEQ
-        engine.loss_fn.head.register_forward_pre_hook(
-            lambda m, args: rows_seen.append(
-                (args[0].reshape(-1, args[0].shape[-1]).shape[0], micro)
-            )
-        )
+        fused = loss_module.linear_cross_entropy  # the LM head fused into the loss
+
+        def counting(rows, *args):
+            rows_seen.append((rows.shape[0], micro))
+            return fused(rows, *args)
+
+        loss_module.linear_cross_entropy = counting
     results, early = [], []
     for batch in _batches(shape.vocab_size, seed=7):
         mine = {k: v[layout.dp_rank * rows : (layout.dp_rank + 1) * rows] for k, v in batch.items()}

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from openchatkit.errors import UserError
+from openchatkit.models.norm import use_fast_rms_norm
 from openchatkit.models.stage import StageModel
 from openchatkit.training.engine import TokenMeanLoss
 from openchatkit.training.loss import move_head_into_loss
@@ -104,6 +105,7 @@ def measure_in_flight(arch, precision, checkpointing, stage_index, pp, num_in_fl
     stage = StageModel(config, layers, first, last, dtype=DTYPES[precision])
     stage.set_activation_checkpointing(checkpointing)
     stage.train()
+    use_fast_rms_norm(stage)  # as TrainEngine does
     hidden = config.hidden_size if arch != "gptj" else config.n_embd
     inputs = []
     for _ in range(num_in_flight):
@@ -113,8 +115,8 @@ def measure_in_flight(arch, precision, checkpointing, stage_index, pp, num_in_fl
             inputs.append(torch.randn(MICRO, SEQ, hidden, dtype=DTYPES[precision]).requires_grad_())
     labels = torch.randint(0, config.vocab_size, (MICRO, SEQ))
     loss_fn = TokenMeanLoss()
-    if last and gpipe and pp > 1:  # as TrainEngine does
-        loss_fn = move_head_into_loss(stage, loss_fn, recompute=True, select_rows=False)
+    if last:  # as TrainEngine does
+        loss_fn = move_head_into_loss(stage, loss_fn, recompute=gpipe and pp > 1, select_rows=False)
     kept = []
     with LiveBytes(exclude=[*stage.parameters(), *stage.buffers(), *inputs, labels]) as probe:
         for x in inputs:
@@ -290,7 +292,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients(arch):
         loss.backward()
         results.append((loss.item(), {n: p.grad.clone() for n, p in stage.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results
-    assert abs(loss_a - loss_b) <= 1e-6
+    assert abs(loss_a - loss_b) <= 1e-6 * abs(loss_a)  # fused head + loss: fp32 rounding
     for name, g in grads_a.items():
         assert (g - grads_b[name]).abs().max().item() <= 1e-6, name
 
@@ -321,7 +323,7 @@ def test_head_inside_the_loss_gives_the_same_loss_and_gradients(arch):
         with torch.no_grad():  # evaluation runs the head directly
             assert torch.allclose(loss_fn(stage(x), labels), loss)
     (loss_a, x_a, g_a), (loss_b, x_b, g_b) = results
-    assert abs(loss_a - loss_b) <= 1e-6
+    assert abs(loss_a - loss_b) <= 1e-6 * abs(loss_a)  # fused head + loss: fp32 rounding
     assert (x_a - x_b).abs().max().item() <= 1e-6
     for name, g in g_a.items():
         assert (g - g_b[name]).abs().max().item() <= 1e-6, name
@@ -362,9 +364,9 @@ def test_refusal_names_stage_shortfall_and_the_cheapest_fix():
         check_fits(dims, original, 80 * GIB, UserError)
     # Checkpointing already on and one stage (no 1F1B): a smaller micro-batch is next.
     three_b = ModelDims.from_config(KNOWN_CONFIGS["togethercomputer_RedPajama-INCITE-Base-3B-v1"])
-    big = TrainSetup((range(32),), 32, 2048, 1, precision="bf16", checkpointing="layers")
+    big = TrainSetup((range(32),), 64, 2048, 1, precision="bf16", checkpointing="layers")
     message = refusal(three_b, big, 80 * GIB)
-    assert "cheapest fix: --micro-batch-size 16 " in message, message
+    assert "cheapest fix: --micro-batch-size 32 " in message, message
     assert refusal(three_b, big, 1000 * GIB) is None
 
 
