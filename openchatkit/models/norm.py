@@ -8,9 +8,10 @@ only the input (which the layer keeps anyway) and r, and takes the gradient in c
 
     dx = r * (g * w) - x * r^3 * sum(g * w * x) / H      (five passes)
 
-Same values to fp32 rounding (~1e-7 relative). Two norms a layer: for SmolLM2-135M (LoRA r=16,
-seq 128 x batch 4, 2 threads) ~1 % less time per step, and 2 x 4 x hidden bytes less kept per
-token per layer.
+Same values to fp32 rounding (~1e-7 relative). Forward + backward of a (4, 128, 576) input at
+2 threads: 0.54 ms against HF's 0.75 ms (median of 15 alternating rounds). With two norms a
+layer that is ~13 ms of a ~2.4 s LoRA step of SmolLM2-135M, and 2 x 4 x hidden bytes less kept
+per token per layer (~10 % of its fp32 activations).
 
 Only fp32 takes this path: in bf16 / fp16 HF upcasts to fp32 and rounds the product in a
 particular order, which this module leaves to HF's own forward.

@@ -10,7 +10,9 @@ The head runs inside the loss for three reasons:
    normalisation and the one-hot target are applied to the (N, H) products instead
    (diag(c) P W = diag(c) (P W)). The loss peaks at one fp32 (N, V) buffer instead of three,
    with the same loss and gradients to fp32 rounding, and head + loss take ~10 % less time on
-   CPU (SmolLM2's 49,152-token vocabulary, 512 rows: 482 against 539 ms, 2 threads).
+   CPU (SmolLM2's 49,152-token vocabulary, 512 rows, frozen head: 482 against 539 ms, median of
+   9 alternating rounds at 2 threads; ~2 % of a LoRA step, below what a full-step comparison on
+   this machine resolves).
 2. Rows without a target. With `--loss-on bot` over half the tokens of a chat (the human turns)
    carry label -100. The head and the cross-entropy then run only on the rows that carry loss
    (the final norm is per token, so this is exact), which saves their FLOPs and memory: the LM
