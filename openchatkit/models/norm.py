@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 
@@ -34,14 +35,16 @@ class RMSNormFunction(torch.autograd.Function):
         return (x * r).mul_(weight)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, r, weight = ctx.saved_tensors
-        grad_weight = None
+        grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_weight = (grad * x).mul_(r).reshape(-1, x.shape[-1]).sum(0)
-        gw = grad * weight
-        coef = (gw * x).sum(-1, keepdim=True).mul_(r.pow(3)).div_(-x.shape[-1])  # (..., 1)
-        grad_x = gw.mul_(r).addcmul_(x, coef) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[0]:
+            gw = grad * weight
+            coef = (gw * x).sum(-1, keepdim=True).mul_(r.pow(3)).div_(-x.shape[-1])  # (..., 1)
+            grad_x = gw.mul_(r).addcmul_(x, coef)
         return grad_x, grad_weight, None
 
 

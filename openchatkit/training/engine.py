@@ -7,8 +7,8 @@ Per optimizer step, on every rank:
    token-mean loss on the whole global batch (upstream summed per-replica means instead).
 2. Each accumulation pass runs the schedule (GPipe or 1F1B; a plain loop when pp == 1) with the
    position ids passed as keyword arguments on every rank (they are not sent between stages); the
-   last stage's LM head runs inside the loss, fused with the cross-entropy, with the logits in
-   fp32 (`loss.py`).
+   last stage's LM head runs inside the loss, fused with the cross-entropy when it is a plain
+   `nn.Linear` (not LoRA-adapted), with the logits in fp32 (`loss.py`).
 3. Gradients are summed over the dp group: they live in flat buckets (reverse parameter order),
    and each bucket's all-reduce starts asynchronously as soon as the backward of the last
    micro-batch has produced its gradients, overlapping the rest of the backward

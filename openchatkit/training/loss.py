@@ -47,7 +47,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target):
         logits = F.linear(hidden, weight, bias)  # (N, V), model dtype
-        p = logits.float()  # fp32: the same tensor; half: a copy, and the half logits go
+        # fp32 / fp64: the same tensor; fp16 / bf16: an fp32 copy, and the half logits go.
+        p = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
         del logits
         valid = target != -100  # (N,)
         t = torch.where(valid, target, 0)
@@ -71,8 +72,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         g_hot = torch.where(valid, grad, 0.0)  # (N,) fp32
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = grad_w = grad_b = None
-        if p.dtype == weight.dtype:
+        if weight.dtype not in (torch.float16, torch.bfloat16):
             # fp32: scale the (N, H) and (V, H) products instead of the (N, V) probabilities.
+            # (On CUDA `index_add_` adds with atomics: the weight gradient is not bitwise
+            # reproducible there, as embedding gradients are not.)
             if need_h:
                 grad_h = (p @ weight).mul_(g_row.unsqueeze(1))
                 grad_h.sub_(weight.index_select(0, t).mul_(g_hot.unsqueeze(1)))
@@ -84,11 +87,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_b.index_add_(0, t, -g_hot)
         else:
             # Half precision: the gradient must be scaled before it is rounded (fp16's loss
-            # scale lives in `grad`), as in the unfused backward; p is not needed after this.
+            # scale lives in `grad`). p is overwritten, so this backward runs once (a second
+            # one, with retain_graph, raises autograd's in-place error).
             p.mul_(g_row.unsqueeze(1))
             p[torch.arange(p.shape[0], device=p.device), t] -= g_hot
             grad_logits = p.to(weight.dtype)
-            del p
             if need_h:
                 grad_h = grad_logits @ weight
             if need_w:
@@ -137,10 +140,11 @@ class HeadLoss:
 
     def _compute(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target = shifted_targets(labels)  # (B*S,)
-        rows = self.head.normalize(hidden).reshape(-1, hidden.shape[-1])  # (B*S, H)
-        if self.select_rows:
+        rows = hidden.reshape(-1, hidden.shape[-1])  # (B*S, H)
+        if self.select_rows:  # the final norm is per token: select first, then normalise
             keep = (target != -100).nonzero().squeeze(1)  # (M,) rows that carry loss
             rows, target = rows.index_select(0, keep), target.index_select(0, keep)
+        rows = self.head.normalize(rows)
         lm_head = self.head.lm_head
         if type(lm_head) is not nn.Linear:  # e.g. a LoRA-adapted head: no fusion
             return self.loss.on_rows(lm_head(rows), target)

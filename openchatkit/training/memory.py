@@ -214,9 +214,10 @@ def layer_activation_bytes(dims: ModelDims, precision: str, seq: int) -> float:
         return 10 * h * e + 2 * i * e + 4 * heads + 4 * e
     if dims.model_type == "llama":
         kv = dims.kv_heads * dims.head_dim
-        # In half precision HF's RMSNorm keeps fp32 copies (8 h bytes; in fp32 the trainer's
-        # FastRMSNorm keeps none, openchatkit/models/norm.py) besides 6 h model-dtype tensors;
-        # gate, SiLU, up and their product (4 i); GQA k/v (2 kv).
+        # In half precision HF's RMSNorm keeps fp32 copies (8 h bytes); in fp32 the trainer's
+        # FastRMSNorm keeps its input, which is kept anyway, and 1 / rms, not the normalised
+        # x * r (openchatkit/models/norm.py). Besides: 6 h model-dtype tensors; gate, SiLU, up
+        # and their product (4 i); GQA k/v (2 kv).
         norms = 8 * h if half else 0
         return 6 * h * e + norms + 4 * i * e + 2 * kv * e + 4 * heads + 8
     # gptj, eager attention: fp32 scores and probabilities, (heads, seq) per token.
@@ -264,9 +265,9 @@ def stage_tokens_bytes(dims: ModelDims, setup: TrainSetup, stage: int) -> dict[s
             logits = 16
             loss = buffers + working
         else:
-            # The final norm's output and what it keeps: HF's RMSNorm in half precision works
-            # in fp32 (measured: 8 h + 4 in bf16); FastRMSNorm in fp32 keeps its output (h e)
-            # and 1 / rms.
+            # The final norm's output (kept by the fused loss as its input) and what the norm
+            # keeps: HF's RMSNorm in half precision works in fp32 (measured: 8 h + 4 in bf16);
+            # FastRMSNorm in fp32 keeps 1 / rms (4) beside the output (h e).
             if dims.model_type == "llama":
                 kept += 8 * h + 4 if e == 2 else h * e + 4
             else:
