@@ -223,105 +223,123 @@ def test_export_loads_in_peft_and_merge_equals_base_plus_adapter(tiny, cli, lora
 
 
 def test_lora_bad_inputs(tiny, tt, cli, lora_run, tmp_path):
-    def train(*extra, ckpt=None, **flags):
-        args = tt.train_args(tiny, "llama", ckpt or tmp_path / "c", **flags)
-        return tt.run_train(args + list(extra))
+    """Each case is its own subprocess. The inputs are made first; the runs then go three at a
+    time (most fail in flag checks, import bound), each trainer run on its own copy of the
+    checkpoint folder (a run takes that folder's lock), and are checked in order."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
 
-    cli.assert_one_line_error(train(lora_r=-1), "--lora-r must be >= 0")
-    r = train(lora_r=4, lora_target_modules="q_proj,nope")
-    cli.assert_one_line_error(r, "--lora-target-modules 'nope'", "q_proj", "down_proj")
+    from safetensors.torch import load_file, save_file
+
+    def ckpt_copy(name):
+        """A fresh copy of the trained LoRA run's checkpoint folder."""
+        shutil.copytree(lora_run["ckpt"], tmp_path / name)
+        return tmp_path / name
+
+    def train(name, *extra, ckpt=None, **flags):
+        args = tt.train_args(tiny, "llama", ckpt or tmp_path / f"c-{name}", **flags)
+        return lambda: tt.run_train(args + list(extra))
+
+    def tool(*args):
+        return lambda: cli.run(*args)
+
     # Where bitsandbytes cannot run NF4 (simulated: its import fails), one line.
     fake = tmp_path / "no-bnb" / "bitsandbytes"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('no NF4 backend here')\n")
-    args = tt.train_args(tiny, "llama", tmp_path / "q", lora_r=4, load_in_4bit=True)
-    r = tt.run_train(args, PYTHONPATH=str(fake.parent))
-    cli.assert_one_line_error(r, "--load-in-4bit: bitsandbytes cannot run NF4 on cpu")
-    cli.assert_one_line_error(train(load_in_4bit=True), "give --lora-r")
-    # Adapters trained on one base, resumed on another (same shapes, other weights).
+    nf4 = tt.train_args(tiny, "llama", tmp_path / "q", lora_r=4, load_in_4bit=True)
+    # Another base: the same shapes, layer 0 moved.
     other = tmp_path / "other-base"
     shutil.copytree(tiny["llama"], other)
-    from safetensors.torch import load_file, save_file
-
     layer = other / "layer_00000.safetensors"
     save_file({k: v + 1 for k, v in load_file(layer).items()}, layer)
-    ckpt = tmp_path / "resume"
-    shutil.copytree(lora_run["ckpt"], ckpt)
-    args = tt.train_args(tiny, "llama", ckpt, total_steps=6, **LORA)
-    args[args.index("--model-name") + 1] = str(other)
-    r = tt.run_train(args)
-    cli.assert_one_line_error(r, "trained on", str(tiny["llama"]), str(other))
-    # Other adapter shapes on resume: another rank, fewer target modules.
-    r = train(ckpt=ckpt, total_steps=6, lora_r=8)
-    cli.assert_one_line_error(r, "other LoRA settings", "r 4 -> 8")
-    r = train(ckpt=ckpt, total_steps=6, lora_r=4, lora_target_modules="q_proj")
-    cli.assert_one_line_error(r, "other LoRA settings", "target_modules")
-    # Optimizer state another optimizer cannot take (AdamW's moments vs 8-bit quantized ones):
-    # a KeyError at the first step before; the 8-bit and paged 8-bit names may switch.
-    r = train(ckpt=ckpt, total_steps=6, optimizer="paged-8bit-adam", **LORA)
-    cli.assert_one_line_error(r, "--optimizer paged-8bit-adam", "holds adam's state")
-    # Export and merge check the base by content, as resume does: a checkpoint whose recorded
-    # base folder now holds other weights is refused, naming it.
+    other_base = tt.train_args(tiny, "llama", ckpt_copy("resume-other"), total_steps=6, **LORA)
+    other_base[other_base.index("--model-name") + 1] = str(other)
+    # A checkpoint whose recorded base folder now holds other weights.
     moved = tmp_path / "moved-base"
     shutil.copytree(lora_run["ckpt"] / "checkpoint_4", moved)
-    import json
-
     meta = json.loads((moved / "adapter.json").read_text())
     meta["base_model"] = meta["base_model_abs"] = str(other)
     (moved / "adapter.json").write_text(json.dumps(meta))
-    r = cli.run("tools/export_lora.py", "--ckpt-path", moved, "--save-path", tmp_path / "e")
-    cli.assert_one_line_error(r, "trained on", str(other), "another model")
-    deep = tmp_path / "new" / "deeper" / "out"
-    r = cli.run(
-        "tools/convert_to_hf_llama.py", "--ckpt-path", moved, "--merge-lora", "--save-path", deep
-    )
-    cli.assert_one_line_error(r, "another model")
-    r = cli.run(
-        "tools/convert_to_hf_gptneox.py", "--ckpt-path", ckpt, "--merge-lora", "--save-path", deep
-    )
-    cli.assert_one_line_error(r, "its base model", "is llama, not gpt_neox")
-    assert not (tmp_path / "e").exists() and not (tmp_path / "new").exists()
-    # A full-weight run cannot take over a LoRA checkpoint folder, nor the other way round.
-    cli.assert_one_line_error(train(ckpt=ckpt, total_steps=6), "holds LoRA adapters")
-    # A LoRA checkpoint given to a full-weight converter without --merge-lora.
-    r = cli.run("tools/convert_to_hf_llama.py", "--ckpt-path", ckpt, "--save-path", tmp_path / "x")
-    cli.assert_one_line_error(r, "is a LoRA checkpoint", "--merge-lora")
-    assert not (tmp_path / "x").exists()
-    # An adapter for another base model.
+    ckpt = lora_run["ckpt"]  # read only by the tools below
     adapter = lora_run["root"] / "adapter-bad"
-    assert (
-        cli.run("tools/export_lora.py", "--ckpt-path", ckpt, "--save-path", adapter).returncode == 0
-    )
-    neox_hf = tmp_path / "neox-hf"
-    r = cli.run(
-        "tools/convert_to_hf_gptneox.py", "--ckpt-path", tiny["gpt_neox"], "--save-path", neox_hf
-    )
-    assert r.returncode == 0, r.stderr
-    r = cli.run(
-        "tools/merge_lora.py",
-        "--base",
-        neox_hf,
-        "--adapter",
-        adapter,
-        "--save-path",
-        tmp_path / "m",
-    )
-    cli.assert_one_line_error(r, str(adapter), "does not fit")
-    assert not (tmp_path / "m").exists()
-    # The same shapes, other weights (the copy whose layer 0 moved): refused by the base sample
-    # the export wrote, naming both bases.
+    deep = tmp_path / "new" / "deeper" / "out"
+    neox_hf, other_hf = tmp_path / "neox-hf", tmp_path / "other-hf"
+    conv_llama, conv_neox = "tools/convert_to_hf_llama.py", "tools/convert_to_hf_gptneox.py"
+    jobs = {
+        "r<0": train("r", lora_r=-1),
+        "targets": train("t", lora_r=4, lora_target_modules="q_proj,nope"),
+        "nf4": lambda: tt.run_train(nf4, PYTHONPATH=str(fake.parent)),
+        "4bit-no-lora": train("4", load_in_4bit=True),
+        "other-base": lambda: tt.run_train(other_base),
+        "rank": train("rank", ckpt=ckpt_copy("resume-rank"), total_steps=6, lora_r=8),
+        "fewer-targets": train(
+            "ft", ckpt=ckpt_copy("resume-ft"), total_steps=6, lora_r=4, lora_target_modules="q_proj"
+        ),
+        # Optimizer state another optimizer cannot take (AdamW's moments vs 8-bit quantized
+        # ones): a KeyError at the first step before; the 8-bit and paged names may switch.
+        "optimizer": train(
+            "o", ckpt=ckpt_copy("resume-o"), total_steps=6, optimizer="paged-8bit-adam", **LORA
+        ),
+        # A full-weight run cannot take over a LoRA checkpoint folder.
+        "full-on-lora": train("full", ckpt=ckpt_copy("resume-full"), total_steps=6),
+        "export-moved": tool(
+            "tools/export_lora.py", "--ckpt-path", moved, "--save-path", tmp_path / "e"
+        ),
+        "merge-moved": tool(conv_llama, "--ckpt-path", moved, "--merge-lora", "--save-path", deep),
+        "merge-arch": tool(conv_neox, "--ckpt-path", ckpt, "--merge-lora", "--save-path", deep),
+        "no-merge-flag": tool(conv_llama, "--ckpt-path", ckpt, "--save-path", tmp_path / "x"),
+        # Inputs of the two merges below, which must work.
+        "export": tool("tools/export_lora.py", "--ckpt-path", ckpt, "--save-path", adapter),
+        "neox-hf": tool(conv_neox, "--ckpt-path", tiny["gpt_neox"], "--save-path", neox_hf),
+        "other-hf": tool(conv_llama, "--ckpt-path", other, "--save-path", other_hf),
+    }
+    with ThreadPoolExecutor(3) as pool:
+        done = {name: pool.submit(job) for name, job in jobs.items()}
+        r = {name: future.result() for name, future in done.items()}
+
+    cli.assert_one_line_error(r["r<0"], "--lora-r must be >= 0")
+    cli.assert_one_line_error(r["targets"], "--lora-target-modules 'nope'", "q_proj", "down_proj")
+    cli.assert_one_line_error(r["nf4"], "--load-in-4bit: bitsandbytes cannot run NF4 on cpu")
+    cli.assert_one_line_error(r["4bit-no-lora"], "give --lora-r")
+    # Adapters trained on one base, resumed on another (same shapes, other weights).
+    cli.assert_one_line_error(r["other-base"], "trained on", str(tiny["llama"]), str(other))
+    # Other adapter shapes on resume: another rank, fewer target modules.
+    cli.assert_one_line_error(r["rank"], "other LoRA settings", "r 4 -> 8")
+    cli.assert_one_line_error(r["fewer-targets"], "other LoRA settings", "target_modules")
+    cli.assert_one_line_error(r["optimizer"], "--optimizer paged-8bit-adam", "holds adam's state")
+    cli.assert_one_line_error(r["full-on-lora"], "holds LoRA adapters")
+    # Export and merge check the base by content, as resume does: a checkpoint whose recorded
+    # base folder now holds other weights is refused, naming it.
+    cli.assert_one_line_error(r["export-moved"], "trained on", str(other), "another model")
+    cli.assert_one_line_error(r["merge-moved"], "another model")
+    cli.assert_one_line_error(r["merge-arch"], "its base model", "is llama, not gpt_neox")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "new").exists()
+    # A LoRA checkpoint given to a full-weight converter without --merge-lora.
+    cli.assert_one_line_error(r["no-merge-flag"], "is a LoRA checkpoint", "--merge-lora")
+    assert not (tmp_path / "x").exists()
+    for name in ("export", "neox-hf", "other-hf"):
+        assert r[name].returncode == 0, r[name].stderr
+    # An adapter for another base model; then the same shapes with other weights (the copy whose
+    # layer 0 moved), refused by the base sample the export wrote, naming both bases.
     assert (adapter / "openchatkit_base.json").is_file()
-    other_hf = tmp_path / "other-hf"
-    r = cli.run("tools/convert_to_hf_llama.py", "--ckpt-path", other, "--save-path", other_hf)
-    assert r.returncode == 0, r.stderr
-    r = cli.run(
-        "tools/merge_lora.py",
-        "--base",
-        other_hf,
-        "--adapter",
-        adapter,
-        "--save-path",
-        tmp_path / "m",
+    with ThreadPoolExecutor(2) as pool:
+        merges = [
+            pool.submit(
+                cli.run,
+                "tools/merge_lora.py",
+                "--base",
+                base,
+                "--adapter",
+                adapter,
+                "--save-path",
+                tmp_path / f"m-{base.name}",
+            )
+            for base in (neox_hf, other_hf)
+        ]
+        wrong_arch, wrong_weights = (m.result() for m in merges)
+    cli.assert_one_line_error(wrong_arch, str(adapter), "does not fit")
+    cli.assert_one_line_error(
+        wrong_weights, "was exported for", str(tiny["llama"]), "holds other weights"
     )
-    cli.assert_one_line_error(r, "was exported for", str(tiny["llama"]), "holds other weights")
-    assert not (tmp_path / "m").exists()
+    assert not any(tmp_path.glob("m-*"))
