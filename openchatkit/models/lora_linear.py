@@ -32,6 +32,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from openchatkit.models.dropout import LEVELS, LoraDropout, dropout_mask
+from openchatkit.models.swap import swap_class
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -123,9 +124,4 @@ class FastLoraLinear(PeftLoraLinear):
 
 def use_fast_lora_linear(module: nn.Module) -> int:
     """Turn every peft `lora.Linear` under `module` into a `FastLoraLinear`; returns how many."""
-    swapped = 0
-    for sub in module.modules():
-        if type(sub) is PeftLoraLinear:
-            sub.__class__ = FastLoraLinear  # same attributes, one method overridden
-            swapped += 1
-    return swapped
+    return swap_class(module, PeftLoraLinear, FastLoraLinear)

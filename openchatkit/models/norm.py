@@ -24,6 +24,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from openchatkit.models.swap import swap_class
+
 
 class RMSNormFunction(torch.autograd.Function):
     """y = weight * x * rsqrt(mean(x^2, -1) + eps), for fp32 x (..., H) and weight (H,)."""
@@ -59,9 +61,4 @@ class FastRMSNorm(LlamaRMSNorm):
 
 def use_fast_rms_norm(module: nn.Module) -> int:
     """Turn every `LlamaRMSNorm` under `module` into a `FastRMSNorm`; returns how many."""
-    swapped = 0
-    for sub in module.modules():
-        if type(sub) is LlamaRMSNorm:
-            sub.__class__ = FastRMSNorm  # same attributes, one method overridden
-            swapped += 1
-    return swapped
+    return swap_class(module, LlamaRMSNorm, FastRMSNorm)
