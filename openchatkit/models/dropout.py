@@ -34,6 +34,11 @@ from torch import nn
 LEVELS = 1 << 16  # the mask compares 16-bit uniform integers against a threshold
 
 
+def quantisable(p: float) -> bool:
+    """Whether `dropout_mask` can draw rate p (p' = round(p * 65536) / 65536 is neither 0 nor 1)."""
+    return 0 < round(p * LEVELS) < LEVELS
+
+
 def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor of `shape` holding 0 (probability p') or 1 / (1 - p') (see the module
     docstring). Draws ceil(numel / 4) 64-bit words from the default CPU generator."""
@@ -56,7 +61,7 @@ class LoraDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if x.device.type != "cpu" or not 0 < round(self.p * LEVELS) < LEVELS:
+        if x.device.type != "cpu" or not quantisable(self.p):
             return F.dropout(x, self.p, True, self.inplace)
         # A plain product: autograd keeps only the mask (the input's dtype) for the backward.
         mask = dropout_mask(x.shape, self.p, x.dtype)

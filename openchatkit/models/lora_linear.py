@@ -31,7 +31,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from openchatkit.models.dropout import LEVELS, LoraDropout, dropout_mask
+from openchatkit.models.dropout import LoraDropout, dropout_mask, quantisable
 from openchatkit.models.swap import swap_class
 
 
@@ -82,7 +82,7 @@ def _dropout_rate(drop: nn.Module) -> float | None:
         return None
     if not drop.training or drop.p == 0:
         return 0.0
-    return drop.p if 0 < round(drop.p * LEVELS) < LEVELS else None
+    return drop.p if quantisable(drop.p) else None
 
 
 class FastLoraLinear(PeftLoraLinear):
