@@ -7,17 +7,15 @@ and a callback runs one step of our engine on the same batch beside each of its 
 on even steps and before it on odd ones. HF's timed window (`on_step_begin` to `on_step_end`)
 holds its forward, backward, clipping, optimizer, scheduler and zero_grad; its batch is fetched
 before it, as ours are built before the loop. The ratio is taken per pair (HF step i over our step i) and its median reported
-with the spread. Extra sides of our engine show what its CPU LoRA paths are worth:
-`--also-peft-linear` puts peft's own `lora.Linear` forward back (no `FastLoraLinear`,
-openchatkit/models/lora_linear.py); `--also-torch-dropout` puts peft's `nn.Dropout` back, which
-also sends the layer through peft's forward (no `LoraDropout`, openchatkit/models/dropout.py).
+with the spread. An extra side of our engine shows what its CPU LoRA dropout is worth:
+`--also-torch-dropout` puts peft's `nn.Dropout` back (no `LoraDropout`,
+openchatkit/models/dropout.py).
 
 Same model (embedded SmolLM2-135M-Instruct, fp32), same packed batches in the same order, LoRA
 r=16 alpha 32 dropout 0.05 on q/k/v/o, AdamW lr 2e-4, clip 1.0, threads as the environment says.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_lora_interleaved.py              # ~3 min on 2 cores
     OMP_NUM_THREADS=2 python benchmarks/bench_lora_interleaved.py --runs 3 --also-torch-dropout
-    OMP_NUM_THREADS=2 python benchmarks/bench_lora_interleaved.py --runs 3 --also-peft-linear
 """
 
 from __future__ import annotations
@@ -55,10 +53,8 @@ R, ALPHA, DROP, TARGETS = 16, 32, 0.05, ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Ours: the trainer's engine, one process (pp=1 x dp=1).
 from openchatkit.cli.train import config_with_defaults
 from openchatkit.distributed.layout import ParallelLayout
-from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from openchatkit.models.dropout import LoraDropout
 from openchatkit.models.lora import apply_lora
-from openchatkit.models.lora_linear import FastLoraLinear
 from openchatkit.models.stage import StageModel
 from openchatkit.training.config import read_model_shape
 from openchatkit.training.engine import TrainEngine
@@ -71,11 +67,7 @@ engines = {}
 for name in ["ours"] + [f"ours-{s}" for s in extra]:
     stage = StageModel.from_sharded(sharded, range(30), True, True, dtype=torch.float32)
     apply_lora(stage, config.lora, seed=0)
-    if name == "ours-peft-linear":  # peft's own lora.Linear forward, LoraDropout kept
-        for m in stage.modules():
-            if type(m) is FastLoraLinear:
-                m.__class__ = PeftLoraLinear
-    if name == "ours-torch-dropout":  # nn.Dropout: FastLoraLinear then runs peft's forward too
+    if name == "ours-torch-dropout":  # peft's nn.Dropout instead of LoraDropout
         for m in stage.modules():
             d = getattr(m, "lora_dropout", None)
             if isinstance(d, nn.ModuleDict):
@@ -136,15 +128,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=1, help="fresh processes, one after the other")
     p.add_argument("--loss-on", choices=["all", "bot"], default="all")
     p.add_argument("--also-torch-dropout", action="store_true", help="add ours on peft's own path")
-    p.add_argument(
-        "--also-peft-linear", action="store_true", help="add ours without the fused LoRA"
-    )
     return p.parse_args(argv)
 
 
 def one_run(args: argparse.Namespace) -> dict[str, list[float]]:
     cmd = [sys.executable, "-c", CHILD, str(args.seq_length), str(args.batch_size)]
-    extra = ["torch-dropout"] * args.also_torch_dropout + ["peft-linear"] * args.also_peft_linear
+    extra = ["torch-dropout"] * args.also_torch_dropout
     cmd += [str(args.steps), args.loss_on, ",".join(extra)]
     r = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True)
     if r.returncode != 0:

@@ -105,16 +105,13 @@ def apply_lora(stage: nn.Module, settings: LoraSettings, seed: int = 0) -> None:
     Adapters start as peft starts them (A random, B zero), so the adapted model begins equal to
     the base. Each layer's draws come from a generator seeded by `seed` and the layer's global
     index, so every pipeline layout starts from the same adapters. peft's input dropout becomes
-    `LoraDropout` (the same law, ~3x faster on CPU; openchatkit/models/dropout.py), and each adapted
-    linear layer a `FastLoraLinear` (one autograd node in fp32 on CPU;
-    openchatkit/models/lora_linear.py)."""
+    `LoraDropout` (the same law, ~3x faster on CPU; openchatkit/models/dropout.py)."""
     import torch
 
     _quiet_bitsandbytes()
     from peft import inject_adapter_in_model
 
     from openchatkit.models.dropout import use_fast_dropout
-    from openchatkit.models.lora_linear import use_fast_lora_linear
 
     config = settings.peft_config()
     state = torch.random.get_rng_state()
@@ -123,7 +120,6 @@ def apply_lora(stage: nn.Module, settings: LoraSettings, seed: int = 0) -> None:
             torch.manual_seed(seed * 100_003 + int(index))
             inject_adapter_in_model(config, layer, adapter_name=ADAPTER_NAME)
             use_fast_dropout(layer)
-            use_fast_lora_linear(layer)
     finally:
         torch.random.set_rng_state(state)
     for name, param in stage.named_parameters():

@@ -32,7 +32,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from openchatkit.distributed.layout import ParallelLayout
-from openchatkit.models.norm import use_fast_rms_norm
 from openchatkit.training.config import TrainConfig
 from openchatkit.training.grad_buckets import GradBuckets
 from openchatkit.training.loss import move_head_into_loss, shifted_targets
@@ -131,7 +130,6 @@ class TrainEngine:
         self.scaler = LossScaler(
             config.precision == "fp16", config.initial_loss_scale, config.loss_scale_window
         )
-        use_fast_rms_norm(module)  # Llama's norms in fp32: a shorter backward (models/norm.py)
         self.loss_fn = TokenMeanLoss()
         if layout.is_last_stage:  # the LM head runs inside the loss (training/loss.py)
             self.loss_fn = move_head_into_loss(

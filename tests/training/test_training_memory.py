@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from openchatkit.errors import UserError
-from openchatkit.models.norm import use_fast_rms_norm
 from openchatkit.models.stage import StageModel
 from openchatkit.training.engine import TokenMeanLoss
 from openchatkit.training.loss import move_head_into_loss
@@ -105,7 +104,6 @@ def measure_in_flight(arch, precision, checkpointing, stage_index, pp, num_in_fl
     stage = StageModel(config, layers, first, last, dtype=DTYPES[precision])
     stage.set_activation_checkpointing(checkpointing)
     stage.train()
-    use_fast_rms_norm(stage)  # as TrainEngine does
     hidden = config.hidden_size if arch != "gptj" else config.n_embd
     inputs = []
     for _ in range(num_in_flight):
