@@ -214,11 +214,11 @@ def layer_activation_bytes(dims: ModelDims, precision: str, seq: int) -> float:
         return 10 * h * e + 2 * i * e + 4 * heads + 4 * e
     if dims.model_type == "llama":
         kv = dims.kv_heads * dims.head_dim
-        # In half precision HF's RMSNorm keeps fp32 copies (8 h bytes); in fp32 the trainer's
-        # FastRMSNorm keeps its input, which is kept anyway, and 1 / rms, not the normalised
-        # x * r (openchatkit/models/norm.py). Besides: 6 h model-dtype tensors; gate, SiLU, up
-        # and their product (4 i); GQA k/v (2 kv).
-        norms = 8 * h if half else 0
+        # HF's two RMSNorms keep 4 h fp32 bytes each: in half precision the fp32 copy of
+        # their input, in fp32 the normalised x * r (the input itself is kept anyway).
+        # Besides: 6 h model-dtype tensors; gate, SiLU, up and their product (4 i); GQA k/v
+        # (2 kv).
+        norms = 8 * h
         return 6 * h * e + norms + 4 * i * e + 2 * kv * e + 4 * heads + 8
     # gptj, eager attention: fp32 scores and probabilities, (heads, seq) per token.
     if half:
@@ -266,10 +266,9 @@ def stage_tokens_bytes(dims: ModelDims, setup: TrainSetup, stage: int) -> dict[s
             loss = buffers + working
         else:
             # The final norm's output (kept by the fused loss as its input) and what the norm
-            # keeps: HF's RMSNorm in half precision works in fp32 (measured: 8 h + 4 in bf16);
-            # FastRMSNorm in fp32 keeps 1 / rms (4) beside the output (h e).
+            # keeps: HF's RMSNorm works in fp32 (measured: 8 h + 4, in bf16 and in fp32).
             if dims.model_type == "llama":
-                kept += 8 * h + 4 if e == 2 else h * e + 4
+                kept += 8 * h + 4
             else:
                 kept += h * e + 8
             logits = buffers
