@@ -68,3 +68,69 @@ def cli() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         REPO=REPO, user_env=user_env, run=run, assert_one_line_error=assert_one_line_error
     )
+
+
+_SCRIPTS: dict[Path, types.ModuleType] = {}
+
+
+def load_script(script: str | Path) -> types.ModuleType:
+    """A script under the repository imported as a module (once per session), so that its
+    `main(argv)` can run in this process. Its import-time changes to os.environ are undone."""
+    path = (REPO / script).resolve()
+    if path not in _SCRIPTS:
+        import importlib.util
+
+        saved = dict(os.environ)
+        try:
+            spec = importlib.util.spec_from_file_location(f"_script_{len(_SCRIPTS)}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        _SCRIPTS[path] = module
+    return _SCRIPTS[path]
+
+
+@pytest.fixture
+def in_process(capsys, monkeypatch):
+    """in_process(script, *args, env=None, unset=(), log_level="INFO") runs `script`'s `main(argv)` in this
+    process the way its `__main__` block does (through `openchatkit.cli.run_main`, from the
+    repository root) and returns a CompletedProcess with the exit code and the captured
+    stdout and stderr, for `assert_one_line_error`. `env` sets variables, `unset` removes
+    them, for this call only; `log_level` is the one the script gives run_main. A bad-input check then costs no interpreter start; the
+    subprocess table in tests/test_bad_input.py proves the contract for the real process."""
+    from openchatkit.cli import run_main
+
+    def call(script, *args, env=None, unset=(), log_level="INFO"):
+        for key in unset:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.chdir(REPO)
+        module = load_script(script)
+        argv = [str(a) for a in args]
+        capsys.readouterr()
+        try:
+            code = run_main(lambda: module.main(argv), Path(script).name, log_level)
+        except SystemExit as exit_:  # argparse (--help, usage errors) and sys.exit(...)
+            if exit_.code is None or isinstance(exit_.code, int):
+                code = exit_.code or 0
+            else:  # sys.exit("message"): the interpreter prints it and exits 1
+                print(exit_.code, file=sys.stderr)
+                code = 1
+        finally:
+            _reset_loguru()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([str(script), *argv], code, out, err)
+
+    return call
+
+
+def _reset_loguru() -> None:
+    """run_main points loguru at the sys.stderr of its call (here, pytest's capture); give it
+    back a sink that writes to whatever sys.stderr is when a line is logged."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(lambda message: sys.stderr.write(message))

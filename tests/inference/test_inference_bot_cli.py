@@ -63,31 +63,19 @@ def test_prompt_flag_one_answer_no_stream(run_bot):
     assert "Paris" in proc.stdout
 
 
+# The bot's other bad-input cases (a missing model folder or one without config.json, an
+# unknown hub id offline, --temperature, --device cuda, --load-in-8bit, a missing --retrieval
+# index) are rows of tests/test_bad_input.py, run as subprocesses; these two are not.
 @pytest.mark.parametrize(
-    "args, env, needles",
+    "args, needles",
     [
-        (["--model", "./no/such/folder"], {}, ["--model", "does not exist"]),
-        (
-            ["--model", "someone/unknown-model"],
-            {"HF_HUB_OFFLINE": "1"},
-            ["--model", "HF_HUB_OFFLINE"],
-        ),
-        (["--temperature", "-1"], {}, ["--temperature"]),
-        (["--no-such-flag"], {}, ["--no-such-flag"]),
-        (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, ["--device cuda"]),
-        (["-g", "0-10"], {}, ["-g/--gpu-vram"]),
-        (["--load-in-8bit", "--device", "cpu"], {}, ["--load-in-8bit"]),
-        (["--retrieval", "/nonexistent-index"], {}, ["--retrieval"]),
+        (["--no-such-flag"], ["--no-such-flag"]),
+        (["-g", "0-10"], ["-g/--gpu-vram"]),
     ],
 )
-def test_bad_input_exit_2(args, env, needles, run_bot, cli):
-    proc = run_bot([*args, "--prompt", "hi"], env_extra=env, timeout=120)
+def test_bad_input_exit_2(args, needles, in_process, cli):
+    proc = in_process(BOT, *args, "--prompt", "hi", log_level="WARNING")
     cli.assert_one_line_error(proc, *needles, usage_first=True)
-
-
-def test_model_folder_without_config(tmp_path, run_bot, cli):
-    proc = run_bot(["--model", str(tmp_path), "--prompt", "hi"], timeout=120)
-    cli.assert_one_line_error(proc, "config.json")
 
 
 def test_retrieval_answers_from_made_up_corpus(tmp_path, run_bot, cli):
