@@ -3,16 +3,15 @@ default model, on the device, dtype and memory budget the user asked for."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from openchatkit.errors import UserError
 from openchatkit.hub import check_hub_repo, is_cached
 from openchatkit.models.embedded import EMBEDDED_MODEL_NAME, ensure_embedded_model, is_embedded_name
+from openchatkit.models.quiet import quiet_transformers  # also imported from here by callers
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -28,22 +27,6 @@ class LoadedModel:
     # Decoding settings the model's generation_config.json sets explicitly (do_sample,
     # temperature, top_k, top_p): the bot uses them where the user gave no flag.
     generation_defaults: dict = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' warnings and per-tensor progress bars while loading."""
-    import transformers.utils.logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def looks_like_path(name: str) -> bool:

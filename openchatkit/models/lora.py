@@ -492,7 +492,7 @@ def merge_into_hf(
 
     from openchatkit.fileio import atomic_dir
     from openchatkit.models import sharded
-    from openchatkit.models.loading import quiet_transformers
+    from openchatkit.models.quiet import quiet_transformers
 
     with quiet_transformers():
         try:
