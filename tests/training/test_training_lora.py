@@ -91,7 +91,7 @@ def test_resume_under_another_layout_and_with_dropout(tiny, tt, lora_run, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow  # ~30 s; the same update and state switch are unit-tested (test_training_units)
+@pytest.mark.slow  # ~30 s; the same update and state switch are unit-tested (test_optimizer_state.py)
 def test_paged_8bit_adam_trains_and_switches_with_8bit_adam_on_resume(tiny, tt, tmp_path):
     """QLoRA's optimizer choice, `--optimizer paged-8bit-adam`: on CPU it says in one line that
     paging needs CUDA and runs 8bit-adam, so a run stopped under 8bit-adam and resumed under
