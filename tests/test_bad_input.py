@@ -74,7 +74,7 @@ MOD_SAMPLE = "data/moderation-sample/generate.py"
 PLOT = "tools/plot_metrics.py"
 EXPORT = "tools/export_lora.py"
 MERGE = "tools/merge_lora.py"
-BENCH = "tools/model_load_benchmark.py"
+BENCH = "benchmarks/bench_model_load.py"
 LAUNCH = "training/launch.py"
 PLAN = "training/plan.py"
 MODERATE = "inference/moderate.py"
@@ -335,7 +335,7 @@ CASES: list[Case] = [
     C(PREPARE[-1], "--save-dir", "/sys/openchatkit-bad-input", needles="cannot write"),
     C(PLOT, "{metrics}", "--output", "/sys/openchatkit-bad-input.png", needles="cannot write"),
     C(PREPARE[0], "--model-name", "{w}/nope", "--save-dir", "{w}/out", needles="--model-name"),
-    # -- tools/plot_metrics.py, tools/model_load_benchmark.py ---------------------------------
+    # -- tools/plot_metrics.py, benchmarks/bench_model_load.py --------------------------------
     C(PLOT, "{w}", needles="no metrics.jsonl"),
     C(PLOT, "{w}", files={"metrics.jsonl": "\udcff\udcfe binary"}, needles="not a text file"),
     C(PLOT, "{w}", files={"metrics.jsonl": "{not json\n"}, needles="not a JSON line"),

@@ -11,12 +11,12 @@ prints its path. Needs no display (matplotlib's Agg backend).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from openchatkit.cli import run_main
 from openchatkit.errors import UserError
+from openchatkit.training.metrics import read_metrics
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,34 +24,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("metrics", help="metrics.jsonl, or the checkpoint folder holding it")
     p.add_argument("--output", default=None, help="PNG path (default: metrics.png beside it)")
     return p.parse_args(argv)
-
-
-def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """Train and eval records; for a step logged twice (a resumed run) the last one wins."""
-    train: dict[int, dict] = {}
-    evals: dict[int, dict] = {}
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not a text file (byte {err.start} is not UTF-8)") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read: {err.strerror or err}") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{n}: not a JSON line") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), int):
-            raise UserError(f"{path}:{n}: not a metrics record (a JSON object with a step)")
-        if rec.get("kind", "train") == "train" and "loss" in rec:
-            if any(k not in rec for k in ("step", "lr", "tokens_per_s")):
-                raise UserError(f"{path}:{n}: a train record without step, lr or tokens_per_s")
-            train[int(rec["step"])] = rec
-        elif rec.get("kind") == "eval" and "step" in rec and "eval_loss" in rec:
-            evals[int(rec["step"])] = rec
-    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Step logs: one fixed step line through print | loguru | wandb, and `metrics.jsonl` always.
+"""Step logs: one fixed step line through print | loguru | wandb, and `metrics.jsonl` always;
+`read_metrics` reads that file back (tools/plot_metrics.py).
 
 Only the process that owns the logger (rank 0) writes. A no-op tracker stands in when wandb is
 off, so call sites never branch. wandb reads WANDB_MODE (e.g. offline), WANDB_NAME and
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
+
+from openchatkit.errors import UserError
 
 # Peak dense bf16/fp16 tensor FLOP/s per device (NVIDIA datasheets, without sparsity), for MFU,
 # by the exact name `torch.cuda.get_device_name()` reports: a substring would give an H100 PCIe
@@ -150,3 +153,31 @@ class MetricsLogger:
     def close(self) -> None:
         if self.enabled:
             self.tracker.finish()
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """Train and eval records; for a step logged twice (a resumed run) the last one wins."""
+    train: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a text file (byte {err.start} is not UTF-8)") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read: {err.strerror or err}") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{n}: not a JSON line") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), int):
+            raise UserError(f"{path}:{n}: not a metrics record (a JSON object with a step)")
+        if rec.get("kind", "train") == "train" and "loss" in rec:
+            if any(k not in rec for k in ("step", "lr", "tokens_per_s")):
+                raise UserError(f"{path}:{n}: a train record without step, lr or tokens_per_s")
+            train[int(rec["step"])] = rec
+        elif rec.get("kind") == "eval" and "step" in rec and "eval_loss" in rec:
+            evals[int(rec["step"])] = rec
+    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]

@@ -199,7 +199,7 @@ def test_smollm2_prepared_and_converted_back_answers_paris(tmp_path, cli):
 def test_model_load_benchmark_prints_the_table(tmp_path, tiny_llama, cli):
     hf, _ = tiny_llama
     proc = cli.run(
-        "tools/model_load_benchmark.py",
+        "benchmarks/bench_model_load.py",
         "--model-name",
         hf,
         "--work-dir",

@@ -1,10 +1,10 @@
-"""`tools/plot_metrics.py` on a written metrics.jsonl, and the CPU demo launcher end to end."""
+"""`tools/plot_metrics.py` on a written metrics.jsonl (its main(argv) in this process), and the
+CPU demo launcher end to end."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -25,15 +25,9 @@ def _write_metrics(path):
         f.write(json.dumps({"kind": "eval", "step": 5, "eval_loss": 0.9}) + "\n")
 
 
-def test_plot_metrics_writes_a_png(tmp_path, tt):
+def test_plot_metrics_writes_a_png(tmp_path, tt, in_process):
     _write_metrics(tmp_path / "metrics.jsonl")
-    r = subprocess.run(
-        [sys.executable, str(tt.REPO / "tools" / "plot_metrics.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=tt.clean_env(),
-    )
+    r = in_process(tt.REPO / "tools" / "plot_metrics.py", tmp_path)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "metrics.png"
     assert r.stdout.strip() == str(out)
@@ -41,21 +35,16 @@ def test_plot_metrics_writes_a_png(tmp_path, tt):
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "garbage"])
-def test_plot_metrics_bad_input(tmp_path, tt, make):
+def test_plot_metrics_bad_input(tmp_path, tt, make, in_process, cli):
+    """In-process through main(argv); tests/test_bad_input.py runs the script on the same
+    kinds of file as a subprocess."""
     target = tmp_path / "metrics.jsonl"
     if make == "empty":
         target.write_text("")
     elif make == "garbage":
         target.write_text("not json\n")
-    r = subprocess.run(
-        [sys.executable, str(tt.REPO / "tools" / "plot_metrics.py"), str(target)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=tt.clean_env(),
-    )
-    assert r.returncode == 2
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = in_process(tt.REPO / "tools" / "plot_metrics.py", target)
+    cli.assert_one_line_error(r)
     assert not (tmp_path / "metrics.png").exists()
 
 

@@ -1,14 +1,14 @@
 """Time loading a model four ways and print a table: the layer-sharded safetensors folder (whole
 model, and one pipeline stage), HF `from_pretrained`, and pickled per-layer `.pt` files (the
-format upstream OpenChatKit's trainer used).
+format upstream OpenChatKit's trainer used). (It was tools/model_load_benchmark.py.)
 
 The sharded and `.pt` copies are written once into --work-dir (default: a temporary folder);
 every figure is the median of --repeats runs with the files in the page cache.
 
     # the embedded SmolLM2-135M-Instruct on CPU (no network)
-    python tools/model_load_benchmark.py
+    python benchmarks/bench_model_load.py
     # a bigger model, onto one GPU, 4 stages
-    python tools/model_load_benchmark.py --model-name EleutherAI/pythia-1b-deduped --device cuda --n-stages 4
+    python benchmarks/bench_model_load.py --model-name EleutherAI/pythia-1b-deduped --device cuda --n-stages 4
 """
 
 from __future__ import annotations
