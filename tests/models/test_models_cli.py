@@ -1,5 +1,7 @@
-"""The conversion and prepare scripts run as a user runs them: round trips, trainer checkpoints,
-and every bad input (one line on stderr, non-zero exit, nothing written)."""
+"""The conversion and prepare scripts: round trips and trainer checkpoints run as a user runs
+them, and every bad input (one line on stderr, exit 2, nothing written), most through the
+script's main(argv) in this process (the `in_process` fixture; tests/test_bad_input.py runs
+such cases as subprocesses)."""
 
 from __future__ import annotations
 
@@ -110,14 +112,14 @@ def test_trainer_checkpoint_with_latest_gets_the_openchatkit_template(tmp_path, 
     }
 
 
-def test_wrong_converter_is_refused(tmp_path, tiny_llama, cli):
+def test_wrong_converter_is_refused(tmp_path, tiny_llama, cli, in_process):
     hf, sharded = tiny_llama
-    proc = cli.run(
+    proc = in_process(
         "tools/convert_from_hf_gptj.py", "--model-name", hf, "--save-path", tmp_path / "x"
     )
     cli.assert_one_line_error(proc, "llama", "convert_from_hf_llama.py")
     assert_nothing_written(tmp_path, "x")
-    proc = cli.run(
+    proc = in_process(
         "tools/convert_to_hf_gptneox.py", "--ckpt-path", sharded, "--save-path", tmp_path / "y"
     )
     cli.assert_one_line_error(proc, "llama", "convert_to_hf_llama.py")
@@ -125,23 +127,23 @@ def test_wrong_converter_is_refused(tmp_path, tiny_llama, cli):
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
-def test_missing_or_truncated_layer_file(tmp_path, llama_sharded, damage, cli):
+def test_missing_or_truncated_layer_file(tmp_path, llama_sharded, damage, cli, in_process):
     _, sharded = llama_sharded
     layer = sharded / "layer_00002.safetensors"
     if damage == "missing":
         layer.unlink()
     else:
         layer.write_bytes(layer.read_bytes()[: layer.stat().st_size // 2])
-    proc = cli.run(
+    proc = in_process(
         "tools/convert_to_hf_llama.py", "--ckpt-path", sharded, "--save-path", tmp_path / "hf"
     )
     cli.assert_one_line_error(proc, "layer_00002.safetensors")
     assert_nothing_written(tmp_path, "hf")
 
 
-def test_stage_layout_mismatch(tmp_path, tiny_llama, cli):
+def test_stage_layout_mismatch(tmp_path, tiny_llama, cli, in_process):
     _, sharded = tiny_llama
-    proc = cli.run(
+    proc = in_process(
         "tools/convert_to_hf_llama.py",
         "--ckpt-path",
         sharded,
@@ -156,11 +158,11 @@ def test_stage_layout_mismatch(tmp_path, tiny_llama, cli):
     assert_nothing_written(tmp_path, "hf")
 
 
-def test_ckpt_that_is_neither_format(tmp_path, cli):
+def test_ckpt_that_is_neither_format(tmp_path, cli, in_process):
     bogus = tmp_path / "bogus"
     bogus.mkdir()
     (bogus / "weights.pt").write_bytes(b"not a checkpoint")
-    proc = cli.run(
+    proc = in_process(
         "tools/convert_to_hf_llama.py", "--ckpt-path", bogus, "--save-path", tmp_path / "hf"
     )
     cli.assert_one_line_error(proc, "neither")

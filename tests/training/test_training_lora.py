@@ -222,10 +222,11 @@ def test_export_loads_in_peft_and_merge_equals_base_plus_adapter(tiny, cli, lora
         torch.testing.assert_close(loaded.model(ids).logits, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_bad_inputs(tiny, tt, cli, lora_run, tmp_path):
-    """Each case is its own subprocess. The inputs are made first; the runs then go three at a
-    time (most fail in flag checks, import bound), each trainer run on its own copy of the
-    checkpoint folder (a run takes that folder's lock), and are checked in order."""
+def test_lora_bad_inputs(tiny, tt, cli, lora_run, tmp_path, in_process):
+    """The inputs are made first; each case then calls its script's main(argv) in this process
+    (the `in_process` fixture: through run_main, as the script's __main__ does), each trainer
+    run on its own copy of the checkpoint folder (a run takes that folder's lock). The NF4 case
+    needs a bitsandbytes that fails to import, so it alone runs as a subprocess, beside them."""
     import json
     from concurrent.futures import ThreadPoolExecutor
 
@@ -236,12 +237,17 @@ def test_lora_bad_inputs(tiny, tt, cli, lora_run, tmp_path):
         shutil.copytree(lora_run["ckpt"], tmp_path / name)
         return tmp_path / name
 
+    def trainer(args):
+        """The trainer in a user's shell: no torchrun variables (tests/training/conftest.py)."""
+        unset = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        return in_process(tt.TRAIN, *args, env={"WANDB_MODE": "offline"}, unset=unset)
+
     def train(name, *extra, ckpt=None, **flags):
         args = tt.train_args(tiny, "llama", ckpt or tmp_path / f"c-{name}", **flags)
-        return lambda: tt.run_train(args + list(extra))
+        return lambda: trainer(args + list(extra))
 
     def tool(*args):
-        return lambda: cli.run(*args)
+        return lambda: in_process(*args)
 
     # Where bitsandbytes cannot run NF4 (simulated: its import fails), one line.
     fake = tmp_path / "no-bnb" / "bitsandbytes"
@@ -269,9 +275,8 @@ def test_lora_bad_inputs(tiny, tt, cli, lora_run, tmp_path):
     jobs = {
         "r<0": train("r", lora_r=-1),
         "targets": train("t", lora_r=4, lora_target_modules="q_proj,nope"),
-        "nf4": lambda: tt.run_train(nf4, PYTHONPATH=str(fake.parent)),
         "4bit-no-lora": train("4", load_in_4bit=True),
-        "other-base": lambda: tt.run_train(other_base),
+        "other-base": lambda: trainer(other_base),
         "rank": train("rank", ckpt=ckpt_copy("resume-rank"), total_steps=6, lora_r=8),
         "fewer-targets": train(
             "ft", ckpt=ckpt_copy("resume-ft"), total_steps=6, lora_r=4, lora_target_modules="q_proj"
@@ -294,9 +299,10 @@ def test_lora_bad_inputs(tiny, tt, cli, lora_run, tmp_path):
         "neox-hf": tool(conv_neox, "--ckpt-path", tiny["gpt_neox"], "--save-path", neox_hf),
         "other-hf": tool(conv_llama, "--ckpt-path", other, "--save-path", other_hf),
     }
-    with ThreadPoolExecutor(3) as pool:
-        done = {name: pool.submit(job) for name, job in jobs.items()}
-        r = {name: future.result() for name, future in done.items()}
+    with ThreadPoolExecutor(1) as pool:
+        nf4_run = pool.submit(tt.run_train, nf4, PYTHONPATH=str(fake.parent))
+        r = {name: job() for name, job in jobs.items()}
+        r["nf4"] = nf4_run.result()
 
     cli.assert_one_line_error(r["r<0"], "--lora-r must be >= 0")
     cli.assert_one_line_error(r["targets"], "--lora-target-modules 'nope'", "q_proj", "down_proj")
@@ -323,21 +329,18 @@ def test_lora_bad_inputs(tiny, tt, cli, lora_run, tmp_path):
     # An adapter for another base model; then the same shapes with other weights (the copy whose
     # layer 0 moved), refused by the base sample the export wrote, naming both bases.
     assert (adapter / "openchatkit_base.json").is_file()
-    with ThreadPoolExecutor(2) as pool:
-        merges = [
-            pool.submit(
-                cli.run,
-                "tools/merge_lora.py",
-                "--base",
-                base,
-                "--adapter",
-                adapter,
-                "--save-path",
-                tmp_path / f"m-{base.name}",
-            )
-            for base in (neox_hf, other_hf)
-        ]
-        wrong_arch, wrong_weights = (m.result() for m in merges)
+    wrong_arch, wrong_weights = (
+        in_process(
+            "tools/merge_lora.py",
+            "--base",
+            base,
+            "--adapter",
+            adapter,
+            "--save-path",
+            tmp_path / f"m-{base.name}",
+        )
+        for base in (neox_hf, other_hf)
+    )
     cli.assert_one_line_error(wrong_arch, str(adapter), "does not fit")
     cli.assert_one_line_error(
         wrong_weights, "was exported for", str(tiny["llama"]), "holds other weights"
