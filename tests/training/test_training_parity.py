@@ -4,8 +4,9 @@ Two layouts through the command line, one per architecture: gpt_neox (untied) as
 with GPipe under torchrun, and llama (tied) as pp=2 x dp=2 with 1F1B under training/launch.py,
 profiled. Both use the same `--batch-size 4` as the reference (it is global); losses per step
 and final weights must agree within 1e-5 (fp32). They prove the launchers, the environment and
-the checkpoint plumbing; the full product of schedule x layout x tied/untied (pp=4 included,
-LoRA and QLoRA too) is proved in-process by tests/training/test_training_engine.py. The same
+the checkpoint plumbing; schedule x layout x tied/untied is proved in-process by
+tests/training/test_training_engine.py (full fine-tuning at pp=2 x dp=2 and pp=2, LoRA also at
+pp=4 with one layer per stage, QLoRA, the head on target rows only). The same
 runs also serve the resume tests: a pp=2 x dp=2 checkpoint resumed by one process, and a
 pp=2 x dp=2 run killed while checkpointing and restarted.
 """
