@@ -20,19 +20,14 @@ import pytest
 import torch
 
 from openchatkit.errors import UserError
+from openchatkit.models.lora import LoraSettings
 from openchatkit.models.norm import use_fast_rms_norm
+from openchatkit.models.published import published_config
+from openchatkit.models.shape import ModelShape
 from openchatkit.models.stage import StageModel
 from openchatkit.training.engine import TokenMeanLoss
 from openchatkit.training.loss import move_head_into_loss
-from openchatkit.training.memory import (
-    GIB,
-    KNOWN_CONFIGS,
-    ModelDims,
-    TrainSetup,
-    check_fits,
-    plan_memory,
-    refusal,
-)
+from openchatkit.training.memory import GIB, TrainSetup, check_fits, plan_memory, refusal
 from openchatkit.training.memory_probe import LiveBytes
 from openchatkit.training.optim import build_optimizer
 from openchatkit.training.precision import MasterWeights
@@ -73,8 +68,8 @@ def tiny_config(arch: str, dropout: float = 0.0):
     )  # fmt: skip
 
 
-def dims_of(config) -> ModelDims:
-    return ModelDims.from_config(config.to_dict())
+def dims_of(config) -> ModelShape:
+    return ModelShape.from_dict(config.to_dict())
 
 
 def ranges(pp: int) -> tuple[range, ...]:
@@ -151,8 +146,8 @@ def test_activation_bytes_match_measurement(case):
     arch, precision, checkpointing, schedule = case
     dims = dims_of(tiny_config(arch))
     setup = TrainSetup(
-        ranges(PP), MICRO, SEQ, NUM_MICRO, schedule=schedule, precision=precision,
-        checkpointing=checkpointing,
+        ranges(PP), MICRO, SEQ, NUM_MICRO, pp_mode=schedule, precision=precision,
+        activation_checkpointing=checkpointing,
     )  # fmt: skip
     for plan in plan_memory(dims, setup):
         held, peak = measure_in_flight(
@@ -167,11 +162,11 @@ def test_activation_bytes_match_measurement(case):
 def test_in_flight_counts_follow_the_schedule():
     dims = dims_of(tiny_config("llama"))
     four = tuple(range(i, i + 1) for i in range(4))
-    gpipe = plan_memory(dims, TrainSetup(four, 1, SEQ, 6, schedule="gpipe"))
-    one_f = plan_memory(dims, TrainSetup(four, 1, SEQ, 6, schedule="1f1b"))
+    gpipe = plan_memory(dims, TrainSetup(four, 1, SEQ, 6, pp_mode="gpipe"))
+    one_f = plan_memory(dims, TrainSetup(four, 1, SEQ, 6, pp_mode="1f1b"))
     assert [p.in_flight for p in gpipe] == [6, 6, 6, 6]
     assert [p.in_flight for p in one_f] == [4, 3, 2, 1]
-    single = plan_memory(dims, TrainSetup((range(4),), 1, SEQ, 6, schedule="gpipe"))
+    single = plan_memory(dims, TrainSetup((range(4),), 1, SEQ, 6, pp_mode="gpipe"))
     assert single[0].in_flight == 1 and single[0].comm == 0
 
 
@@ -209,16 +204,14 @@ def test_state_bytes_match_the_trainer_classes(arch, precision):
 def test_lora_state_and_activation_bytes(arch, precision):
     """LoRA: a frozen base, so gradients, fp32 masters and Adam state only for the adapters
     (exact); activations counted as full fine-tuning plus the adapters' own, an upper bound."""
-    from openchatkit.models.lora import LoraSettings, apply_lora
-    from openchatkit.models.registry import LORA_TARGETS
+    from openchatkit.models.lora import apply_lora
+    from openchatkit.models.registry import get_architecture
 
     torch.manual_seed(0)
     config = tiny_config(arch)
-    lora = LoraSettings(r=8, alpha=16.0, dropout=0.05, target_modules=LORA_TARGETS[arch])
-    setup = TrainSetup(
-        ranges(2), MICRO, SEQ, 1, precision=precision, lora_r=8,
-        lora_targets=lora.target_modules, lora_dropout=0.05,
-    )  # fmt: skip
+    targets = get_architecture(arch).lora_targets
+    lora = LoraSettings(r=8, alpha=16.0, dropout=0.05, target_modules=targets)
+    setup = TrainSetup(ranges(2), MICRO, SEQ, 1, precision=precision, lora=lora)
     plan = plan_memory(dims_of(config), setup)[1]  # the last stage: layers 2-3 and the head
     stage = StageModel(config, ranges(2)[1], False, True, dtype=DTYPES[precision])
     apply_lora(stage, lora)
@@ -342,20 +335,25 @@ def test_checkpointing_is_off_in_eval_and_rejects_unknown_modes():
 
 
 # -- published configs, refusals ---------------------------------------------------------------
-def test_gpt_neox_20b_half_precision_layer_is_36_bytes_per_token_per_hidden_unit():
-    dims = ModelDims.from_config(KNOWN_CONFIGS["EleutherAI_gpt-neox-20b"])
+def test_gpt_neox_20b_half_precision_layer_bytes_per_token_per_hidden_unit():
+    """36 bytes per token per hidden unit with plain GELU; GPT-NeoX-20B's `gelu_fast` keeps six
+    more MLP-width tensors (12 i = 48 h in fp16): 84."""
+    dims = ModelShape.from_dict(published_config("EleutherAI_gpt-neox-20b"))
+    assert dims.hidden_act == "gelu_fast"
     assert dims.layer_params() * dims.num_layers + 2 * dims.embed_params() == pytest.approx(
         20.55e9, rel=0.01
     )
     setup = TrainSetup(tuple(range(i, i + 1) for i in range(44)), 1, 2048, 1, precision="fp16")
-    per_layer = plan_memory(dims, setup)[1].act_per_microbatch  # a middle stage of one layer
-    assert per_layer / 2048 / dims.hidden == pytest.approx(36, rel=0.01)
+    for act, expected in (("gelu", 36), ("gelu_fast", 84)):
+        shape = dataclasses.replace(dims, hidden_act=act)
+        per_layer = plan_memory(shape, setup)[1].act_per_microbatch  # a middle stage, one layer
+        assert per_layer / 2048 / dims.hidden_size == pytest.approx(expected, rel=0.01), act
 
 
 def test_refusal_names_stage_shortfall_and_the_cheapest_fix():
-    dims = ModelDims.from_config(KNOWN_CONFIGS["EleutherAI_gpt-neox-20b"])
+    dims = ModelShape.from_dict(published_config("EleutherAI_gpt-neox-20b"))
     layers = tuple(range(s * 6, min(44, (s + 1) * 6)) for s in range(8))
-    original = TrainSetup(layers, 1, 2048, 64, schedule="gpipe", precision="fp16")
+    original = TrainSetup(layers, 1, 2048, 64, pp_mode="gpipe", precision="fp16")
     message = refusal(dims, original, 80 * GIB)
     assert message is not None and "\n" not in message
     assert message.startswith("stage 0 (layers 0-5) needs ")
@@ -363,8 +361,8 @@ def test_refusal_names_stage_shortfall_and_the_cheapest_fix():
     with pytest.raises(UserError, match="out of GPU memory before starting: stage 0"):
         check_fits(dims, original, 80 * GIB, UserError)
     # Checkpointing already on and one stage (no 1F1B): a smaller micro-batch is next.
-    three_b = ModelDims.from_config(KNOWN_CONFIGS["togethercomputer_RedPajama-INCITE-Base-3B-v1"])
-    big = TrainSetup((range(32),), 64, 2048, 1, precision="bf16", checkpointing="layers")
+    three_b = ModelShape.from_dict(published_config("togethercomputer_RedPajama-INCITE-Base-3B-v1"))
+    big = TrainSetup((range(32),), 64, 2048, 1, precision="bf16", activation_checkpointing="layers")
     message = refusal(three_b, big, 80 * GIB)
     assert "cheapest fix: --micro-batch-size 32 " in message, message
     assert refusal(three_b, big, 1000 * GIB) is None
@@ -405,9 +403,7 @@ def _config(shape, flags):
 
 
 def test_trainer_refuses_gloo_for_cuda_pipelines_and_defaults_checkpointing():
-    from openchatkit.training.config import ModelShape
-
-    shape = ModelShape("llama", 4, 64, 96, True)
+    shape = ModelShape.from_dict(tiny_config("llama").to_dict())
     with pytest.raises(UserError, match="gloo cannot send CUDA tensors"):
         _config(shape, ["--device", "cuda", "--dp-backend", "gloo", "--pipeline-group-size", "2"])
     for device, expected in (("cuda", "layers"), ("cpu", "none")):
@@ -421,7 +417,7 @@ def test_start_up_check_refuses_before_any_allocation(tmp_path):
     from openchatkit.training.memory import check_before_training
 
     folder = tmp_path / "EleutherAI_gpt-neox-20b"  # no config.json: the published one is used
-    shape = ModelShape("gpt_neox", 44, 6144, 50432, False)
+    shape = ModelShape.from_dict(published_config("EleutherAI_gpt-neox-20b"))
     flags = [
         "--model-name", str(folder), "--device", "cuda", "--fp16", "--pipeline-group-size", "8",
         "--num-layers", "6", "--batch-size", "64",
@@ -508,7 +504,7 @@ def test_planner_matches_cuda_allocator(checkpointing):
     seq, micro, n = 1024, 2, 3
     setup = TrainSetup(
         (range(0, 1), range(1, 3), range(3, 4)), micro, seq, n, precision="bf16",
-        checkpointing=checkpointing,
+        activation_checkpointing=checkpointing,
     )  # fmt: skip
     plan = plan_memory(dims_of(config), setup)[1]  # a middle stage: layers only
     stage = StageModel(config, range(1, 3), False, False, dtype=torch.bfloat16, device="cuda")
