@@ -28,6 +28,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "gptj": ("gptj", "openchatkit.models.gptj"),
     "llama": ("llama", "openchatkit.models.llama"),
     "qwen2": ("qwen2", "openchatkit.models.qwen2"),
+    "mistral": ("mistral", "openchatkit.models.mistral"),
 }
 # Our name -> HF model_type.
 MODEL_TYPES: dict[str, str] = {name: mt for name, (mt, _) in ARCHITECTURES.items()}
