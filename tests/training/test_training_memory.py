@@ -32,7 +32,7 @@ from openchatkit.training.memory_probe import LiveBytes
 from openchatkit.training.optim import build_optimizer
 from openchatkit.training.precision import MasterWeights
 
-ARCHS = ("gpt_neox", "llama", "gptj")
+ARCHS = ("gpt_neox", "llama", "gptj", "qwen2", "mistral")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NUM_LAYERS, SEQ, MICRO, NUM_MICRO, PP = 4, 48, 2, 4, 2
 # Every shipped GPU recipe (the CPU demos end in -cpu.sh), so a new recipe is checked too.
@@ -46,9 +46,17 @@ assert len(GPU_RECIPES) >= 7, GPU_RECIPES
 
 
 def tiny_config(arch: str, dropout: float = 0.0):
-    from transformers import GPTJConfig, GPTNeoXConfig, LlamaConfig
+    from transformers import GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=96, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    gqa = dict(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    if arch == "qwen2":  # biased q/k/v, tied like Qwen2.5-0.5B
+        return Qwen2Config(tie_word_embeddings=True, **gqa, **common)
+    if arch == "mistral":  # a sliding window shorter than SEQ: the stage builds a mask
+        return MistralConfig(sliding_window=SEQ // 3, tie_word_embeddings=False, **gqa, **common)
     if arch == "llama":  # GQA and tied embeddings, like SmolLM2
         return LlamaConfig(
             hidden_size=64, intermediate_size=160, num_hidden_layers=NUM_LAYERS,
@@ -171,7 +179,7 @@ def test_in_flight_counts_follow_the_schedule():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "qwen2", "mistral"])
 def test_state_bytes_match_the_trainer_classes(arch, precision):
     torch.manual_seed(0)
     config = tiny_config(arch)
@@ -200,7 +208,7 @@ def test_state_bytes_match_the_trainer_classes(arch, precision):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "qwen2", "mistral"])
 def test_lora_state_and_activation_bytes(arch, precision):
     """LoRA: a frozen base, so gradients, fp32 masters and Adam state only for the adapters
     (exact); activations counted as full fine-tuning plus the adapters' own, an upper bound."""
@@ -520,3 +528,33 @@ def test_planner_matches_cuda_allocator(checkpointing):
     held = torch.cuda.memory_allocated() - before
     assert abs(plan.activations - held) <= 0.10 * held, (plan.activations, held)
     del outputs
+
+
+def test_nf4_bytes_per_weight_are_bitsandbytes_double_quantised_layout():
+    """0.5 + 1/64 + 4/(64*256) bytes per weight: what a Linear4bit built as quantize.py builds
+    it (NF4, double quantisation) stores, within 0.5 % for a 1M-weight matrix."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from openchatkit.training.memory import NF4_BYTES_PER_WEIGHT
+
+    n_in = n_out = 1024
+    q = bnb.nn.Linear4bit(n_in, n_out, bias=False, quant_type="nf4", device="meta")
+    q.weight = bnb.nn.Params4bit(torch.randn(n_out, n_in), requires_grad=False, quant_type="nf4")
+    q = q.to("cpu")
+    state = q.weight.quant_state
+    assert state.nested  # double quantisation, bitsandbytes' default
+    stored = q.weight.nbytes + state.absmax.nbytes + state.code.nbytes
+    stored += state.state2.absmax.nbytes + state.state2.code.nbytes
+    assert NF4_BYTES_PER_WEIGHT == pytest.approx(0.5159, abs=1e-4)
+    assert stored == pytest.approx(n_in * n_out * NF4_BYTES_PER_WEIGHT, rel=0.005)
+
+
+def test_gpt_neox_20b_without_checkpointing_does_not_fit_80_gb(cli):
+    """Its `gelu_fast` keeps six MLP-width tensors per layer: stage 0 needs about 97 GiB (the
+    planner fitted on plain GELU said 69.5 GiB, "fits")."""
+    r = cli.run(
+        "training/plan.py", "--recipe", "training/train-gpt-neox-chat-base-20b.sh",
+        "--activation-checkpointing", "none", "--gpu-memory", 80,
+    )  # fmt: skip
+    cli.assert_one_line_error(r, "will not fit: stage 0", "cheapest fix")
+    peak = float(r.stdout.strip().splitlines()[-1].split()[1])
+    assert 95 <= peak <= 99, r.stdout
