@@ -41,6 +41,11 @@ PUBLISHED: list[dict[str, Any]] = [
         vocab_size=50400, activation_function="gelu_new", tie_word_embeddings=False,
     )),
     dict(name="togethercomputer_GPT-JT-6B-v1", same_as="EleutherAI_gpt-j-6b"),
+    dict(name="Qwen_Qwen2.5-0.5B-Instruct", config=dict(
+        model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, hidden_act="silu",
+        use_sliding_window=False, tie_word_embeddings=True,
+    )),
 ]  # fmt: skip
 
 _BY_NAME = {entry["name"]: entry for entry in PUBLISHED}
