@@ -35,12 +35,12 @@ MODEL_TYPES: dict[str, str] = {name: mt for name, (mt, _) in ARCHITECTURES.items
 
 
 def architecture_names() -> list[str]:
-    """Our names of the supported architectures: gptneox, gptj, llama."""
+    """Our names of the supported architectures (gptneox, gptj, llama, ...)."""
     return list(ARCHITECTURES)
 
 
 def supported_model_types() -> list[str]:
-    """HF model types of the supported architectures: gpt_neox, gptj, llama."""
+    """HF model types of the supported architectures (gpt_neox, gptj, llama, ...)."""
     return list(MODEL_TYPES.values())
 
 
