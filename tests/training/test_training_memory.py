@@ -167,6 +167,31 @@ def test_activation_bytes_match_measurement(case):
         assert peak <= 1.10 * (predicted + plan.transient), (plan.stage, peak, predicted)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_fast", "gelu_new"])
+def test_gpt_neox_activation_bytes_follow_hidden_act(act, precision):
+    """transformers' gelu_fast (GPT-NeoX-20B's) keeps six MLP-width tensors beyond what torch's
+    GELU keeps, gelu_new three: the planner's bytes for a middle stage of two layers equal what
+    a CPU forward keeps (an allocator count), for each activation."""
+    config = tiny_config("gpt_neox")
+    config.hidden_act = act
+    dtype = DTYPES[precision]
+    shape = dims_of(config)
+    assert shape.hidden_act == act
+    setup = TrainSetup((range(0, 1), range(1, 3), range(3, 4)), MICRO, SEQ, 1, precision=precision)
+    planned = plan_memory(shape, setup)[1].act_per_microbatch
+    torch.manual_seed(0)
+    stage = StageModel(config, range(1, 3), False, False, dtype=dtype)
+    stage.train()
+    x = torch.randn(MICRO, SEQ, 64, dtype=dtype, requires_grad=True)
+    with LiveBytes(exclude=[*stage.parameters(), *stage.buffers(), x]) as probe:
+        pos = torch.arange(SEQ).unsqueeze(0).expand(MICRO, SEQ).contiguous()  # counted: kept
+        out = stage(x, position_ids=pos)
+        held = probe.live
+    del out
+    assert abs(planned - held) <= 0.01 * held, (act, planned, held)
+
+
 def test_in_flight_counts_follow_the_schedule():
     dims = dims_of(tiny_config("llama"))
     four = tuple(range(i, i + 1) for i in range(4))
