@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import GPTNeoXConfig
 
+    from openchatkit.models.shape import ModelShape
     from openchatkit.models.stage import StageModel
-    from openchatkit.training.memory import ModelDims, TrainSetup, plan_memory
+    from openchatkit.training.memory import TrainSetup, plan_memory
     from openchatkit.training.memory_probe import LiveBytes
 
     h, n = args.hidden, args.layers
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     stage = StageModel(config, range(n), False, False)  # a middle stage: layers only
     x = torch.randn(args.micro_batch_size, args.seq_length, h, requires_grad=True)
     grad = torch.randn_like(x)
-    dims = ModelDims.from_config(config.to_dict())
+    dims = ModelShape.from_dict(config.to_dict())
 
     def step() -> None:
         stage(x).backward(grad)
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode, values in times.items():
         # A middle stage of three (its input is a receive buffer, not counted here either).
         ranges = (range(0, 1), range(1, n + 1), range(n + 1, n + 2))
-        setup = TrainSetup(ranges, args.micro_batch_size, args.seq_length, 1, checkpointing=mode)
+        setup = TrainSetup(
+            ranges, args.micro_batch_size, args.seq_length, 1, activation_checkpointing=mode
+        )
         predicted = plan_memory(dims, setup)[1].act_per_microbatch
         spread = max(values) - min(values)
         print(

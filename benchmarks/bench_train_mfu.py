@@ -24,7 +24,7 @@ import argparse
 import statistics
 import time
 
-from openchatkit.training.memory import KNOWN_CONFIGS
+from openchatkit.models.published import published_config
 
 REDPAJAMA_3B = "togethercomputer_RedPajama-INCITE-Base-3B-v1"
 
@@ -43,7 +43,7 @@ CONFIGS = {
     # RedPajama-INCITE-3B, the LoRA recipe's base: the planner's published shape plus the two
     # fields it does not need.
     "redpajama-3b": dict(
-        {k: v for k, v in KNOWN_CONFIGS[REDPAJAMA_3B].items() if k != "model_type"},
+        {k: v for k, v in published_config(REDPAJAMA_3B).items() if k != "model_type"},
         max_position_embeddings=2048,
         use_parallel_residual=False,
     ),

@@ -53,12 +53,7 @@ def main(argv=None) -> int:
     from openchatkit.models.stage import StageModel
     from openchatkit.training.config import ModelShape
     from openchatkit.training.engine import TrainEngine
-    from openchatkit.training.memory import (
-        RUNTIME_BYTES,
-        ModelDims,
-        plan_memory,
-        setup_from_config,
-    )
+    from openchatkit.training.memory import RUNTIME_BYTES, TrainSetup, plan_memory
     from openchatkit.training.metrics import matmul_params, model_flops_per_token, peak_flops
 
     device = torch.device(args.device)
@@ -119,7 +114,7 @@ def main(argv=None) -> int:
         sync()
         times.append(time.perf_counter() - t0)
     measured = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    plan = plan_memory(ModelDims.from_config(hf_config.to_dict()), setup_from_config(config))[0]
+    plan = plan_memory(ModelShape.from_dict(hf_config.to_dict()), TrainSetup.from_config(config))[0]
     num_params = sum(p.numel() for p in stage.parameters())
     flops_tok = model_flops_per_token(
         matmul_params(num_params, hf_config.vocab_size, hf_config.hidden_size, False),

@@ -29,14 +29,14 @@ from pathlib import Path
 from openchatkit.cli import run_main
 from openchatkit.cli.train import build_parser
 from openchatkit.errors import UserError
-from openchatkit.training.config import ModelShape, TrainConfig
+from openchatkit.training.config import TrainConfig
 from openchatkit.training.memory import (
     GIB,
+    TrainSetup,
     format_table,
     plan_memory,
-    read_dims,
+    read_shape,
     refusal,
-    setup_from_config,
 )
 
 TRAINER = "dist_clm_train.py"
@@ -88,25 +88,24 @@ def parse_args(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    dims, source = read_dims(args.model_name)
-    shape = ModelShape(dims.model_type, dims.num_layers, dims.hidden, dims.vocab, dims.tied)
+    shape, source = read_shape(args.model_name)
     if args.device is None:
         args.device = "cuda"  # the plan is for GPUs, whatever this machine has
     # check_files=False: no model weights, manifest or data are needed for a plan.
     config = TrainConfig.from_flags(args, shape, cuda_available=lambda: True, check_files=False)
-    setup = setup_from_config(config)
+    setup = TrainSetup.from_config(config)
     gpu = args.gpu_memory * GIB if args.gpu_memory is not None else _detected_bytes()
-    plans = plan_memory(dims, setup)
+    plans = plan_memory(shape, setup)
     table = format_table(plans, gpu)
     lora = ""
-    if setup.lora_r:
-        lora = f", LoRA r={setup.lora_r} on {','.join(setup.lora_targets)}"
+    if setup.lora is not None:
+        lora = f", LoRA r={setup.lora.r} on {','.join(setup.lora.target_modules)}"
         lora += " over an NF4 base" if setup.load_in_4bit else ""
     title = (
         f"{Path(args.model_name).name}: pp={setup.pp} dp={setup.dp}, {setup.num_microbatches} "
         f"micro-batches of {setup.micro_batch_size} x {setup.seq_length} tokens, "
-        f"{setup.schedule}, {setup.precision}, {setup.optimizer}, checkpointing "
-        f"{setup.checkpointing}{lora} (dims from {source})"
+        f"{setup.pp_mode}, {setup.precision}, {setup.optimizer}, checkpointing "
+        f"{setup.activation_checkpointing}{lora} (dims from {source})"
     )
     if args.markdown:
         print(f"{title}\n\n```\n{table}\n```")
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if gpu is None:
         print("no GPU detected here: pass --gpu-memory GiB for a verdict")
     else:
-        message = refusal(dims, setup, gpu)
+        message = refusal(shape, setup, gpu)
         if message is not None:
             raise UserError(f"will not fit: {message}")
     return 0

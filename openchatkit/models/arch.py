@@ -1,9 +1,16 @@
-"""What every architecture module (`gptneox.py`, `gptj.py`, `llama.py`) provides.
+"""What every architecture module (`gptneox.py`, `gptj.py`, `llama.py`, ...) provides.
 
 An `Architecture` pairs a declarative key map (HF checkpoint key <-> our layer-sharded key, with a
 small named transform per entry) with builders for the three kinds of module a pipeline stage
 holds: the token embedding, one transformer layer (the transformers class itself, so the numerics
-are HF's), and the head (final norm + LM head). A new architecture is one new file of that shape.
+are HF's), and the head (final norm + LM head). It also carries what the rest of the kit must
+know about the architecture without building it: how its config.json names the sizes, whether
+it ties embeddings by default, its LoRA targets, its parameter counts and the bytes its layers
+keep for the backward (the memory planner's formulas, `openchatkit/training/memory.py`). A new
+architecture is one new file of that shape and one line in the registry.
+
+Importing this module (and an architecture module) loads neither torch nor transformers: the
+builders import them when called, so the trainer's flag checks stay fast.
 
 Our keys are relative to their file: `embeddings.safetensors`, `layer_XXXXX.safetensors` or
 `head.safetensors` (see `openchatkit/models/sharded.py`). The list of architectures is
@@ -15,12 +22,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from openchatkit.errors import UserError
+from openchatkit.models.shape import standard_sizes
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from openchatkit.models.shape import ModelShape
 
 PARTS = ("embed", "layer", "head")
 
@@ -64,11 +75,31 @@ def no_buffers(layer: nn.Module, device: torch.device) -> None:
     """For layers that hold no buffers (rotary tables live in the stage's shared rotary module)."""
 
 
+def full_causal_mask(config: Any, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The mask HF builds for a batch without padding: None under SDPA (its is_causal path), an
+    additive (B, 1, S, S) mask under eager. position_ids=None: packed rows attend causally
+    across documents, as the trainer's data expects."""
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=hidden,
+        attention_mask=None,
+        past_key_values=None,
+        position_ids=None,
+    )
+
+
+def no_stage_bytes(shape: ModelShape, e: int, seq: int, recomputed: bool) -> float:
+    """For architectures whose layers share nothing kept per token (see `Architecture`)."""
+    return 0.0
+
+
 @dataclass(frozen=True)
 class Architecture:
     """An architecture's key map and module builders (see the module docstring)."""
 
-    name: str  # our name: gptneox | gptj | llama (also the converter script suffix)
+    name: str  # our name: gptneox | gptj | llama | ... (also the converter script suffix)
     model_type: str  # HF `config.model_type`
     rules: tuple[KeyRule, ...]
     # HF keys that are recomputed buffers in old checkpoints (rotary inv_freq, causal-mask
@@ -85,6 +116,29 @@ class Architecture:
     # Recompute non-persistent buffers of a layer built on the meta device.
     materialize_buffers: Callable[[nn.Module, torch.device], None] = no_buffers
     attn_implementation: str = "sdpa"  # when the config names none
+    # (config, hidden (B,S,H)) -> the attention mask every layer of a stage gets.
+    causal_mask: Callable[[Any, torch.Tensor], torch.Tensor | None] = full_causal_mask
+
+    # -- facts, without building anything (torch-free) -------------------------------------
+    # The modules LoRA adapts by default (the attention projections, as the original's LoRA
+    # example and PEFT's own defaults do).
+    lora_targets: tuple[str, ...] = ()
+    # transformers' default for `tie_word_embeddings` when config.json does not say.
+    default_tied: bool = True
+    # config.json mapping -> the ModelShape fields other than model_type and the tie.
+    read_sizes: Callable[[dict], dict] = standard_sizes
+    # shape -> {linear module name: (in, out)} of one layer (LoRA targets, NF4, parameters).
+    layer_linears: Callable[[ModelShape], dict[str, tuple[int, int]]] = lambda shape: {}
+    # shape -> sizes of one layer's 1-D parameters (norms, biases), and of the head's.
+    layer_vectors: Callable[[ModelShape], list[int]] = lambda shape: []
+    head_vectors: Callable[[ModelShape], list[int]] = lambda shape: []
+    # Bytes per token the planner counts (openchatkit/training/memory.py), `e` the model
+    # dtype's size: what one layer keeps for its backward without recomputation
+    # (shape, e, seq); what a stage keeps once for all its layers, such as rotary tables or a
+    # mask (shape, e, seq, layers recomputed); what the final norm keeps (shape, e).
+    layer_activation_bytes: Callable[[ModelShape, int, int], float] = lambda s, e, seq: 0.0
+    stage_activation_bytes: Callable[[ModelShape, int, int, bool], float] = no_stage_bytes
+    final_norm_bytes: Callable[[ModelShape, int], float] = lambda shape, e: 0.0
     _compiled: list = field(default_factory=list, compare=False, repr=False)
 
     def _patterns(self) -> list[tuple[re.Pattern, KeyRule]]:
@@ -121,6 +175,8 @@ class Architecture:
         """Keys each part's file must hold for this config, from modules built on the meta
         device (so optional biases follow the config); the LM head weight is absent from the
         head when embeddings are tied. Every key must be in the key map."""
+        import torch
+
         config = prepare_config(config, self)
         with torch.device("meta"):
             keys = {

@@ -1,22 +1,17 @@
-"""Llama (Llama-2-7B-32K, SmolLM2): HF key map and stage module builders.
+"""Llama (Llama-2-7B-32K, SmolLM2): HF key map, stage module builders, and the facts the planner
+and the trainer's config need (see `openchatkit/models/arch.py`).
 
 HF layout: `model.embed_tokens`, `model.layers.<i>.*`, `model.norm`, `lm_head` (absent when the
-embeddings are tied, as in SmolLM2).
+embeddings are tied, as in SmolLM2). Later decoders of the same layout (Qwen2, Mistral) reuse the
+builders and formulas below with their own transformers classes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import nn
-from transformers.models.llama.modeling_llama import (
-    LlamaDecoderLayer,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-)
-
 from openchatkit.models.arch import Architecture, KeyRule
+from openchatkit.models.shape import ModelShape
 
 _LAYER = "model.layers.{i}."
 _LAYER_KEYS = [
@@ -36,40 +31,65 @@ RULES = (
 IGNORED_HF = (r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$",)
 
 
-class Embedding(nn.Module):
-    """Token embedding: input_ids (B, S) -> hidden (B, S, H)."""
+def build_embedding(config: Any):
+    from openchatkit.models.parts import Embedding
 
-    def __init__(self, config: Any):
-        super().__init__()
-        # padding_idx as in LlamaModel: that row gets no gradient.
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+    # padding_idx as in LlamaModel: that row gets no gradient.
+    return Embedding(
+        "embed_tokens", config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+    )
 
 
-class Head(nn.Module):
-    """Final RMSNorm and LM head: hidden (B, S, H) -> logits (B, S, V)."""
+def build_head(config: Any):
+    """Final RMSNorm and an unbiased LM head."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    def __init__(self, config: Any):
-        super().__init__()
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    from openchatkit.models.parts import Head
 
-    def normalize(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The final norm alone (the trainer fuses the LM head into its loss)."""
-        return self.norm(hidden)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.normalize(hidden))
+    norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return Head("norm", norm, config.hidden_size, config.vocab_size, bias=False)
 
 
-def build_layer(config: Any, layer_idx: int) -> nn.Module:
+def build_layer(config: Any, layer_idx: int):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
     return LlamaDecoderLayer(config, layer_idx)
 
 
-def build_rotary(config: Any) -> nn.Module:
+def build_rotary(config: Any):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
     return LlamaRotaryEmbedding(config=config)
+
+
+def layer_linears(s: ModelShape) -> dict[str, tuple[int, int]]:
+    # q/o, grouped-query k/v, gated MLP.
+    h, i, q, kv = s.hidden_size, s.intermediate_size, s.heads * s.head_dim, s.kv_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+
+
+def layer_vectors(s: ModelShape) -> list[int]:
+    return [s.hidden_size] * 2  # two RMSNorms; no biases
+
+
+def layer_activation_bytes(s: ModelShape, e: int, seq: int) -> float:
+    # transformers' RMSNorm keeps fp32 copies of its input and of the normalised x * r whatever
+    # the dtype (8 h bytes for the layer's two norms). Besides: 6 h model-dtype tensors; gate,
+    # SiLU, up and their product (4 i); GQA k/v (2 kv); SDPA's fp32 log-sum-exp per head.
+    h = s.hidden_size
+    return 6 * h * e + 8 * h + 4 * s.intermediate_size * e + 2 * s.kv_dim * e + 4 * s.heads + 8
+
+
+def stage_activation_bytes(s: ModelShape, e: int, seq: int, recomputed: bool) -> float:
+    # cos/sin tables, (seq, rotary) each, shared by the stage's layers; in half precision also
+    # the fp32 originals of the copies, unless the layers are recomputed.
+    return 2 * s.rotary_dim * e + (4 * s.rotary_dim if e == 2 and not recomputed else 0)
+
+
+def final_norm_bytes(s: ModelShape, e: int) -> float:
+    # transformers' RMSNorm works in fp32 (measured: 8 h + 4 in bf16 and in fp32).
+    return 8 * s.hidden_size + 4
 
 
 ARCHITECTURE = Architecture(
@@ -79,8 +99,15 @@ ARCHITECTURE = Architecture(
     ignored_hf=IGNORED_HF,
     embed_weight="embed_tokens.weight",
     lm_head_weight="lm_head.weight",
-    build_embedding=Embedding,
+    build_embedding=build_embedding,
     build_layer=build_layer,
-    build_head=Head,
+    build_head=build_head,
     build_rotary=build_rotary,
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    layer_linears=layer_linears,
+    layer_vectors=layer_vectors,
+    head_vectors=lambda s: [s.hidden_size],  # the final RMSNorm
+    layer_activation_bytes=layer_activation_bytes,
+    stage_activation_bytes=stage_activation_bytes,
+    final_norm_bytes=final_norm_bytes,
 )

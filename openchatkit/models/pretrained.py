@@ -48,6 +48,8 @@ PRETRAINED_MODELS = {
             "Llama-2-7B-32K-beta", "togethercomputer/LLaMA-2-7B-32K", "llama", "float16"
         ),
         PretrainedModel("GPT-J-6B", "EleutherAI/gpt-j-6b", "gptj", "float16"),
+        # Trained in bf16, whose range fp16 lacks.
+        PretrainedModel("Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", "bfloat16"),
         # Small enough for a CPU: kept in float32, exactly as the embedded conversion yields it.
         PretrainedModel("SmolLM2-135M-Instruct", EMBEDDED, "llama", "float32"),
     )

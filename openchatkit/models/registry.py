@@ -2,9 +2,11 @@
 architecture's module lives.
 
 Everything that needs to know which architectures exist asks here: the converters, the trainer's
-flags, the stage builder and the benchmarks. Reading it imports nothing heavy (no transformers
-modeling code) so a script can refuse a wrong architecture within a second; `get_architecture`
-imports only the module it returns. A new architecture is one module of the shape described in
+flags, the stage builder, the memory planner and the benchmarks. Nothing here, nor in the
+architecture modules, imports torch or transformers modeling code at import time, so a script
+can refuse a wrong architecture within a second; `get_architecture` imports only the module it
+returns, and what the rest of the kit must know about an architecture (LoRA targets, tie
+default, parameter counts, activation bytes) is an attribute of the `Architecture` it returns. A new architecture is one module of the shape described in
 `openchatkit/models/arch.py` and one line in `ARCHITECTURES`.
 """
 
@@ -25,25 +27,20 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "gptneox": ("gpt_neox", "openchatkit.models.gptneox"),
     "gptj": ("gptj", "openchatkit.models.gptj"),
     "llama": ("llama", "openchatkit.models.llama"),
+    "qwen2": ("qwen2", "openchatkit.models.qwen2"),
+    "mistral": ("mistral", "openchatkit.models.mistral"),
 }
 # Our name -> HF model_type.
 MODEL_TYPES: dict[str, str] = {name: mt for name, (mt, _) in ARCHITECTURES.items()}
-# HF model_type -> the modules LoRA adapts by default (the attention projections, as the
-# original's LoRA example and PEFT's own defaults do).
-LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "gpt_neox": ("query_key_value",),
-    "gptj": ("q_proj", "k_proj", "v_proj", "out_proj"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
-}
 
 
 def architecture_names() -> list[str]:
-    """Our names of the supported architectures: gptneox, gptj, llama."""
+    """Our names of the supported architectures (gptneox, gptj, llama, ...)."""
     return list(ARCHITECTURES)
 
 
 def supported_model_types() -> list[str]:
-    """HF model types of the supported architectures: gpt_neox, gptj, llama."""
+    """HF model types of the supported architectures (gpt_neox, gptj, llama, ...)."""
     return list(MODEL_TYPES.values())
 
 

@@ -25,34 +25,13 @@ from openchatkit.errors import UserError
 from openchatkit.models import sharded
 from openchatkit.models.arch import is_tied, prepare_config
 from openchatkit.models.registry import get_architecture
+from openchatkit.models.shape import split_layers
 
-
-def split_layers(num_layers: int, num_stages: int) -> list[range]:
-    """Split `num_layers` layers into `num_stages` contiguous ranges, as even as possible
-    (the first `num_layers % num_stages` stages get one layer more).
-
-    >>> split_layers(5, 2)
-    [range(0, 3), range(3, 5)]
-    """
-    if not isinstance(num_layers, int) or not isinstance(num_stages, int):
-        raise ValueError("num_layers and num_stages must be integers")
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if num_stages < 1:
-        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-    if num_stages > num_layers:
-        raise ValueError(f"cannot split {num_layers} layers into {num_stages} stages")
-    base, extra = divmod(num_layers, num_stages)
-    ranges, start = [], 0
-    for stage in range(num_stages):
-        size = base + (1 if stage < extra else 0)
-        ranges.append(range(start, start + size))
-        start += size
-    return ranges
+__all__ = ["StageModel", "save_stage", "split_layers"]
 
 
 class StageModel(nn.Module):
-    """One pipeline stage of a gpt_neox / gptj / llama causal LM.
+    """One pipeline stage of a causal LM of any registered architecture.
 
     `forward(x, position_ids=None)`: the first stage takes input_ids (B, S), the others hidden
     states (B, S, H); returns hidden (B, S, H), or logits (B, S, V) on the last stage. Attention
@@ -183,21 +162,12 @@ class StageModel(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
         hidden = self.embed(x) if self.is_first else x  # (B, S, H)
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        # The mask HF builds for a batch without padding: None under SDPA (its is_causal path),
-        # an additive (B, 1, S, S) mask under eager. position_ids=None: packed rows attend
-        # causally across documents, as the trainer's data expects.
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=None,
-        )
+        # Causal over the whole row: packed rows attend across documents, as the trainer's data
+        # expects (None under SDPA without a sliding window: its is_causal path).
+        mask = self.arch.causal_mask(self.config, hidden)
         position_embeddings = self.rotary(hidden, position_ids) if self.rotary else None
         recompute = (
             self.activation_checkpointing == "layers" and self.training and torch.is_grad_enabled()

@@ -26,42 +26,12 @@ from typing import Any
 from openchatkit.data.tasks import TaskEntry, parse_task_spec
 from openchatkit.errors import UserError
 from openchatkit.models.lora import LoraSettings
-from openchatkit.models.registry import LORA_TARGETS, MODEL_TYPES, supported_model_types
+from openchatkit.models.registry import MODEL_TYPES
+from openchatkit.models.shape import ModelShape, split_layers
+
+__all__ = ["ModelShape", "TrainConfig", "read_model_shape", "stage_layer_ranges"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the trainer needs to know about the model before building it (from config.json)."""
-
-    model_type: str  # HF model_type
-    num_layers: int
-    hidden_size: int
-    vocab_size: int
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_dict(cls, cfg: dict[str, Any], where: str = "the model") -> ModelShape:
-        """From a config.json mapping (or `PretrainedConfig.to_dict()`); `where` names it in
-        errors."""
-        model_type = cfg.get("model_type")
-        if model_type not in supported_model_types():
-            raise UserError(
-                f"{where}: model_type {model_type!r} is not one of "
-                f"{', '.join(supported_model_types())}"
-            )
-        num_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-        hidden = cfg.get("hidden_size", cfg.get("n_embd"))
-        # transformers' own default: GPT-NeoX configs untie, GPT-J and Llama tie unless told.
-        tie_default = model_type != "gpt_neox"
-        return cls(
-            model_type=model_type,
-            num_layers=int(num_layers),
-            hidden_size=int(hidden),
-            vocab_size=int(cfg.get("vocab_size", 0)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", tie_default)),
-        )
 
 
 def read_model_shape(folder: str | Path) -> ModelShape:
@@ -81,7 +51,7 @@ def stage_layer_ranges(num_layers: int, pp: int, per_stage: int | None) -> list[
 
     Without --num-layers the layers are split as evenly as possible (earlier stages take one
     more). With it, `per_stage x pp` must equal the model's layers. The one exception is the
-    original's GPT-NeoX-20B recipe (44 layers as 8 stages x 6): when the layers do not divide by
+    original's 20B recipe (44 layers as 8 stages x 6): when the layers do not divide by
     pp, `per_stage = ceil(num_layers / pp)` is accepted and the last stage holds the remainder
     (7 x 6 + 2). Any other value is a UserError that names the value to use.
     """
@@ -91,10 +61,7 @@ def stage_layer_ranges(num_layers: int, pp: int, per_stage: int | None) -> list[
             "(every stage needs at least one)"
         )
     if per_stage is None:
-        base, extra = divmod(num_layers, pp)
-        sizes = [base + (1 if s < extra else 0) for s in range(pp)]
-        starts = [sum(sizes[:s]) for s in range(pp)]
-        return [range(a, a + n) for a, n in zip(starts, sizes, strict=True)]
+        return split_layers(num_layers, pp)
     ceil = -(-num_layers // pp)
     remainder_fits = num_layers % pp != 0 and (pp - 1) * ceil < num_layers
     if per_stage * pp != num_layers and not (remainder_fits and per_stage == ceil):
@@ -369,7 +336,7 @@ def _lora_settings(f: Any, shape: ModelShape) -> LoraSettings | None:
         raise UserError(f"--lora-dropout must be in [0, 1), got {f.lora_dropout}")
     if f.lora_alpha is not None and f.lora_alpha <= 0:
         raise UserError(f"--lora-alpha must be > 0, got {f.lora_alpha}")
-    targets = LORA_TARGETS[shape.model_type]
+    targets = shape.arch.lora_targets
     if f.lora_target_modules is not None:
         targets = tuple(t.strip() for t in f.lora_target_modules.split(",") if t.strip())
         if not targets:

@@ -24,12 +24,14 @@ buffers) and optimizer step (state with fp32 grads + one model-dtype bucket bein
 Activation bytes per token per layer were measured on CPU with `memory_probe.LiveBytes` (a
 dispatch-mode allocator count, equal to what saved-tensor hooks see) on tiny transformers layers
 of each architecture, over a grid of hidden / intermediate / heads / kv-heads / rotary / seq, and
-fitted exactly (zero residual) by the formulas in `layer_activation_bytes`. SDPA attention keeps
-q, k, v, the output and an fp32 log-sum-exp per head (no S x S term); GPT-J runs eager attention,
-which keeps fp32 scores and probabilities (heads x S per token). GPT-NeoX-20B in half precision:
-36 bytes per token per hidden unit, 453 MB per layer per 2048-token micro-batch. With
-`activation_checkpointing="layers"` a layer keeps only its input (hidden x dtype bytes per token)
-and recomputes the rest during its backward.
+fitted exactly (zero residual) by each architecture's formulas (`Architecture.
+layer_activation_bytes` and friends in `openchatkit/models/<arch>.py`; this module holds no
+per-architecture knowledge). SDPA attention keeps q, k, v, the output and an fp32 log-sum-exp
+per head (no S x S term); eager attention keeps fp32 scores and probabilities (heads x S per
+token). The MLP's activation counts: transformers' `gelu_fast` keeps six MLP-width tensors more
+than torch's GELU (the 20B recipe's base: 84 bytes per token per hidden unit in half precision,
+36 with plain GELU; 1.06 GB per layer per 2048-token micro-batch). With `activation_checkpointing="layers"` a layer keeps only its input (hidden x dtype bytes per
+token) and recomputes the rest during its backward.
 """
 
 from __future__ import annotations
@@ -37,11 +39,17 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from openchatkit.errors import UserError
+from openchatkit.models.published import published_config, published_names
+from openchatkit.models.shape import ModelShape, split_layers
+from openchatkit.training.optim import EIGHT_BIT
+
+if TYPE_CHECKING:
+    from openchatkit.models.lora import LoraSettings
 
 GIB = 1024**3
 # CUDA context, cuBLAS/cuDNN workspaces, NCCL channels and allocator fragmentation: not visible
@@ -49,133 +57,45 @@ GIB = 1024**3
 RUNTIME_BYTES = 2 * GIB
 BUCKET_NUMEL = 25_000_000  # openchatkit.training.engine.BUCKET_NUMEL
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
+# bitsandbytes NF4 with double quantisation (QLoRA's): 4 bits per weight, an 8-bit absmax per
+# 64-weight block, and an fp32 absmax per 256 of those blocks: 0.5 + 1/64 + 4/(64*256) bytes.
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 SCHEDULES = ("gpipe", "1f1b")
 CHECKPOINTING = ("none", "layers")
-EIGHT_BIT = ("8bit-adam", "paged-8bit-adam")  # bitsandbytes' AdamW8bit state, paged or not
-
-# Published configs of the shipped base models (config.json fields), so a plan needs no download.
-# Keyed by the folder name `pretrained/<Model>/prepare.py` writes.
-KNOWN_CONFIGS: dict[str, dict] = {
-    "EleutherAI_gpt-neox-20b": dict(
-        model_type="gpt_neox", hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
-        intermediate_size=24576, vocab_size=50432, rotary_pct=0.25, tie_word_embeddings=False,
-    ),
-    "EleutherAI_pythia-6.9b-deduped": dict(
-        model_type="gpt_neox", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-        intermediate_size=16384, vocab_size=50432, rotary_pct=0.25, tie_word_embeddings=False,
-    ),
-    "togethercomputer_RedPajama-INCITE-Base-3B-v1": dict(
-        model_type="gpt_neox", hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
-        intermediate_size=10240, vocab_size=50432, rotary_pct=1.0, tie_word_embeddings=False,
-    ),
-    "togethercomputer_RedPajama-INCITE-7B-Base": dict(
-        model_type="gpt_neox", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-        intermediate_size=16384, vocab_size=50432, rotary_pct=1.0, tie_word_embeddings=False,
-    ),
-    "togethercomputer_LLaMA-2-7B-32K": dict(
-        model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
-        tie_word_embeddings=False,
-    ),
-    "EleutherAI_gpt-j-6b": dict(
-        model_type="gptj", n_embd=4096, n_layer=28, n_head=16, n_inner=None, rotary_dim=64,
-        vocab_size=50400, tie_word_embeddings=False,
-    ),
-}  # fmt: skip
-# Fine-tuned variants have their base's shape.
-KNOWN_CONFIGS["togethercomputer_RedPajama-INCITE-Chat-3B-v1"] = KNOWN_CONFIGS[
-    "togethercomputer_RedPajama-INCITE-Base-3B-v1"
-]
-KNOWN_CONFIGS["togethercomputer_GPT-JT-6B-v1"] = KNOWN_CONFIGS["EleutherAI_gpt-j-6b"]
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """What the planner needs from a config.json (HF names differ per architecture)."""
-
-    model_type: str  # gpt_neox | gptj | llama
-    hidden: int
-    num_layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    tied: bool
-    rotary_dim: int  # rotated dimensions per head
-    attention: str  # sdpa | eager
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> ModelDims:
-        kind = cfg.get("model_type")
-        hidden = int(cfg.get("hidden_size", cfg.get("n_embd", 0)))
-        heads = int(cfg.get("num_attention_heads", cfg.get("n_head", 0)))
-        head_dim = hidden // max(heads, 1)
-        if kind == "gpt_neox":
-            rotary, inter = int(head_dim * cfg.get("rotary_pct", 0.25)), cfg["intermediate_size"]
-        elif kind == "gptj":
-            rotary, inter = int(cfg.get("rotary_dim") or head_dim), cfg.get("n_inner") or 4 * hidden
-        elif kind == "llama":
-            rotary, inter = int(cfg.get("head_dim") or head_dim), cfg["intermediate_size"]
-        else:
-            raise ValueError(f"model_type {kind!r} is not one of gpt_neox, gptj, llama")
-        return cls(
-            model_type=kind,
-            hidden=hidden,
-            num_layers=int(cfg.get("num_hidden_layers", cfg.get("n_layer", 0))),
-            heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            intermediate=int(inter),
-            vocab=int(cfg["vocab_size"]),
-            tied=bool(cfg.get("tie_word_embeddings", kind != "gpt_neox")),
-            rotary_dim=rotary,
-            attention="eager" if kind == "gptj" else "sdpa",
-        )
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    def layer_params(self) -> int:
-        h, i = self.hidden, self.intermediate
-        if self.model_type == "gpt_neox":  # 2 LayerNorms, fused QKV + dense, MLP, all biased
-            return 4 * h * h + 2 * h * i + 9 * h + i
-        if self.model_type == "gptj":  # 1 LayerNorm, unbiased q/k/v/out, biased MLP
-            return 4 * h * h + 2 * h * i + 3 * h + i
-        kv = self.kv_heads * self.head_dim  # llama: 2 RMSNorms, q/o, GQA k/v, gated MLP
-        return 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
-
-    def embed_params(self) -> int:
-        return self.vocab * self.hidden
-
-    def head_params(self) -> int:
-        norm = self.hidden if self.model_type == "llama" else 2 * self.hidden
-        bias = self.vocab if self.model_type == "gptj" else 0
-        return norm + self.vocab * self.hidden + bias
 
 
 @dataclass(frozen=True)
 class TrainSetup:
-    """The trainer's flags that decide memory (see openchatkit/training/args.py)."""
+    """The trainer's settings that decide memory: the fields of `TrainConfig`
+    (openchatkit/training/config.py; flags in openchatkit/cli/train.py) under the same names,
+    so `from_config` copies them."""
 
     layer_ranges: tuple[range, ...]
     micro_batch_size: int
     seq_length: int
     num_microbatches: int  # per replica and pipeline pass
-    schedule: str = "gpipe"  # gpipe | 1f1b
+    pp_mode: str = "gpipe"  # gpipe | 1f1b
     precision: str = "fp32"  # fp32 | bf16 | fp16
     optimizer: str = "adam"  # adam | 8bit-adam | paged-8bit-adam
-    checkpointing: str = "none"  # none | layers
+    activation_checkpointing: str = "none"  # none | layers
     dp: int = 1
-    # LoRA (openchatkit/models/lora.py): r = 0 is full fine-tuning.
-    lora_r: int = 0
-    lora_targets: tuple[str, ...] = ()
-    lora_dropout: float = 0.0
+    lora: LoraSettings | None = None  # None: full fine-tuning
     load_in_4bit: bool = False  # QLoRA: every layer linear in NF4
+
+    @classmethod
+    def from_config(cls, config: Any) -> TrainSetup:
+        """From a `TrainConfig` (or anything with these attributes)."""
+        values = {f.name: getattr(config, f.name) for f in fields(cls)}
+        return cls(**values | {"layer_ranges": tuple(config.layer_ranges)})
 
     @property
     def pp(self) -> int:
         return len(self.layer_ranges)
+
+    @property
+    def lora_r(self) -> int:
+        return self.lora.r if self.lora is not None else 0
 
 
 @dataclass(frozen=True)
@@ -200,56 +120,31 @@ class StageMemory:
     peak: int = field(default=0)
 
 
-def layer_activation_bytes(dims: ModelDims, precision: str, seq: int) -> float:
-    """Bytes one layer keeps per token for its backward (no checkpointing).
-
-    Exact fits of CPU measurements (see the module docstring); `e` is the model dtype's size.
-    fp32 and half differ where the layer upcasts to fp32 (norms, softmax) whatever the dtype.
-    """
-    h, i, heads, e = dims.hidden, dims.intermediate, dims.heads, ELEMENT_BYTES[precision]
-    half = e == 2
-    if dims.model_type == "gpt_neox":
-        # LN out, fused qkv, rotated q and k, attention out + its transpose, LN out, residual
-        # out (10 h); MLP in and GELU out (2 i); fp32 log-sum-exp; LN statistics.
-        return 10 * h * e + 2 * i * e + 4 * heads + 4 * e
-    if dims.model_type == "llama":
-        kv = dims.kv_heads * dims.head_dim
-        # HF's two RMSNorms keep 4 h fp32 bytes each: in half precision the fp32 copy of
-        # their input, in fp32 the normalised x * r (the input itself is kept anyway).
-        # Besides: 6 h model-dtype tensors; gate, SiLU, up and their product (4 i); GQA k/v
-        # (2 kv).
-        norms = 8 * h
-        return 6 * h * e + norms + 4 * i * e + 2 * kv * e + 4 * heads + 8
-    # gptj, eager attention: fp32 scores and probabilities, (heads, seq) per token.
-    if half:
-        return 16 * h + 10 * i + 8 * dims.rotary_dim + 6 * heads * seq + 4
-    return 24 * h + 20 * i + 16 * dims.rotary_dim + 4 * heads * seq + 8
+def layer_activation_bytes(shape: ModelShape, precision: str, seq: int) -> float:
+    """Bytes one layer keeps per token for its backward (no checkpointing): the architecture's
+    formula (`Architecture.layer_activation_bytes`, exact fits of CPU measurements; see the
+    module docstring). fp32 and half differ where a layer upcasts to fp32 (norms, softmax)."""
+    return shape.arch.layer_activation_bytes(shape, ELEMENT_BYTES[precision], seq)
 
 
-def stage_tokens_bytes(dims: ModelDims, setup: TrainSetup, stage: int) -> dict[str, float]:
+def stage_tokens_bytes(shape: ModelShape, setup: TrainSetup, stage: int) -> dict[str, float]:
     """Per-token bytes of one micro-batch on `stage`: what it keeps, and the loss buffers."""
+    arch = shape.arch
     e = ELEMENT_BYTES[setup.precision]
-    h = dims.hidden
+    h = shape.hidden_size
     layers = len(setup.layer_ranges[stage])
     first, last = stage == 0, stage == setup.pp - 1
-    full_layer = layer_activation_bytes(dims, setup.precision, setup.seq_length)
+    recomputed = setup.activation_checkpointing == "layers"
+    full_layer = layer_activation_bytes(shape, setup.precision, setup.seq_length)
+    full_layer += _lora_activation_bytes(shape, setup)
     # Each layer's output (the next one's input) is the only thing a recomputed layer keeps.
-    full_layer += _lora_activation_bytes(dims, setup)
-    per_layer = h * e if setup.checkpointing == "layers" else full_layer
+    per_layer = h * e if recomputed else full_layer
     kept = layers * per_layer
     kept += 8  # position ids (int64), passed to every stage
-    if dims.model_type != "gptj":
-        # cos/sin tables, (seq, rotary) each, shared by the stage's layers; Llama also keeps
-        # the fp32 originals of its half-precision copies unless the layers are recomputed.
-        kept += 2 * dims.rotary_dim * e
-        if dims.model_type == "llama" and e == 2 and setup.checkpointing == "none":
-            kept += 4 * dims.rotary_dim
+    # What the stage's layers share (rotary tables, a mask), per the architecture.
+    kept += arch.stage_activation_bytes(shape, e, setup.seq_length, recomputed)
     if first:
         kept += h * e + 8  # embedding output (layer 0's input) and the token ids
-    if dims.attention == "eager" and setup.checkpointing == "layers":
-        # The additive causal mask, (seq, seq) per sequence, is an input of every recomputed
-        # layer and lives until the last of them has run its backward.
-        kept += setup.seq_length * e
     logits, loss = 0.0, 0.0
     if last:
         # The LM head runs inside the loss, fused with the cross-entropy
@@ -257,8 +152,8 @@ def stage_tokens_bytes(dims: ModelDims, setup: TrainSetup, stage: int) -> dict[s
         # per-row sums, targets and mask (16). Half precision adds the model-dtype logits before
         # their fp32 copy in the forward, and the model-dtype logits gradient in the backward
         # (e V); in fp32 the backward only makes (token, hidden) products.
-        buffers = dims.vocab * 4 + 16
-        working = dims.vocab * e if e == 2 else 3 * h * 4
+        buffers = shape.vocab_size * 4 + 16
+        working = shape.vocab_size * e if e == 2 else 3 * h * 4
         if head_recomputed(setup):
             # A micro-batch keeps its hidden state (counted above) and labels; the buffers
             # exist for one micro-batch at a time, in its forward and again in its backward.
@@ -266,21 +161,18 @@ def stage_tokens_bytes(dims: ModelDims, setup: TrainSetup, stage: int) -> dict[s
             loss = buffers + working
         else:
             # The final norm's output (kept by the fused loss as its input) and what the norm
-            # keeps: HF's RMSNorm works in fp32 (measured: 8 h + 4, in bf16 and in fp32).
-            if dims.model_type == "llama":
-                kept += 8 * h + 4
-            else:
-                kept += h * e + 8
+            # keeps, per the architecture.
+            kept += arch.final_norm_bytes(shape, e)
             logits = buffers
             loss = working
-    backward = full_layer * (2 if setup.checkpointing == "layers" else 1)
+    backward = full_layer * (2 if recomputed else 1)
     return {"kept": kept, "logits": logits, "transient": max(backward, loss)}
 
 
 def head_recomputed(setup: TrainSetup) -> bool:
     """The trainer recomputes the head and loss in the backward under GPipe with pp > 1
     (openchatkit/training/engine.py), where the last stage holds every micro-batch."""
-    return setup.pp > 1 and setup.schedule == "gpipe"
+    return setup.pp > 1 and setup.pp_mode == "gpipe"
 
 
 def in_flight(schedule: str, stage: int, pp: int, num_microbatches: int) -> int:
@@ -292,39 +184,43 @@ def in_flight(schedule: str, stage: int, pp: int, num_microbatches: int) -> int:
     return min(pp - stage, num_microbatches)
 
 
-def plan_memory(dims: ModelDims, setup: TrainSetup) -> list[StageMemory]:
+def plan_memory(shape: ModelShape, setup: TrainSetup) -> list[StageMemory]:
     """The memory of every stage of one replica (all replicas of a stage are equal)."""
-    if setup.schedule not in SCHEDULES:
-        raise ValueError(f"schedule {setup.schedule!r}: expected one of {SCHEDULES}")
-    if setup.checkpointing not in CHECKPOINTING:
-        raise ValueError(f"checkpointing {setup.checkpointing!r}: expected {CHECKPOINTING}")
+    if setup.pp_mode not in SCHEDULES:
+        raise ValueError(f"schedule {setup.pp_mode!r}: expected one of {SCHEDULES}")
+    if setup.activation_checkpointing not in CHECKPOINTING:
+        raise ValueError(
+            f"checkpointing {setup.activation_checkpointing!r}: expected {CHECKPOINTING}"
+        )
     e = ELEMENT_BYTES[setup.precision]
     tokens = setup.micro_batch_size * setup.seq_length
     pp, m = setup.pp, setup.num_microbatches
+    head_vectors = shape.arch.head_vectors(shape)
     out = []
     for s, layers in enumerate(setup.layer_ranges):
         first, last = s == 0, s == pp - 1
-        params = len(layers) * dims.layer_params()
-        small = 0  # parameters in tensors below bitsandbytes' 8-bit threshold
-        small += len(layers) * _small_layer_params(dims)
+        params = len(layers) * shape.layer_params()
+        # Parameters in tensors below bitsandbytes' 8-bit threshold (norms, biases).
+        small = len(layers) * _small(shape.layer_vectors())
         if first:
-            params += dims.embed_params()
+            params += shape.embed_params()
         if last:
             # A tied LM head is the embedding itself on one stage, its own copy otherwise.
-            params += dims.head_params() - (dims.embed_params() if dims.tied and first else 0)
-            small += dims.head_params() - dims.vocab * dims.hidden
+            tied_here = shape.tie_word_embeddings and first
+            params += shape.head_params() - (shape.embed_params() if tied_here else 0)
+            small += _small(head_vectors)
         weights = params * e
         trainable = params
-        if setup.lora_r > 0:
+        if setup.lora is not None:
             # Frozen base; only the adapters (in the model dtype, as peft casts them) train.
             small = 0  # adapter matrices are above the 8-bit size
             trainable = len(layers) * sum(
-                setup.lora_r * (a + b) for a, b in _lora_targets(dims, setup)
+                setup.lora.r * (a + b) for a, b in _lora_targets(shape, setup)
             )
             if setup.load_in_4bit:
-                # NF4: half a byte per weight and an fp32 absmax per 64 of the layers' linears.
-                linear = len(layers) * sum(a * b for a, b in linear_shapes(dims).values())
-                weights -= linear * e - math.ceil(linear * (0.5 + 4 / 64))
+                # Every linear of the layers in NF4 (see NF4_BYTES_PER_WEIGHT).
+                linear = len(layers) * sum(a * b for a, b in shape.linear_shapes().values())
+                weights -= linear * e - math.ceil(linear * NF4_BYTES_PER_WEIGHT)
             weights += trainable * e
             params += trainable
         grads = trainable * e
@@ -336,13 +232,13 @@ def plan_memory(dims: ModelDims, setup: TrainSetup) -> list[StageMemory]:
             optimizer = math.ceil((2 + 8 / 256) * (trainable - small)) + 8 * small
         else:
             optimizer = 8 * trainable
-        per_token = stage_tokens_bytes(dims, setup, s)
-        n = in_flight(setup.schedule, s, pp, m)
+        per_token = stage_tokens_bytes(shape, setup, s)
+        n = in_flight(setup.pp_mode, s, pp, m)
         act = math.ceil(per_token["kept"] * tokens)
         logits = math.ceil(per_token["logits"] * tokens) * n
         comm = 0
         if pp > 1:
-            buffer = tokens * dims.hidden * e
+            buffer = tokens * shape.hidden_size * e
             comm = m * buffer * ((0 if first else 1) + (0 if last else 1))
         transient = math.ceil(per_token["transient"] * tokens)
         state = weights + master + optimizer
@@ -376,47 +272,29 @@ def plan_memory(dims: ModelDims, setup: TrainSetup) -> list[StageMemory]:
     return out
 
 
-def linear_shapes(dims: ModelDims) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each linear module in one layer, by module name."""
-    h, i = dims.hidden, dims.intermediate
-    if dims.model_type == "gpt_neox":
-        return {"query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, i),
-                "dense_4h_to_h": (i, h)}  # fmt: skip
-    if dims.model_type == "gptj":
-        return {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "out_proj": (h, h),
-                "fc_in": (h, i), "fc_out": (i, h)}  # fmt: skip
-    kv = dims.kv_heads * dims.head_dim
-    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
-
-
-def _lora_targets(dims: ModelDims, setup: TrainSetup) -> list[tuple[int, int]]:
+def _lora_targets(shape: ModelShape, setup: TrainSetup) -> list[tuple[int, int]]:
     """(in, out) of each adapted module in one layer (peft matches a target by name suffix)."""
-    shapes = linear_shapes(dims)
-    return [
-        shapes[t.rsplit(".", 1)[-1]] for t in setup.lora_targets if t.rsplit(".", 1)[-1] in shapes
-    ]
+    if setup.lora is None:
+        return []
+    shapes = shape.linear_shapes()
+    names = [t.rsplit(".", 1)[-1] for t in setup.lora.target_modules]
+    return [shapes[name] for name in names if name in shapes]
 
 
-def _lora_activation_bytes(dims: ModelDims, setup: TrainSetup) -> float:
+def _lora_activation_bytes(shape: ModelShape, setup: TrainSetup) -> float:
     """Per token and layer, what the adapters add: A's output (r) and, with dropout, the
     dropped input and its mask (a bool mask on CUDA, one of the input's dtype on CPU). The base
     layer's own bytes are counted as in full fine-tuning: an upper bound, since a frozen linear
     keeps no input for a weight gradient (measured on tiny layers: 1.2-1.5x what LoRA keeps)."""
     e = ELEMENT_BYTES[setup.precision]
     total = 0.0
-    for fan_in, _ in _lora_targets(dims, setup):
-        total += setup.lora_r * e + (fan_in * 2 * e if setup.lora_dropout > 0 else 0)
+    for fan_in, _ in _lora_targets(shape, setup):
+        total += setup.lora.r * e + (fan_in * 2 * e if setup.lora.dropout > 0 else 0)
     return total
 
 
-def _small_layer_params(dims: ModelDims) -> int:
-    """Parameters of one layer held in tensors below bitsandbytes' 8-bit size (norms, biases)."""
-    sizes = {
-        "gpt_neox": [dims.hidden] * 4 + [3 * dims.hidden, dims.hidden, dims.intermediate, dims.hidden],
-        "gptj": [dims.hidden] * 2 + [dims.intermediate, dims.hidden],
-        "llama": [dims.hidden] * 2,
-    }[dims.model_type]  # fmt: skip
+def _small(sizes: list[int]) -> int:
+    """Parameters held in tensors below bitsandbytes' 8-bit size."""
     return sum(n for n in sizes if n < BNB_MIN_8BIT_SIZE)
 
 
@@ -450,15 +328,15 @@ def format_table(plans: Sequence[StageMemory], gpu_bytes: float | None = None) -
 # Changes a refusal may suggest, cheapest first: (flag text, changed setup or None).
 def _fixes(setup: TrainSetup, num_layers: int) -> list[tuple[str, TrainSetup]]:
     out = []
-    ckpt = replace(setup, checkpointing="layers")
-    if setup.checkpointing == "none":
+    ckpt = replace(setup, activation_checkpointing="layers")
+    if setup.activation_checkpointing == "none":
         out.append(("--activation-checkpointing layers", ckpt))
-    one_f = setup.pp > 1 and setup.schedule == "gpipe" and setup.num_microbatches >= setup.pp
+    one_f = setup.pp > 1 and setup.pp_mode == "gpipe" and setup.num_microbatches >= setup.pp
     if one_f:
-        out.append(("--pp-mode 1f1b", replace(setup, schedule="1f1b")))
-        if setup.checkpointing == "none":
+        out.append(("--pp-mode 1f1b", replace(setup, pp_mode="1f1b")))
+        if setup.activation_checkpointing == "none":
             out.append(
-                ("--pp-mode 1f1b --activation-checkpointing layers", replace(ckpt, schedule="1f1b"))
+                ("--pp-mode 1f1b --activation-checkpointing layers", replace(ckpt, pp_mode="1f1b"))
             )
     mb = setup.micro_batch_size
     while mb > 1:
@@ -468,13 +346,13 @@ def _fixes(setup: TrainSetup, num_layers: int) -> list[tuple[str, TrainSetup]]:
             setup, micro_batch_size=mb, num_microbatches=setup.num_microbatches * factor
         )
         out.append((f"--micro-batch-size {mb}", smaller))
-        if setup.checkpointing == "none":
+        if setup.activation_checkpointing == "none":
             out.append((f"--micro-batch-size {mb} --activation-checkpointing layers",
-                        replace(smaller, checkpointing="layers")))  # fmt: skip
+                        replace(smaller, activation_checkpointing="layers")))  # fmt: skip
     pp = setup.pp * 2
     while pp <= num_layers and pp <= 64:
-        ranges = _even_ranges(num_layers, pp)
-        if setup.schedule != "1f1b" or setup.num_microbatches >= pp:
+        ranges = tuple(split_layers(num_layers, pp))
+        if setup.pp_mode != "1f1b" or setup.num_microbatches >= pp:
             out.append(
                 (f"--pipeline-group-size {pp} (more GPUs)", replace(setup, layer_ranges=ranges))
             )
@@ -482,16 +360,10 @@ def _fixes(setup: TrainSetup, num_layers: int) -> list[tuple[str, TrainSetup]]:
     return out
 
 
-def _even_ranges(num_layers: int, pp: int) -> tuple[range, ...]:
-    base, extra = divmod(num_layers, pp)
-    sizes = [base + (1 if s < extra else 0) for s in range(pp)]
-    return tuple(range(sum(sizes[:s]), sum(sizes[: s + 1])) for s in range(pp))
-
-
-def refusal(dims: ModelDims, setup: TrainSetup, gpu_bytes: float) -> str | None:
+def refusal(shape: ModelShape, setup: TrainSetup, gpu_bytes: float) -> str | None:
     """None when every stage fits `gpu_bytes`; else one line naming the worst stage, the
     shortfall and the cheapest change that fits."""
-    plans = plan_memory(dims, setup)
+    plans = plan_memory(shape, setup)
     worst = max(plans, key=lambda p: p.peak)
     if worst.peak <= gpu_bytes:
         return None
@@ -500,8 +372,8 @@ def refusal(dims: ModelDims, setup: TrainSetup, gpu_bytes: float) -> str | None:
         f"{gib(worst.peak)} GiB of {gib(gpu_bytes)} GiB per GPU, {gib(worst.peak - gpu_bytes)} GiB "
         "short"
     )
-    for flags, candidate in _fixes(setup, dims.num_layers):
-        peak = max(p.peak for p in plan_memory(dims, candidate))
+    for flags, candidate in _fixes(setup, shape.num_layers):
+        peak = max(p.peak for p in plan_memory(shape, candidate))
         if peak <= gpu_bytes:
             return f"{line}; cheapest fix: {flags} (peak {gib(peak)} GiB)"
     other = "" if setup.optimizer in EIGHT_BIT else " or --optimizer 8bit-adam"
@@ -509,52 +381,36 @@ def refusal(dims: ModelDims, setup: TrainSetup, gpu_bytes: float) -> str | None:
 
 
 def check_fits(
-    dims: ModelDims, setup: TrainSetup, gpu_bytes: float, error: Callable[[str], Exception]
+    shape: ModelShape, setup: TrainSetup, gpu_bytes: float, error: Callable[[str], Exception]
 ) -> list[StageMemory]:
     """Plan, and raise `error(one line)` when a stage does not fit."""
-    message = refusal(dims, setup, gpu_bytes)
+    message = refusal(shape, setup, gpu_bytes)
     if message is not None:
         raise error(f"out of GPU memory before starting: {message}")
-    return plan_memory(dims, setup)
+    return plan_memory(shape, setup)
 
 
 # -- from the trainer's flags ------------------------------------------------------------------
-def read_dims(model_name: str | Path) -> tuple[ModelDims, str]:
-    """The model's dims from `<model_name>/config.json`, else from KNOWN_CONFIGS by folder name
-    (a plan needs no download). Returns (dims, where they came from)."""
+def read_shape(model_name: str | Path) -> tuple[ModelShape, str]:
+    """The model's shape from `<model_name>/config.json`, else from the published configs by
+    folder name (openchatkit/models/published.py: a plan needs no download). Returns (shape,
+    where it came from)."""
     folder = Path(model_name)
     path = folder / "config.json"
+    where = f"--model-name {folder}"
     if path.is_file():
         try:
-            return ModelDims.from_config(json.loads(path.read_text())), str(path)
-        except (OSError, ValueError, KeyError) as err:
-            raise UserError(f"--model-name {folder}: unusable config.json ({err})") from None
-    known = KNOWN_CONFIGS.get(folder.name)
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{where}: unusable config.json ({err})") from None
+        return ModelShape.from_dict(cfg, where), str(path)
+    known = published_config(folder.name)
     if known is None:
         raise UserError(
-            f"--model-name {folder}: no config.json there, and {folder.name!r} is not one of "
-            f"the shipped models ({', '.join(sorted(KNOWN_CONFIGS))})"
+            f"{where}: no config.json there, and {folder.name!r} is not one of "
+            f"the shipped models ({', '.join(published_names())})"
         )
-    return ModelDims.from_config(known), f"the published config of {folder.name}"
-
-
-def setup_from_config(config: Any) -> TrainSetup:
-    """TrainSetup from a `TrainConfig` (openchatkit/training/config.py)."""
-    return TrainSetup(
-        layer_ranges=tuple(config.layer_ranges),
-        micro_batch_size=config.micro_batch_size,
-        seq_length=config.seq_length,
-        num_microbatches=config.num_microbatches,
-        schedule=config.pp_mode,
-        precision=config.precision,
-        optimizer=config.optimizer,
-        checkpointing=config.activation_checkpointing,
-        dp=config.dp,
-        lora_r=config.lora.r if config.lora is not None else 0,
-        lora_targets=tuple(config.lora.target_modules) if config.lora is not None else (),
-        lora_dropout=config.lora.dropout if config.lora is not None else 0.0,
-        load_in_4bit=config.load_in_4bit,
-    )
+    return ModelShape.from_dict(known, where), f"the published config of {folder.name}"
 
 
 def check_before_training(config: Any, device_bytes: Callable[[int], int]) -> None:
@@ -563,9 +419,9 @@ def check_before_training(config: Any, device_bytes: Callable[[int], int]) -> No
     `device_bytes(cuda_id)`)."""
     if config.device != "cuda":
         return
-    dims, _ = read_dims(config.model_name)
+    shape, _ = read_shape(config.model_name)
     if config.gpu_memory is not None:
         gpu = config.gpu_memory * GIB
     else:
         gpu = device_bytes(config.cuda_id if config.cuda_id is not None else 0)
-    check_fits(dims, setup_from_config(config), gpu, UserError)
+    check_fits(shape, TrainSetup.from_config(config), gpu, UserError)

@@ -8,12 +8,17 @@ the layout-independent parameter names, so a checkpoint resumes under another pp
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from openchatkit.errors import UserError
-from openchatkit.training.memory import EIGHT_BIT
+
+if TYPE_CHECKING:
+    import torch
+
+# The names are read by the torch-free memory planner and flag checks, so torch is imported by
+# the functions that use it.
+OPTIMIZERS = ("adam", "8bit-adam", "paged-8bit-adam")
+EIGHT_BIT = ("8bit-adam", "paged-8bit-adam")  # bitsandbytes' AdamW8bit state, paged or not
 
 
 def lr_factor(step: int, warmup: int, total: int, decay: str = "linear") -> float:
@@ -26,9 +31,6 @@ def lr_factor(step: int, warmup: int, total: int, decay: str = "linear") -> floa
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-OPTIMIZERS = ("adam", "8bit-adam", "paged-8bit-adam")
-
-
 def build_optimizer(
     params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
@@ -37,6 +39,8 @@ def build_optimizer(
     driver pages out to host memory when the GPU runs short, instead of failing with OOM).
     Paging exists only on CUDA; on CPU `paged-8bit-adam` is `8bit-adam` (the same update, said
     once in the log). The two keep the same state, so a run may switch between them on resume."""
+    import torch
+
     if name == "adam":
         # One fused kernel per group of tensors (CUDA, and CPU since torch 2.4) instead of a
         # Python loop of ~a dozen small kernels per tensor, and no temporaries. The same update
@@ -62,6 +66,8 @@ def page_loaded_state(optimizer: torch.optim.Optimizer) -> None:
     """After `load_state_dict`, move a paged optimizer's large 8-bit states back into paged
     (CUDA unified) memory: bitsandbytes loads them as ordinary device tensors, which would
     quietly turn paging off for the rest of a resumed run. A no-op for other optimizers."""
+    import torch
+
     if not getattr(optimizer, "is_paged", False):
         return
     for param, state in optimizer.state.items():
@@ -76,6 +82,8 @@ def page_loaded_state(optimizer: torch.optim.Optimizer) -> None:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, warmup: int, total: int, decay: str = "linear"
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    import torch
+
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, total, decay)
     )
@@ -85,6 +93,8 @@ def optimizer_state_by_name(
     optimizer: torch.optim.Optimizer, names: list[str], skip: set[str]
 ) -> dict[str, dict[str, Any]]:
     """Per-parameter optimizer state keyed by name (`names` in the optimizer's param order)."""
+    import torch
+
     sd = optimizer.state_dict()
     order = [i for group in sd["param_groups"] for i in group["params"]]
     out: dict[str, dict[str, Any]] = {}
@@ -108,6 +118,8 @@ def load_optimizer_state_by_name(
     alias: dict[str, str],
 ) -> list[str]:
     """Load per-name state into `optimizer`; returns the names that had no saved state."""
+    import torch
+
     sd = optimizer.state_dict()
     order = [i for group in sd["param_groups"] for i in group["params"]]
     state: dict[int, dict[str, Any]] = {}

@@ -469,7 +469,7 @@ def check_resume_kind(folder: Path, config: TrainConfig) -> None:
 
 def _optimizer_family(name: str) -> str:
     """Optimizers that share a state layout: the paged 8-bit AdamW is the 8-bit one."""
-    from openchatkit.training.memory import EIGHT_BIT
+    from openchatkit.training.optim import EIGHT_BIT
 
     return "8bit-adam" if name in EIGHT_BIT else name
 

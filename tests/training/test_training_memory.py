@@ -20,23 +20,18 @@ import pytest
 import torch
 
 from openchatkit.errors import UserError
+from openchatkit.models.lora import LoraSettings
+from openchatkit.models.published import published_config
+from openchatkit.models.shape import ModelShape
 from openchatkit.models.stage import StageModel
 from openchatkit.training.engine import TokenMeanLoss
 from openchatkit.training.loss import move_head_into_loss
-from openchatkit.training.memory import (
-    GIB,
-    KNOWN_CONFIGS,
-    ModelDims,
-    TrainSetup,
-    check_fits,
-    plan_memory,
-    refusal,
-)
+from openchatkit.training.memory import GIB, TrainSetup, check_fits, plan_memory, refusal
 from openchatkit.training.memory_probe import LiveBytes
 from openchatkit.training.optim import build_optimizer
 from openchatkit.training.precision import MasterWeights
 
-ARCHS = ("gpt_neox", "llama", "gptj")
+ARCHS = ("gpt_neox", "llama", "gptj", "qwen2", "mistral")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NUM_LAYERS, SEQ, MICRO, NUM_MICRO, PP = 4, 48, 2, 4, 2
 # Every shipped GPU recipe (the CPU demos end in -cpu.sh), so a new recipe is checked too.
@@ -50,9 +45,17 @@ assert len(GPU_RECIPES) >= 7, GPU_RECIPES
 
 
 def tiny_config(arch: str, dropout: float = 0.0):
-    from transformers import GPTJConfig, GPTNeoXConfig, LlamaConfig
+    from transformers import GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=96, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    gqa = dict(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    if arch == "qwen2":  # biased q/k/v, tied like Qwen2.5-0.5B
+        return Qwen2Config(tie_word_embeddings=True, **gqa, **common)
+    if arch == "mistral":  # a sliding window shorter than SEQ: the stage builds a mask
+        return MistralConfig(sliding_window=SEQ // 3, tie_word_embeddings=False, **gqa, **common)
     if arch == "llama":  # GQA and tied embeddings, like SmolLM2
         return LlamaConfig(
             hidden_size=64, intermediate_size=160, num_hidden_layers=NUM_LAYERS,
@@ -72,8 +75,8 @@ def tiny_config(arch: str, dropout: float = 0.0):
     )  # fmt: skip
 
 
-def dims_of(config) -> ModelDims:
-    return ModelDims.from_config(config.to_dict())
+def dims_of(config) -> ModelShape:
+    return ModelShape.from_dict(config.to_dict())
 
 
 def ranges(pp: int) -> tuple[range, ...]:
@@ -149,8 +152,8 @@ def test_activation_bytes_match_measurement(case):
     arch, precision, checkpointing, schedule = case
     dims = dims_of(tiny_config(arch))
     setup = TrainSetup(
-        ranges(PP), MICRO, SEQ, NUM_MICRO, schedule=schedule, precision=precision,
-        checkpointing=checkpointing,
+        ranges(PP), MICRO, SEQ, NUM_MICRO, pp_mode=schedule, precision=precision,
+        activation_checkpointing=checkpointing,
     )  # fmt: skip
     for plan in plan_memory(dims, setup):
         held, peak = measure_in_flight(
@@ -162,19 +165,44 @@ def test_activation_bytes_match_measurement(case):
         assert peak <= 1.10 * (predicted + plan.transient), (plan.stage, peak, predicted)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_fast", "gelu_new"])
+def test_gpt_neox_activation_bytes_follow_hidden_act(act, precision):
+    """transformers' gelu_fast (GPT-NeoX-20B's) keeps six MLP-width tensors beyond what torch's
+    GELU keeps, gelu_new three: the planner's bytes for a middle stage of two layers equal what
+    a CPU forward keeps (an allocator count), for each activation."""
+    config = tiny_config("gpt_neox")
+    config.hidden_act = act
+    dtype = DTYPES[precision]
+    shape = dims_of(config)
+    assert shape.hidden_act == act
+    setup = TrainSetup((range(0, 1), range(1, 3), range(3, 4)), MICRO, SEQ, 1, precision=precision)
+    planned = plan_memory(shape, setup)[1].act_per_microbatch
+    torch.manual_seed(0)
+    stage = StageModel(config, range(1, 3), False, False, dtype=dtype)
+    stage.train()
+    x = torch.randn(MICRO, SEQ, 64, dtype=dtype, requires_grad=True)
+    with LiveBytes(exclude=[*stage.parameters(), *stage.buffers(), x]) as probe:
+        pos = torch.arange(SEQ).unsqueeze(0).expand(MICRO, SEQ).contiguous()  # counted: kept
+        out = stage(x, position_ids=pos)
+        held = probe.live
+    del out
+    assert abs(planned - held) <= 0.01 * held, (act, planned, held)
+
+
 def test_in_flight_counts_follow_the_schedule():
     dims = dims_of(tiny_config("llama"))
     four = tuple(range(i, i + 1) for i in range(4))
-    gpipe = plan_memory(dims, TrainSetup(four, 1, SEQ, 6, schedule="gpipe"))
-    one_f = plan_memory(dims, TrainSetup(four, 1, SEQ, 6, schedule="1f1b"))
+    gpipe = plan_memory(dims, TrainSetup(four, 1, SEQ, 6, pp_mode="gpipe"))
+    one_f = plan_memory(dims, TrainSetup(four, 1, SEQ, 6, pp_mode="1f1b"))
     assert [p.in_flight for p in gpipe] == [6, 6, 6, 6]
     assert [p.in_flight for p in one_f] == [4, 3, 2, 1]
-    single = plan_memory(dims, TrainSetup((range(4),), 1, SEQ, 6, schedule="gpipe"))
+    single = plan_memory(dims, TrainSetup((range(4),), 1, SEQ, 6, pp_mode="gpipe"))
     assert single[0].in_flight == 1 and single[0].comm == 0
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "qwen2", "mistral"])
 def test_state_bytes_match_the_trainer_classes(arch, precision):
     torch.manual_seed(0)
     config = tiny_config(arch)
@@ -203,20 +231,18 @@ def test_state_bytes_match_the_trainer_classes(arch, precision):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "qwen2", "mistral"])
 def test_lora_state_and_activation_bytes(arch, precision):
     """LoRA: a frozen base, so gradients, fp32 masters and Adam state only for the adapters
     (exact); activations counted as full fine-tuning plus the adapters' own, an upper bound."""
-    from openchatkit.models.lora import LoraSettings, apply_lora
-    from openchatkit.models.registry import LORA_TARGETS
+    from openchatkit.models.lora import apply_lora
+    from openchatkit.models.registry import get_architecture
 
     torch.manual_seed(0)
     config = tiny_config(arch)
-    lora = LoraSettings(r=8, alpha=16.0, dropout=0.05, target_modules=LORA_TARGETS[arch])
-    setup = TrainSetup(
-        ranges(2), MICRO, SEQ, 1, precision=precision, lora_r=8,
-        lora_targets=lora.target_modules, lora_dropout=0.05,
-    )  # fmt: skip
+    targets = get_architecture(arch).lora_targets
+    lora = LoraSettings(r=8, alpha=16.0, dropout=0.05, target_modules=targets)
+    setup = TrainSetup(ranges(2), MICRO, SEQ, 1, precision=precision, lora=lora)
     plan = plan_memory(dims_of(config), setup)[1]  # the last stage: layers 2-3 and the head
     stage = StageModel(config, ranges(2)[1], False, True, dtype=DTYPES[precision])
     apply_lora(stage, lora)
@@ -340,20 +366,25 @@ def test_checkpointing_is_off_in_eval_and_rejects_unknown_modes():
 
 
 # -- published configs, refusals ---------------------------------------------------------------
-def test_gpt_neox_20b_half_precision_layer_is_36_bytes_per_token_per_hidden_unit():
-    dims = ModelDims.from_config(KNOWN_CONFIGS["EleutherAI_gpt-neox-20b"])
+def test_gpt_neox_20b_half_precision_layer_bytes_per_token_per_hidden_unit():
+    """36 bytes per token per hidden unit with plain GELU; GPT-NeoX-20B's `gelu_fast` keeps six
+    more MLP-width tensors (12 i = 48 h in fp16): 84."""
+    dims = ModelShape.from_dict(published_config("EleutherAI_gpt-neox-20b"))
+    assert dims.hidden_act == "gelu_fast"
     assert dims.layer_params() * dims.num_layers + 2 * dims.embed_params() == pytest.approx(
         20.55e9, rel=0.01
     )
     setup = TrainSetup(tuple(range(i, i + 1) for i in range(44)), 1, 2048, 1, precision="fp16")
-    per_layer = plan_memory(dims, setup)[1].act_per_microbatch  # a middle stage of one layer
-    assert per_layer / 2048 / dims.hidden == pytest.approx(36, rel=0.01)
+    for act, expected in (("gelu", 36), ("gelu_fast", 84)):
+        shape = dataclasses.replace(dims, hidden_act=act)
+        per_layer = plan_memory(shape, setup)[1].act_per_microbatch  # a middle stage, one layer
+        assert per_layer / 2048 / dims.hidden_size == pytest.approx(expected, rel=0.01), act
 
 
 def test_refusal_names_stage_shortfall_and_the_cheapest_fix():
-    dims = ModelDims.from_config(KNOWN_CONFIGS["EleutherAI_gpt-neox-20b"])
+    dims = ModelShape.from_dict(published_config("EleutherAI_gpt-neox-20b"))
     layers = tuple(range(s * 6, min(44, (s + 1) * 6)) for s in range(8))
-    original = TrainSetup(layers, 1, 2048, 64, schedule="gpipe", precision="fp16")
+    original = TrainSetup(layers, 1, 2048, 64, pp_mode="gpipe", precision="fp16")
     message = refusal(dims, original, 80 * GIB)
     assert message is not None and "\n" not in message
     assert message.startswith("stage 0 (layers 0-5) needs ")
@@ -361,8 +392,8 @@ def test_refusal_names_stage_shortfall_and_the_cheapest_fix():
     with pytest.raises(UserError, match="out of GPU memory before starting: stage 0"):
         check_fits(dims, original, 80 * GIB, UserError)
     # Checkpointing already on and one stage (no 1F1B): a smaller micro-batch is next.
-    three_b = ModelDims.from_config(KNOWN_CONFIGS["togethercomputer_RedPajama-INCITE-Base-3B-v1"])
-    big = TrainSetup((range(32),), 64, 2048, 1, precision="bf16", checkpointing="layers")
+    three_b = ModelShape.from_dict(published_config("togethercomputer_RedPajama-INCITE-Base-3B-v1"))
+    big = TrainSetup((range(32),), 64, 2048, 1, precision="bf16", activation_checkpointing="layers")
     message = refusal(three_b, big, 80 * GIB)
     assert "cheapest fix: --micro-batch-size 32 " in message, message
     assert refusal(three_b, big, 1000 * GIB) is None
@@ -403,9 +434,7 @@ def _config(shape, flags):
 
 
 def test_trainer_refuses_gloo_for_cuda_pipelines_and_defaults_checkpointing():
-    from openchatkit.training.config import ModelShape
-
-    shape = ModelShape("llama", 4, 64, 96, True)
+    shape = ModelShape.from_dict(tiny_config("llama").to_dict())
     with pytest.raises(UserError, match="gloo cannot send CUDA tensors"):
         _config(shape, ["--device", "cuda", "--dp-backend", "gloo", "--pipeline-group-size", "2"])
     for device, expected in (("cuda", "layers"), ("cpu", "none")):
@@ -419,7 +448,7 @@ def test_start_up_check_refuses_before_any_allocation(tmp_path):
     from openchatkit.training.memory import check_before_training
 
     folder = tmp_path / "EleutherAI_gpt-neox-20b"  # no config.json: the published one is used
-    shape = ModelShape("gpt_neox", 44, 6144, 50432, False)
+    shape = ModelShape.from_dict(published_config("EleutherAI_gpt-neox-20b"))
     flags = [
         "--model-name", str(folder), "--device", "cuda", "--fp16", "--pipeline-group-size", "8",
         "--num-layers", "6", "--batch-size", "64",
@@ -506,7 +535,7 @@ def test_planner_matches_cuda_allocator(checkpointing):
     seq, micro, n = 1024, 2, 3
     setup = TrainSetup(
         (range(0, 1), range(1, 3), range(3, 4)), micro, seq, n, precision="bf16",
-        checkpointing=checkpointing,
+        activation_checkpointing=checkpointing,
     )  # fmt: skip
     plan = plan_memory(dims_of(config), setup)[1]  # a middle stage: layers only
     stage = StageModel(config, range(1, 3), False, False, dtype=torch.bfloat16, device="cuda")
@@ -522,3 +551,33 @@ def test_planner_matches_cuda_allocator(checkpointing):
     held = torch.cuda.memory_allocated() - before
     assert abs(plan.activations - held) <= 0.10 * held, (plan.activations, held)
     del outputs
+
+
+def test_nf4_bytes_per_weight_are_bitsandbytes_double_quantised_layout():
+    """0.5 + 1/64 + 4/(64*256) bytes per weight: what a Linear4bit built as quantize.py builds
+    it (NF4, double quantisation) stores, within 0.5 % for a 1M-weight matrix."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from openchatkit.training.memory import NF4_BYTES_PER_WEIGHT
+
+    n_in = n_out = 1024
+    q = bnb.nn.Linear4bit(n_in, n_out, bias=False, quant_type="nf4", device="meta")
+    q.weight = bnb.nn.Params4bit(torch.randn(n_out, n_in), requires_grad=False, quant_type="nf4")
+    q = q.to("cpu")
+    state = q.weight.quant_state
+    assert state.nested  # double quantisation, bitsandbytes' default
+    stored = q.weight.nbytes + state.absmax.nbytes + state.code.nbytes
+    stored += state.state2.absmax.nbytes + state.state2.code.nbytes
+    assert NF4_BYTES_PER_WEIGHT == pytest.approx(0.5159, abs=1e-4)
+    assert stored == pytest.approx(n_in * n_out * NF4_BYTES_PER_WEIGHT, rel=0.005)
+
+
+def test_gpt_neox_20b_without_checkpointing_does_not_fit_80_gb(cli):
+    """Its `gelu_fast` keeps six MLP-width tensors per layer: stage 0 needs about 97 GiB (the
+    planner fitted on plain GELU said 69.5 GiB, "fits")."""
+    r = cli.run(
+        "training/plan.py", "--recipe", "training/train-gpt-neox-chat-base-20b.sh",
+        "--activation-checkpointing", "none", "--gpu-memory", 80,
+    )  # fmt: skip
+    cli.assert_one_line_error(r, "will not fit: stage 0", "cheapest fix")
+    peak = float(r.stdout.strip().splitlines()[-1].split()[1])
+    assert 95 <= peak <= 99, r.stdout
