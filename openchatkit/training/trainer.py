@@ -30,6 +30,7 @@ from openchatkit.errors import UserError
 from openchatkit.training import checkpoint as ckpt
 from openchatkit.training.config import TrainConfig
 from openchatkit.training.engine import TrainEngine
+from openchatkit.training.lock import releasing
 from openchatkit.training.metrics import (
     MetricsLogger,
     matmul_params,
@@ -68,6 +69,57 @@ class Run:
         self.start_step = 0
         self.watchdog: PeerWatchdog | None = None
         self.save_group = None  # gloo group for checkpoint barriers (distributed runs)
+        self.candidates: list[Path] = []  # checkpoints to resume from, newest first
+        self.size_damaged: list[tuple[Path, str]] = []
+        self.share_problem: str | None = None  # this rank's hash share of candidates[0]
+
+    # -- resume: verified before the process group exists ------------------------------------
+    def precheck_resume(self) -> None:
+        """Before `init_process_group`: every rank lists the checkpoints whose files have their
+        sizes (the same list everywhere) and hashes its 1/world share of the newest one, so
+        hashing a large checkpoint neither repeats on every rank nor races --pg-timeout."""
+        self.candidates, self.size_damaged = ckpt.resume_candidates(self.root)
+        if self.candidates:
+            self.share_problem = ckpt.verify_checkpoint(
+                self.candidates[0], share=(self.rdv.rank, self.rdv.world_size)
+            )
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True when `flag` is true on any rank (a max all-reduce on the gloo save group)."""
+        if not self.layout.is_distributed:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.save_group)
+        return bool(t.item())
+
+    def agree_on_resume(self) -> Path | None:
+        """The newest checkpoint every rank found intact; damaged ones are skipped with one
+        warning and set aside by rank 0 (which holds the folder's lock)."""
+        rank, world = self.rdv.rank, self.rdv.world_size
+        bad = list(self.size_damaged)
+        chosen = None
+        for i, folder in enumerate(self.candidates):
+            problem = (
+                self.share_problem
+                if i == 0
+                else ckpt.verify_checkpoint(folder, share=(rank, world))
+            )
+            if not self._any_rank(problem is not None):
+                chosen = folder
+                break
+            bad.append((folder, problem or "a file another rank hashed differs from meta.json"))
+        if chosen is None and bad:
+            names = "; ".join(f"{f.name}: {p}" for f, p in bad)
+            raise UserError(
+                f"--checkpoint-path {self.root}: no intact checkpoint ({names}); move the folder "
+                "away to start afresh"
+            )
+        if bad and rank == 0:
+            names = "; ".join(f"{f.name}: {p}" for f, p in bad)
+            logger.warning("skipping damaged {}; resuming from {}", names, chosen)
+            for folder, _ in bad:  # never resumed from nor kept by retention again
+                ckpt.set_aside(folder)
+        return chosen
 
     # -- setup --------------------------------------------------------------------------------
     def init_distributed(self) -> None:
@@ -110,7 +162,10 @@ class Run:
                     self.rdv.world_size,
                     config.peer_timeout,
                     describe=self.layout.describe_rank,
-                ).start()
+                )
+                # Its exit skips `finally`: the run lock is released first.
+                self.watchdog.on_dead = releasing(self.watchdog.on_dead)
+                self.watchdog.start()
 
     def barrier(self) -> None:
         """Wait for every rank around a checkpoint write (--save-timeout)."""
@@ -124,7 +179,7 @@ class Run:
 
         config, layout = self.config, self.layout
         ckpt.seed_everything(config.seed)
-        self.resume_from = ckpt.find_latest(self.root)
+        self.resume_from = self.agree_on_resume()
         self.meta = ckpt.read_meta(self.resume_from) if self.resume_from else None
         dtype = DTYPES[config.precision]
         layer_range = config.layer_ranges[layout.pp_rank]
@@ -239,8 +294,12 @@ class Run:
         same_layout = meta["layout"] == {"pp": layout.pp, "dp": layout.dp}
         rng = ckpt.load_rank_rng(folder, layout.rank) if same_layout else None
         if rng is not None:
-            ckpt.set_rng_state(rng)
-        else:
+            try:
+                ckpt.set_rng_state(rng)
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+                logger.warning("{}: malformed RNG state for rank {} ({})", folder, layout.rank, err)
+                rng = None
+        if rng is None:
             if same_layout:
                 logger.warning(
                     "{}: no RNG state for rank {}; reseeding, so the run is no longer "
@@ -514,6 +573,7 @@ def run_training(config: TrainConfig, rdv: Rendezvous) -> int:
     run = Run(config, rdv)
     clean, lost = False, None
     try:
+        run.precheck_resume()
         run.init_distributed()
         run.build()
         code = run.train()
