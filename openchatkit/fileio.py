@@ -19,6 +19,7 @@ like the kit's own output (`foreign_entries`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -31,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from openchatkit.errors import UserError
+
+# errno values of a write refused for want of room: a full disk, a quota, a file too large.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class OutputError(UserError):
@@ -249,8 +253,8 @@ def atomic_file(
                 f.close()
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(err, OSError) and not isinstance(err, OutputError):
-            # A write of the caller's (json.dump, f.write) that hit a full disk.
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            # A write of the caller's (json.dump, f.write) that hit a full disk or quota.
             raise OutputError(f"cannot write {dest}: {describe_os_error(err)}") from None
         raise
 

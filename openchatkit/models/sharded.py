@@ -102,8 +102,8 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{folder} is not a layer-sharded model folder (no {MANIFEST})") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deep
+        raise UserError(f"cannot read {path}: {type(err).__name__}: {str(err)[:200]}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{path} is not an {FORMAT} manifest")
     if data.get("version") != VERSION:
