@@ -213,10 +213,13 @@ def make_readable(path: Path) -> None:
 
 def copy_tokenizer_files(src: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
     """Copy the tokenizer and generation-config files `src` has into `dest`; returns their names."""
+    from openchatkit.models.hf_weights import contained_file
+
     copied = []
     for name in TOKENIZER_FILES:
         path = Path(src) / name
         if path.is_file():
-            shutil.copyfile(path, Path(dest) / name)
+            # A symlink out of the source folder (to a key, say) is refused, not copied.
+            shutil.copyfile(contained_file(src, name), Path(dest) / name)
             copied.append(name)
     return copied
