@@ -209,3 +209,34 @@ def test_resume_hashes_this_ranks_share_before_the_process_group(tmp_path, monke
     assert trainer.run_training(config, rdv) == 0
     share = [Path(f).name for f in files[1::3]]
     assert events == [*share, "<pg>", "<build>"], events
+
+
+def test_ranks_agree_to_skip_a_checkpoint_another_rank_found_damaged(tmp_path):
+    """Rank 0's share of checkpoint_4 is intact; the other rank's is not (same size, other
+    bytes): both fall back to checkpoint_2, and rank 0 sets checkpoint_4 aside."""
+    from openchatkit.training import checkpoint as ckpt
+
+    root = tmp_path / "run"
+    for step in (2, 4):
+        tmp = ckpt.prepare_temp(root, step)
+        (tmp / "manifest.json").write_text("{}")
+        for i in range(2):
+            (tmp / f"layer_{i:05d}.safetensors").write_bytes(b"w" * 100)
+        ckpt.publish(root, step, {"step": step}, keep=0)
+    files = sorted(json.loads((root / "checkpoint_4" / "meta.json").read_text())["files"])
+    (root / "checkpoint_4" / files[1]).write_bytes(b"x" * 100)  # in rank 1's share of 2
+    checks = [ckpt.ResumeCheck(root, rank, 2) for rank in (0, 1)]
+    for check in checks:
+        check.precheck()
+    assert checks[0].share_problem is None and "sha256" in checks[1].share_problem
+    # What the all-reduce tells each rank: round 1 (checkpoint_4) someone found damage, round 2
+    # (checkpoint_2) nobody did. Rank 1 first, so rank 0's set-aside comes last, as in a run.
+
+    def verdicts():
+        answers = iter([True, False])
+        return lambda flag: next(answers)
+
+    assert checks[1].agree(verdicts()) == root / "checkpoint_2"
+    assert checks[0].agree(verdicts()) == root / "checkpoint_2"
+    assert not (root / "checkpoint_4").exists() and (root / ".checkpoint_4.damaged").is_dir()
+    assert ckpt.find_latest(root) == root / "checkpoint_2"

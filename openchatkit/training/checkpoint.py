@@ -153,6 +153,56 @@ def resume_candidates(root: str | os.PathLike) -> tuple[list[Path], list[tuple[P
     return good, bad
 
 
+class ResumeCheck:
+    """Which checkpoint a run resumes from, verified without slowing the start of a large run.
+
+    `precheck`, before `init_process_group`: every rank lists the checkpoints whose files have
+    their sizes (the same list everywhere) and hashes its 1/world share of the newest one, so
+    hashing a large checkpoint neither repeats on every rank nor races --pg-timeout. `agree`,
+    once a collective exists: the newest checkpoint no rank found damaged; damaged ones are
+    skipped with one warning and set aside by rank 0 (which holds the folder's lock).
+    """
+
+    def __init__(self, root: str | os.PathLike, rank: int, world_size: int) -> None:
+        self.root, self.rank, self.world = Path(root), rank, world_size
+        self.candidates: list[Path] = []  # newest first
+        self.size_damaged: list[tuple[Path, str]] = []
+        self.share_problem: str | None = None  # this rank's share of candidates[0]
+        self.done = False
+
+    def precheck(self) -> None:
+        self.done = True
+        self.candidates, self.size_damaged = resume_candidates(self.root)
+        if self.candidates:
+            share = (self.rank, self.world)
+            self.share_problem = verify_checkpoint(self.candidates[0], share=share)
+
+    def agree(self, any_rank) -> Path | None:
+        """`any_rank(flag)`: True when `flag` is True on any rank (an all-reduce)."""
+        if not self.done:
+            self.precheck()
+        bad = list(self.size_damaged)
+        chosen = None
+        for i, folder in enumerate(self.candidates):
+            share = (self.rank, self.world)
+            problem = self.share_problem if i == 0 else verify_checkpoint(folder, share=share)
+            if not any_rank(problem is not None):
+                chosen = folder
+                break
+            bad.append((folder, problem or "a file another rank hashed differs from meta.json"))
+        names = "; ".join(f"{f.name}: {p}" for f, p in bad)
+        if chosen is None and bad:
+            raise UserError(
+                f"--checkpoint-path {self.root}: no intact checkpoint ({names}); move the folder "
+                "away to start afresh"
+            )
+        if bad and self.rank == 0:
+            logger.warning("skipping damaged {}; resuming from {}", names, chosen)
+            for folder, _ in bad:  # never resumed from nor kept by retention again
+                set_aside(folder)
+        return chosen
+
+
 # -- RNG state: tensors and ints only, so `torch.load(weights_only=True)` reads it ---------------
 
 

@@ -69,20 +69,8 @@ class Run:
         self.start_step = 0
         self.watchdog: PeerWatchdog | None = None
         self.save_group = None  # gloo group for checkpoint barriers (distributed runs)
-        self.candidates: list[Path] = []  # checkpoints to resume from, newest first
-        self.size_damaged: list[tuple[Path, str]] = []
-        self.share_problem: str | None = None  # this rank's hash share of candidates[0]
-
-    # -- resume: verified before the process group exists ------------------------------------
-    def precheck_resume(self) -> None:
-        """Before `init_process_group`: every rank lists the checkpoints whose files have their
-        sizes (the same list everywhere) and hashes its 1/world share of the newest one, so
-        hashing a large checkpoint neither repeats on every rank nor races --pg-timeout."""
-        self.candidates, self.size_damaged = ckpt.resume_candidates(self.root)
-        if self.candidates:
-            self.share_problem = ckpt.verify_checkpoint(
-                self.candidates[0], share=(self.rdv.rank, self.rdv.world_size)
-            )
+        # Checked before the process group exists (run_training calls its `precheck`).
+        self.resume_check = ckpt.ResumeCheck(self.root, rdv.rank, rdv.world_size)
 
     def _any_rank(self, flag: bool) -> bool:
         """True when `flag` is true on any rank (a max all-reduce on the gloo save group)."""
@@ -91,35 +79,6 @@ class Run:
         t = torch.tensor([int(flag)], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.save_group)
         return bool(t.item())
-
-    def agree_on_resume(self) -> Path | None:
-        """The newest checkpoint every rank found intact; damaged ones are skipped with one
-        warning and set aside by rank 0 (which holds the folder's lock)."""
-        rank, world = self.rdv.rank, self.rdv.world_size
-        bad = list(self.size_damaged)
-        chosen = None
-        for i, folder in enumerate(self.candidates):
-            problem = (
-                self.share_problem
-                if i == 0
-                else ckpt.verify_checkpoint(folder, share=(rank, world))
-            )
-            if not self._any_rank(problem is not None):
-                chosen = folder
-                break
-            bad.append((folder, problem or "a file another rank hashed differs from meta.json"))
-        if chosen is None and bad:
-            names = "; ".join(f"{f.name}: {p}" for f, p in bad)
-            raise UserError(
-                f"--checkpoint-path {self.root}: no intact checkpoint ({names}); move the folder "
-                "away to start afresh"
-            )
-        if bad and rank == 0:
-            names = "; ".join(f"{f.name}: {p}" for f, p in bad)
-            logger.warning("skipping damaged {}; resuming from {}", names, chosen)
-            for folder, _ in bad:  # never resumed from nor kept by retention again
-                ckpt.set_aside(folder)
-        return chosen
 
     # -- setup --------------------------------------------------------------------------------
     def init_distributed(self) -> None:
@@ -179,7 +138,7 @@ class Run:
 
         config, layout = self.config, self.layout
         ckpt.seed_everything(config.seed)
-        self.resume_from = self.agree_on_resume()
+        self.resume_from = self.resume_check.agree(self._any_rank)
         self.meta = ckpt.read_meta(self.resume_from) if self.resume_from else None
         dtype = DTYPES[config.precision]
         layer_range = config.layer_ranges[layout.pp_rank]
@@ -573,7 +532,7 @@ def run_training(config: TrainConfig, rdv: Rendezvous) -> int:
     run = Run(config, rdv)
     clean, lost = False, None
     try:
-        run.precheck_resume()
+        run.resume_check.precheck()
         run.init_distributed()
         run.build()
         code = run.train()
