@@ -5,8 +5,8 @@ written gets the permissions the umask allows (as `open()` and `mkdir` would giv
 0600/0700 of Python's `tempfile`, so other users and nodes running as another user on a shared
 file system can read it. Temporary names carry the host and pid of their writer, so the next
 write to the same destination removes what a killed writer left behind (`atomic_file` and
-`atomic_dir` alike). Host names are qualified by the boot id, so containers that share a host
-name but not a pid namespace never take each other's live pids for dead ones.
+`atomic_dir` alike). The host is recorded with its boot id and pid namespace (`host_id`), so
+containers that share a host name never take each other's live pids for dead ones.
 
 Durability: a file is fsynced before its rename and the folder after it, so a power cut leaves
 the old or the new content, never an empty file under the final name.
@@ -82,10 +82,11 @@ def describe_os_error(err: OSError) -> str:
 
 
 def host_id() -> str:
-    """This host as temp names and locks record it: the host name and the first 8 hex digits
-    of the kernel's boot id. Containers sharing a host name (and a file system) but not a pid
-    namespace differ by boot id only when on other machines, so the pid namespace is added
-    where /proc tells it (the inode of /proc/self/ns/pid)."""
+    """This host as temp names and locks record it: `<host name>~<boot id>~<pid namespace>`
+    (8 hex digits of the kernel's boot id; the inode of /proc/self/ns/pid), parts /proc does not
+    give left out. Two containers with one host name differ in their pid namespace on the same
+    machine and in their boot id on two machines, so neither takes the other's live pids for
+    dead ones."""
     host = re.sub(r"[^\w.-]", "_", socket.gethostname())
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
