@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         check_targets(AutoConfig.from_pretrained(config.model_name), config.lora.target_modules)
     # Resuming: the checkpoint's kind (full / LoRA), LoRA settings and base must match; checked
     # before any process group exists, so every rank stops at once instead of after set-up.
-    from openchatkit.training.checkpoint import find_latest
+    from openchatkit.checkpoints import find_latest
     from openchatkit.training.trainer import check_resume_kind
 
     latest = find_latest(config.checkpoint_path, verify=False)
@@ -90,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     check_before_training(config, device_bytes=_device_bytes)
     rdv = resolve_rendezvous(config.rank, config.world_size, config.dist_url, config.pp, config.dp)
     setup_logging(rank=rdv.rank)
-    from openchatkit.training.lock import CheckpointLock
+    from openchatkit.training.lock import CheckpointLock, release_on_sigterm
 
-    # One run per checkpoint folder: rank 0 holds <checkpoint-path>/.lock for the whole run.
+    # One run per checkpoint folder: rank 0 holds <checkpoint-path>/.lock for the whole run
+    # and releases it on any way out (SIGTERM included; the watchdog's exit: see trainer).
     lock = CheckpointLock.acquire(config.checkpoint_path) if rdv.rank == 0 else None
     if lock is not None:
+        release_on_sigterm()
         from openchatkit.training.checkpoint import remove_stale_temps
 
         remove_stale_temps(config.checkpoint_path)  # what a killed run left half-written

@@ -7,6 +7,11 @@ file; an interrupted download resumes where it stopped when run again. The query
 facebook/contriever-msmarco goes to the Hugging Face cache so searching works offline later.
 Tens of GB: check the free disk space first.
 
+Pinned: the first run resolves `main` (or --revision) to a commit and downloads that commit;
+`knn.index` and the parquet are checked against the hub's sha256 for it and recorded, with the
+commit, in `files/openchatkit-source.json`; later runs keep that commit unless --revision says
+otherwise. The index folder is trusted input: see "Trust and safety" in the README.
+
     python data/wikipedia-3sentence-level-retrieval-index/prepare.py
     python data/wikipedia-3sentence-level-retrieval-index/prepare.py --output /big/disk/wiki
     # then
@@ -37,7 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=HERE / "files",
         help="download folder (default: files/ next to this script)",
     )
-    p.add_argument("--revision", default=None, help="dataset revision (default: main)")
+    p.add_argument(
+        "--revision",
+        default=None,
+        help="dataset revision (default: the commit recorded by an earlier run, else main's)",
+    )
     p.add_argument(
         "--skip-embedder", action="store_true", help=f"do not fetch the query embedder {EMBEDDER}"
     )
@@ -46,23 +55,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     from openchatkit.errors import UserError
+    from openchatkit.retrieval.wikipedia import PINNED_FILES, read_source, record_source
 
+    recorded = read_source(args.output) if args.output.is_dir() else None
     try:
+        api = HfApi()
+        # One commit, resolved once: a later run never moves to a newer upstream silently.
+        revision = args.revision or (recorded or {}).get("revision")
+        commit = api.dataset_info(HUB_REPO, revision=revision).sha
+        paths = api.get_paths_info(
+            HUB_REPO, list(PINNED_FILES), revision=commit, repo_type="dataset"
+        )
+        expected = {p.path: p.lfs.sha256 for p in paths if getattr(p, "lfs", None) is not None}
         # snapshot_download keeps partial files as *.incomplete and resumes them; files already
         # complete are skipped after a size/hash check, so running again is cheap.
         folder = snapshot_download(
             HUB_REPO,
             repo_type="dataset",
-            revision=args.revision,
+            revision=commit,
             local_dir=args.output,
             allow_patterns=["knn.index", "*.parquet", "README.md"],
         )
+        extra = {}
         if not args.skip_embedder:
-            snapshot_download(EMBEDDER, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+            embedder_commit = api.model_info(EMBEDDER).sha
+            snapshot_download(
+                EMBEDDER,
+                revision=embedder_commit,
+                allow_patterns=["*.json", "*.txt", "*.safetensors"],
+            )
+            extra = {"embedder": EMBEDDER, "embedder_revision": embedder_commit}
+        record_source(Path(folder), HUB_REPO, commit, expected, extra)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
         raise UserError(
             f"cannot download {HUB_REPO}: offline (no network or HF_HUB_OFFLINE=1); "

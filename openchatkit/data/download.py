@@ -26,7 +26,7 @@ from typing import TypeVar
 from loguru import logger
 
 from openchatkit.errors import UserError
-from openchatkit.fileio import atomic_file
+from openchatkit.fileio import OutputError, atomic_file
 from openchatkit.hub import hub_error_message as _hub_error_message
 from openchatkit.hub import hub_offline as hub_is_offline
 from openchatkit.hub import is_network_error
@@ -116,6 +116,28 @@ def decompress_gz(src: Path, dest: Path) -> None:
             out.write(block)
             bar.update(raw.tell() - done)
             done = raw.tell()
+
+
+def place_gz(local: Path, target: Path, name: str) -> None:
+    """Decompress the download `local` of repo file `name` into `target`. Only a corrupt .gz
+    is deleted (so the next run fetches it again); when the disk is full or cannot be written
+    or read, the download is kept and the message says why."""
+    try:
+        decompress_gz(local, target)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        local.unlink(missing_ok=True)
+        raise UserError(
+            f"{name} is not a valid .gz file ({err}); run again to re-download"
+        ) from None
+    except OutputError as err:  # writing `target` failed: a full disk, a quota, a read-only dir
+        raise UserError(
+            f"decompressing {name}: {err}; the download is kept in {local}: free some space "
+            "(or fix the folder) and run again"
+        ) from None
+    except OSError as err:
+        raise UserError(
+            f"decompressing {name}: {err.strerror or err}; the download is kept in {local}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -216,14 +238,7 @@ def _download_dataset(
             raise UserError(f"cannot download {name}: {hub_error_message(err, repo_id)}") from None
         target.parent.mkdir(parents=True, exist_ok=True)
         if name.endswith(".gz"):
-            try:
-                decompress_gz(local, target)
-            except (OSError, EOFError, zlib.error) as err:
-                # A corrupt download: remove it so the next run fetches it again.
-                local.unlink(missing_ok=True)
-                raise UserError(
-                    f"{name} is not a valid .gz file ({err}); run again to re-download"
-                ) from None
+            place_gz(local, target, name)
             if not keep_compressed:
                 local.unlink(missing_ok=True)
         else:

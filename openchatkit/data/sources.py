@@ -8,13 +8,14 @@ stream. Memory stays flat whatever the corpus size: one line or one parquet row 
 
 Each record becomes a `Document`: plain text (OIG's `{"text": "<human>: ...\\n<bot>: ..."}`) or
 chat messages (`{"messages": [{"role": ..., "content": ...}, ...]}`). Malformed records (not JSON,
-no `text`/`messages`, empty text) are skipped and counted; `strict` makes the first one fatal.
+nested too deep to parse, longer than the line cap of `openchatkit.data.jsonl`, no
+`text`/`messages`, empty text) are skipped and counted; `strict` (`--strict-data`) makes the
+first one fatal.
 """
 
 from __future__ import annotations
 
 import gzip
-import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 
 from loguru import logger
 
+from openchatkit.data.jsonl import Invalid, max_line_bytes, parse_line, read_lines, too_long
 from openchatkit.data.tasks import TaskEntry
 from openchatkit.errors import UserError
 
@@ -70,11 +72,6 @@ def parse_record(record: Any) -> Document | str:
     return "no `text` (or `messages`) field"
 
 
-class Invalid(str):
-    """A reader's mark for a line that is not JSON (a JSON string literal stays a plain str)."""
-
-
-NOT_JSON = Invalid("not valid JSON")
 BLANK = object()  # a reader's mark for a blank line: no record, but it counts as a line
 
 # A reader yields (record, or NOT_JSON when the line is not JSON, or BLANK for a blank line;
@@ -86,30 +83,30 @@ Reader = Iterator[tuple[Any, int]]
 def _read_jsonl(path: Path, offset: int) -> Reader:
     with open(path, "rb") as f:
         f.seek(offset)
-        for raw in f:
-            offset += len(raw)
-            if not raw.strip():
+        limit = max_line_bytes()
+        for raw, size in read_lines(f, limit):
+            offset += size
+            if raw is None:
+                yield too_long(limit), offset
+            elif not raw.strip():
                 yield BLANK, offset
-                continue
-            try:
-                yield json.loads(raw), offset
-            except ValueError:
-                yield NOT_JSON, offset
+            else:
+                yield parse_line(raw), offset
 
 
 def _read_jsonl_gz(path: Path, num_lines: int) -> Reader:
     try:
         with gzip.open(path, "rb") as f:
-            for index, raw in enumerate(f):
+            limit = max_line_bytes()
+            for index, (raw, _) in enumerate(read_lines(f, limit)):
                 if index < num_lines:
                     continue
-                if not raw.strip():
+                if raw is None:
+                    yield too_long(limit), index + 1
+                elif not raw.strip():
                     yield BLANK, index + 1
-                    continue
-                try:
-                    yield json.loads(raw), index + 1
-                except ValueError:
-                    yield NOT_JSON, index + 1
+                else:
+                    yield parse_line(raw), index + 1
     except (OSError, EOFError, zlib.error) as err:
         raise UserError(f"cannot read {path}: {err} (a truncated or corrupt .gz?)") from None
 
@@ -196,7 +193,8 @@ class FileSource:
         if count and key not in self._warned:
             self._warned.add(key)
             logger.warning(
-                f"{path}: skipped {count} malformed line(s) (not JSON, no `text`, or empty text); "
+                f"{path}: skipped {count} malformed line(s) (not JSON, too long, no `text`, or "
+                "empty text); "
                 "use --strict-data to make them fatal"
             )
 

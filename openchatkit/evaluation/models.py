@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from openchatkit import checkpoints
 from openchatkit.errors import UserError
 from openchatkit.models.loading import LoadedModel, load_chat_model, pick_device, pick_dtype
 
@@ -71,10 +72,8 @@ def checkpoint_folder(source: Path) -> Path:
     newest complete checkpoint; `latest` and checkpoint_<step>/ resolve as the converter does."""
     from openchatkit.models.convert import resolve_checkpoint
 
-    if not (source / "latest").exists() and any(source.glob("checkpoint_*/meta.json")):
-        from openchatkit.training.checkpoint import find_latest
-
-        source = find_latest(source) or source
+    if not (source / "latest").exists() and checkpoints.is_checkpoint_root(source):
+        source = checkpoints.find_latest(source, require_files=False) or source
     return resolve_checkpoint(source)
 
 
@@ -88,10 +87,13 @@ def load_lora_checkpoint(source: Path, folder: Path, device: str, dtype: str) ->
         read_adapter_checkpoint,
     )
     from openchatkit.models.registry import get_architecture, read_model_type
-    from openchatkit.training.checkpoint import verify_checkpoint
 
     what = f"--model {source}"
-    problem = verify_checkpoint(folder, hashes=False) if (folder / "meta.json").is_file() else None
+    problem = (
+        checkpoints.verify_checkpoint(folder, hashes=False, require_files=False)
+        if (folder / checkpoints.META).is_file()
+        else None
+    )
     if problem is not None:
         raise UserError(f"{what}: incomplete LoRA checkpoint {folder.name} ({problem})")
     _, meta, settings, tensors = read_adapter_checkpoint(folder)
@@ -117,11 +119,9 @@ def load_sharded_in_memory(source: Path, device: str = "auto", dtype: str = "aut
     from openchatkit.models.loading import quiet_transformers
     from openchatkit.models.registry import get_architecture
 
-    if not (source / "latest").exists() and any(source.glob("checkpoint_*/meta.json")):
-        from openchatkit.training.checkpoint import find_latest
-
+    if not (source / "latest").exists() and checkpoints.is_checkpoint_root(source):
         # Named "run/checkpoint_N" as when `latest` names it.
-        found = find_latest(source)
+        found = checkpoints.find_latest(source, require_files=False)
         folder, manifest = read_sharded_source(found or source)
     else:
         folder, manifest = read_sharded_source(source)

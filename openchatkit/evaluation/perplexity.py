@@ -18,7 +18,6 @@ bytes and words are those of the spans.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -43,6 +42,7 @@ class ScoredText:
 def read_records(paths: Iterable[str | Path]) -> list[dict]:
     """Records of `.jsonl` files: OIG `text` or chat `messages`. A missing or empty file, or any
     malformed line, is a UserError naming the file and counting the bad lines."""
+    from openchatkit.data.jsonl import Invalid, iter_json_lines
     from openchatkit.data.sources import parse_record
 
     records: list[dict] = []
@@ -51,17 +51,13 @@ def read_records(paths: Iterable[str | Path]) -> list[dict]:
             raise UserError(f"--data: file {path} does not exist")
         bad, first_bad, count = 0, None, 0
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
+            # Bounded lines: a nested or over-long line is a malformed one, not a traceback.
+            with open(path, "rb") as f:
+                lines = list(iter_json_lines(f))
+        except OSError as err:
             raise UserError(f"--data: cannot read {path}: {err}") from None
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            parsed = parse_record(record)
+        for number, record in lines:
+            parsed = record if isinstance(record, Invalid) else parse_record(record)
             if isinstance(parsed, str):
                 bad += 1
                 first_bad = first_bad or (number, parsed)

@@ -208,12 +208,14 @@ def run_chat_suite(loaded, prompts: list[dict], max_tokens: int) -> list[dict]:
 
 def read_chat_prompts(path: Path) -> list[dict]:
     """The chat suite: one JSON object a line, {id, category, turns: [str, ...], system?}."""
+    from openchatkit.data.jsonl import Invalid, iter_json_lines
+
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    with open(path, "rb") as f:  # bounded lines: a nested or huge line is refused, no traceback
+        lines = list(iter_json_lines(f))
+    for number, item in lines:
         try:
-            item = json.loads(line)
+            assert not isinstance(item, Invalid)
             assert isinstance(item["turns"], list) and item["turns"] and item["id"]
         except (ValueError, KeyError, TypeError, AssertionError):
             raise UserError(f"{path}: line {number} is not a chat prompt record") from None

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from openchatkit import checkpoints
 from openchatkit.errors import UserError
 from openchatkit.fileio import atomic_dir, check_output_folder
 from openchatkit.models import sharded
@@ -24,6 +25,7 @@ from openchatkit.models.arch import is_tied
 from openchatkit.models.hf_weights import (
     HFWeights,
     SafetensorsFile,
+    contained_file,
     plan_shards,
     write_hf_shards,
 )
@@ -131,7 +133,7 @@ def convert_hf_to_sharded(
             sharded.save_tensors(tmp / name, tensors)
             progress.update(1)
         progress.close()
-        shutil.copyfile(hf_dir / "config.json", tmp / "config.json")
+        shutil.copyfile(contained_file(hf_dir, "config.json"), tmp / "config.json")
         sharded.copy_tokenizer_files(hf_dir, tmp)
         extra = {"source": source_name or hf_dir.name, "hidden_size": config.hidden_size}
         manifest = sharded.Manifest(
@@ -176,31 +178,32 @@ def _check_chat_format(chat_format: str | None) -> str | None:
 
 
 def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
-    """The folder holding layer files: CKPT itself, or the checkpoint a `latest` file (or link)
-    inside CKPT names (a folder name or a step number)."""
+    """The folder holding layer files: CKPT itself, or the checkpoint a `latest` file inside
+    CKPT names (`checkpoint_<step>` or a step number, a folder directly inside CKPT: a `latest`
+    leading anywhere else is refused)."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise UserError(f"--ckpt-path {ckpt} is not a folder")
-    latest = ckpt / "latest"
-    if not sharded.is_sharded_folder(ckpt) and (latest.is_file() or latest.is_dir()):
-        if latest.is_dir():
-            return latest.resolve()
-        name = latest.read_text().strip()
-        for candidate in (ckpt / name, ckpt / f"checkpoint_{name}"):
-            if name and candidate.is_dir():
-                return candidate
-        raise UserError(f"{latest} names {name!r}, which is not a checkpoint folder in {ckpt}")
+    latest = ckpt / checkpoints.LATEST
+    if not sharded.is_sharded_folder(ckpt) and (latest.exists() or latest.is_symlink()):
+        named = checkpoints.read_latest(ckpt)
+        if named is None:
+            raise UserError(
+                f"{latest} does not name a checkpoint_<step> folder inside {ckpt} (a `latest` "
+                "must hold such a name, or a step number)"
+            )
+        return named
     return ckpt
 
 
 def check_trainer_checkpoint(folder: Path) -> None:
     """A trainer checkpoint (meta.json) is converted only when the trainer would resume from
     it: manifest.json present and every file meta.json lists there with its size."""
-    if not (folder / "meta.json").is_file():
+    if not (folder / checkpoints.META).is_file():
         return
-    from openchatkit.training.checkpoint import verify_checkpoint
-
-    problem = verify_checkpoint(folder, hashes=False)
+    # Only safetensors are read from it (no pickle), so a checkpoint of an older version
+    # without the file list is still accepted here.
+    problem = checkpoints.verify_checkpoint(folder, hashes=False, require_files=False)
     if problem is None and not sharded.is_sharded_folder(folder):
         problem = "manifest.json is missing"
     if problem is not None:

@@ -21,6 +21,34 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # Shard size when writing HF folders; transformers' own default.
 MAX_SHARD_BYTES = 5 * 1024**3
+# The longest safetensors header read: the reference library's own cap (MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
+
+
+def allowed_roots(folder: Path) -> list[Path]:
+    """Where the files of model folder `folder` may really be: inside it, or, for a snapshot of
+    the HF cache (`models--org--name/snapshots/<rev>/`, whose files link to `../../blobs/`),
+    inside that cache repo."""
+    real = folder.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots":
+        roots.append(real.parent.parent)
+    return roots
+
+
+def contained_file(folder: str | os.PathLike, name: str, what: str = "model folder") -> Path:
+    """`folder / name`, refused (UserError) when the name is absolute or has `..`, or when it
+    is a symlink leading outside the folder (or its HF cache repo): a hostile model folder must
+    not make the kit read or copy a file from elsewhere (a key, another user's data)."""
+    folder = Path(folder)
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise UserError(f"{what} {folder}: refusing file name {name!r} (outside the folder)")
+    path = folder / name
+    real = path.resolve()
+    if not any(real == root or root in real.parents for root in allowed_roots(folder)):
+        raise UserError(f"{what} {folder}: {name} links outside the folder (to {real}); refused")
+    return path
 
 
 # safetensors dtype codes -> torch dtypes.
@@ -51,12 +79,23 @@ class SafetensorsFile:
             if len(head) < 8:
                 raise UserError(f"unreadable weight file {self.path} (truncated: no header)")
             header_len = int.from_bytes(head, "little")
+            if header_len > MAX_HEADER_BYTES:
+                raise UserError(
+                    f"unreadable weight file {self.path} (header of {header_len} bytes, over the "
+                    f"{MAX_HEADER_BYTES} the safetensors format allows)"
+                )
             if header_len > size - 8:
                 raise UserError(f"unreadable weight file {self.path} (truncated header)")
             try:
                 header = json.loads(f.read(header_len))
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise UserError(f"unreadable weight file {self.path} (bad header)") from None
+        if not isinstance(header, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+            for k, v in header.items()
+            if k != "__metadata__"
+        ):
+            raise UserError(f"unreadable weight file {self.path} (bad header)")
         header.pop("__metadata__", None)
         self._base = 8 + header_len
         self._header = header
@@ -116,16 +155,18 @@ class HFWeights:
             if index.is_file():
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
-                except (OSError, ValueError, KeyError) as err:
-                    raise UserError(f"cannot read {index}: {err}") from None
-                files = sorted({folder / name for name in weight_map.values()})
+                    names = {str(name) for name in weight_map.values()}
+                except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+                    raise UserError(f"cannot read {index}: {type(err).__name__}: {err}") from None
+                # Names from a downloaded index: never a path outside the folder.
+                files = sorted(contained_file(folder, name) for name in names)
                 for path in files:
                     if not path.is_file():
                         raise UserError(f"missing weight file {path} (listed in {index.name})")
                 return files
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (folder / name).is_file():
-                return [folder / name]
+                return [contained_file(folder, name)]
         raise UserError(f"{folder} holds no HF weights (model.safetensors or pytorch_model.bin)")
 
     def _open(self, path: Path):
@@ -234,6 +275,10 @@ def write_safetensors(
                 )
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             f.write(data.numpy().data)
+        # On disk before anyone renames it into place (a checkpoint's weights are the files
+        # retention relies on after a power cut).
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_hf_shards(

@@ -251,8 +251,8 @@ def read_adapter_meta(folder: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: unreadable ({err})") from None
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deep
+        raise UserError(f"{path}: unreadable ({type(err).__name__}: {str(err)[:200]})") from None
 
 
 def settings_from_meta(meta: dict[str, Any]) -> LoraSettings:

@@ -102,8 +102,8 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{folder} is not a layer-sharded model folder (no {MANIFEST})") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deep
+        raise UserError(f"cannot read {path}: {type(err).__name__}: {str(err)[:200]}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{path} is not an {FORMAT} manifest")
     if data.get("version") != VERSION:
@@ -213,10 +213,13 @@ def make_readable(path: Path) -> None:
 
 def copy_tokenizer_files(src: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
     """Copy the tokenizer and generation-config files `src` has into `dest`; returns their names."""
+    from openchatkit.models.hf_weights import contained_file
+
     copied = []
     for name in TOKENIZER_FILES:
         path = Path(src) / name
         if path.is_file():
-            shutil.copyfile(path, Path(dest) / name)
+            # A symlink out of the source folder (to a key, say) is refused, not copied.
+            shutil.copyfile(contained_file(src, name), Path(dest) / name)
             copied.append(name)
     return copied

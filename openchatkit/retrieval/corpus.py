@@ -163,6 +163,8 @@ def file_passages(path: Path, num_sentences: int = 3) -> Iterator[Passage]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"--input {path}:{line_no}: not valid JSON ({err.msg})") from err
+            except RecursionError:  # a hostile line: brackets nested too deep to parse
+                raise UserError(f"--input {path}:{line_no}: JSON nested too deep") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise UserError(
                     f"--input {path}:{line_no}: expected an object with a 'text' string"

@@ -7,8 +7,14 @@ host, pid and start time, so a second run refuses in one line naming the holder.
 
 A lock whose holder is gone is taken over with one warning: on the same host a pid that no
 longer runs (or now runs a process started after the lock was written: the pid was reused) is
-proof enough. A holder on another host cannot be checked from here; the message says which
-host and how to clear the lock by hand.
+proof enough. "The same host" is the host id of `fileio.host_id` (host name, boot id and pid
+namespace), so containers that share a host name never judge each other's pids. A holder on
+another host cannot be checked from here; the message says which host and how to clear the
+lock by hand.
+
+The lock is released on every way out: a normal return or error (the caller's `finally`),
+SIGTERM (`release_on_sigterm`: the launcher stops ranks that way) and the peer watchdog's
+`os._exit` (`releasing`).
 """
 
 from __future__ import annotations
@@ -16,14 +22,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 
 from openchatkit.errors import UserError
+from openchatkit.fileio import host_id
+
+_HELD: list[CheckpointLock] = []  # locks this process holds, released on any way out
 
 LOCK_FILE = ".lock"
 # A lock file still empty or unparsable this long after it was created lost its writer.
@@ -81,6 +92,7 @@ class CheckpointLock:
         lock = cls(root, created)
         for _ in range(3):  # a stale lock removed by a racing run: try again
             if lock._try_create():
+                _HELD.append(lock)
                 return lock
             holder = lock._read_holder()
             if holder is not None and not lock._stale(holder):
@@ -100,6 +112,7 @@ class CheckpointLock:
     def _try_create(self) -> bool:
         record = {
             "host": socket.gethostname(),
+            "host_id": host_id(),
             "pid": os.getpid(),
             "start_time": time.time(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -128,9 +141,15 @@ class CheckpointLock:
             return True
 
     @staticmethod
-    def _stale(holder: dict) -> bool:
-        if holder.get("host") != socket.gethostname():
-            return False  # cannot look at another host's processes
+    def _same_host(holder: dict) -> bool:
+        if "host_id" in holder:  # host name + boot id + pid namespace
+            return holder["host_id"] == host_id()
+        return holder.get("host") == socket.gethostname()  # a lock of an older version
+
+    @classmethod
+    def _stale(cls, holder: dict) -> bool:
+        if not cls._same_host(holder):
+            return False  # cannot look at another host's (or container's) processes
         try:
             pid = int(holder["pid"])
         except (TypeError, ValueError):
@@ -138,7 +157,7 @@ class CheckpointLock:
         return not pid_running(pid, since=holder.get("start_time"))
 
     def _held_message(self, holder: dict, flag: str) -> str:
-        other_host = holder.get("host") != socket.gethostname()
+        other_host = not self._same_host(holder)
         hint = (
             f"if that run is gone, delete {self.path}"
             if other_host
@@ -148,6 +167,8 @@ class CheckpointLock:
 
     def release(self, remove_empty_root: bool = True) -> None:
         """Drop the lock (if still ours); a folder this run created and left empty goes too."""
+        if self in _HELD:
+            _HELD.remove(self)
         holder = self._read_holder()
         if holder is not None and holder.get("pid") == os.getpid():
             with contextlib.suppress(FileNotFoundError):
@@ -159,3 +180,33 @@ class CheckpointLock:
 
 def _describe(holder: dict) -> str:
     return f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
+
+
+def release_held() -> None:
+    """Release every lock this process holds (on the way out; safe to call twice)."""
+    for lock in list(_HELD):
+        with contextlib.suppress(OSError):
+            lock.release(remove_empty_root=False)
+
+
+def release_on_sigterm() -> None:
+    """SIGTERM (the launcher's way to stop a rank) releases the held locks, then ends the
+    process as SystemExit(143), so `finally` blocks run as well."""
+
+    def handler(signum: int, frame) -> None:
+        release_held()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def releasing(on_dead: Callable[[str], None]) -> Callable[[str], None]:
+    """`on_dead` (the watchdog's, which ends the process with `os._exit`: no `finally` runs)
+    preceded by releasing the held locks."""
+
+    def wrapped(message: str) -> None:
+        release_held()
+        on_dead(message)
+
+    return wrapped

@@ -170,7 +170,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
             raise UserError(f"{path}:{n}: not a JSON line") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), int):
             raise UserError(f"{path}:{n}: not a metrics record (a JSON object with a step)")

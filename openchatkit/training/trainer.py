@@ -30,6 +30,7 @@ from openchatkit.errors import UserError
 from openchatkit.training import checkpoint as ckpt
 from openchatkit.training.config import TrainConfig
 from openchatkit.training.engine import TrainEngine
+from openchatkit.training.lock import releasing
 from openchatkit.training.metrics import (
     MetricsLogger,
     matmul_params,
@@ -68,6 +69,16 @@ class Run:
         self.start_step = 0
         self.watchdog: PeerWatchdog | None = None
         self.save_group = None  # gloo group for checkpoint barriers (distributed runs)
+        # Checked before the process group exists (run_training calls its `precheck`).
+        self.resume_check = ckpt.ResumeCheck(self.root, rdv.rank, rdv.world_size)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True when `flag` is true on any rank (a max all-reduce on the gloo save group)."""
+        if not self.layout.is_distributed:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.save_group)
+        return bool(t.item())
 
     # -- setup --------------------------------------------------------------------------------
     def init_distributed(self) -> None:
@@ -110,7 +121,10 @@ class Run:
                     self.rdv.world_size,
                     config.peer_timeout,
                     describe=self.layout.describe_rank,
-                ).start()
+                )
+                # Its exit skips `finally`: the run lock is released first.
+                self.watchdog.on_dead = releasing(self.watchdog.on_dead)
+                self.watchdog.start()
 
     def barrier(self) -> None:
         """Wait for every rank around a checkpoint write (--save-timeout)."""
@@ -124,7 +138,7 @@ class Run:
 
         config, layout = self.config, self.layout
         ckpt.seed_everything(config.seed)
-        self.resume_from = ckpt.find_latest(self.root)
+        self.resume_from = self.resume_check.agree(self._any_rank)
         self.meta = ckpt.read_meta(self.resume_from) if self.resume_from else None
         dtype = DTYPES[config.precision]
         layer_range = config.layer_ranges[layout.pp_rank]
@@ -239,8 +253,12 @@ class Run:
         same_layout = meta["layout"] == {"pp": layout.pp, "dp": layout.dp}
         rng = ckpt.load_rank_rng(folder, layout.rank) if same_layout else None
         if rng is not None:
-            ckpt.set_rng_state(rng)
-        else:
+            try:
+                ckpt.set_rng_state(rng)
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+                logger.warning("{}: malformed RNG state for rank {} ({})", folder, layout.rank, err)
+                rng = None
+        if rng is None:
             if same_layout:
                 logger.warning(
                     "{}: no RNG state for rank {}; reseeding, so the run is no longer "
@@ -514,6 +532,7 @@ def run_training(config: TrainConfig, rdv: Rendezvous) -> int:
     run = Run(config, rdv)
     clean, lost = False, None
     try:
+        run.resume_check.precheck()
         run.init_distributed()
         run.build()
         code = run.train()

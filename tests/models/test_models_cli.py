@@ -55,6 +55,12 @@ def test_cli_round_trip_is_exact_and_overwrite_needs_the_flag(tmp_path, tiny_lla
     proc = cli.run("tools/convert_to_hf_llama.py", "--ckpt-path", sharded, "--save-path", out)
     cli.assert_one_line_error(proc, str(out), "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # keep.txt is not something the kit writes: --overwrite refuses too (security finding 18).
+    args = ["--ckpt-path", sharded, "--save-path", out, "--overwrite"]
+    proc = cli.run("tools/convert_to_hf_llama.py", *args)
+    cli.assert_one_line_error(proc, str(out), "keep.txt")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").rename(out / "config.json")  # an earlier output is replaced whole
     proc = cli.run(
         "tools/convert_to_hf_llama.py",
         "--ckpt-path",
@@ -67,6 +73,7 @@ def test_cli_round_trip_is_exact_and_overwrite_needs_the_flag(tmp_path, tiny_lla
     )
     assert proc.returncode == 0, proc.stderr
     assert not (out / "keep.txt").exists()
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
     a, b = load_file(hf / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     model = AutoModelForCausalLM.from_pretrained(out)
