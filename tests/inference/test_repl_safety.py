@@ -282,3 +282,12 @@ def _smollm2_tokenizer_folder():
     from openchatkit.models.embedded import ensure_embedded_model
 
     return ensure_embedded_model()
+
+
+def test_escape_controls_keeps_newline_tab_and_text():
+    from openchatkit.terminal import escape_controls, for_stream
+
+    assert escape_controls("a\tb\nc é 中") == "a\tb\nc é 中"
+    assert escape_controls("\x1b[2J\x07\r\x00\x7f\x85") == "\\x1b[2J\\x07\\x0d\\x00\\x7f\\x85"
+    assert for_stream("\x1b", io.StringIO()) == "\x1b"  # not a terminal: exact
+    assert for_stream("\x1b", TTYBuffer()) == "\\x1b"
