@@ -37,6 +37,8 @@ DEFAULT_DATA = "data/OIG-sample/valid.jsonl"
 DEFAULT_LIMIT = 100
 CPU_BATCH_SIZE = 8
 CHAT_PROMPTS = Path(__file__).resolve().parent / "chat_prompts.jsonl"
+# What a run writes into --output, and so would replace (results_<n>.json: deleted when stale).
+RESULT_FILES = r"results\.json|report\.md|results_\d+\.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,6 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--output", default=None, metavar="DIR", help="default eval_results/<model name>/"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results.json / report.md / results_<n>.json already in --output",
+    )
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit must be >= 0 (0 = every document), got {args.limit}")
@@ -175,6 +182,23 @@ def output_dir(args: argparse.Namespace) -> Path:
     return Path("eval_results") / folder
 
 
+def check_output_free(out: Path, args: argparse.Namespace) -> None:
+    """An explicit --output that already holds eval results (which this run replaces, and
+    results_<n>.json which it deletes) needs --overwrite. The default eval_results/<model>/
+    folder is the kit's own and is updated in place."""
+    import re
+
+    if args.output is None or args.overwrite or not out.is_dir():
+        return
+    found = [p.name for p in sorted(out.iterdir()) if re.fullmatch(RESULT_FILES, p.name)]
+    if found:
+        raise UserError(
+            f"--output {out} already holds {', '.join(found[:3])}"
+            f"{' …' if len(found) > 3 else ''}: pass --overwrite to replace them, or give "
+            "another folder"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from openchatkit.evaluation.report import check_writable
@@ -207,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_chat_prompts(CHAT_PROMPTS)
     out = output_dir(args)
     check_writable(out)
+    check_output_free(out, args)
     if not plan.lm_eval:
         # Every task reads local files: `datasets` must not ask the hub about anything.
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -13,12 +13,18 @@ Two prompt formats:
       <bot>:
 
   Generation stops at the next `<human>:`.
+
+Content cannot forge a turn: `PromptFormat.render` breaks every turn marker inside a message's
+text (`<human>:`, `<bot>:`, and a chat template's special tokens such as `<|im_start|>`) with a
+zero-width space after its first character, so neither the text nor the tokenizer sees a marker
+there. That covers what the user types, `/load`ed files, retrieved passages and model answers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 HUMAN = "<human>"
 BOT = "<bot>"
@@ -39,6 +45,16 @@ OPENCHATKIT_CHAT_TEMPLATE = (
 )
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+ZWSP = "\u200b"  # zero-width space: breaks a marker inside content without showing
+
+
+def neutralise_markers(text: str, markers: Sequence[str]) -> str:
+    """`text` with each occurrence of a turn marker broken by a zero-width space after its first
+    character ("<human>:" becomes "<\u200bhuman>:"), so it no longer starts a turn."""
+    for marker in sorted({m for m in markers if len(m) > 1}, key=len, reverse=True):
+        if marker in text:
+            text = text.replace(marker, marker[0] + ZWSP + marker[1:])
+    return text
 
 
 def clean_text(text: str) -> str:
@@ -87,7 +103,22 @@ class PromptFormat:
             return [OPENCHATKIT_STOP]
         return []
 
+    @cached_property
+    def markers(self) -> list[str]:
+        """Text that would start or end a turn if it stood in a message: OpenChatKit's prefixes,
+        and with a chat template the tokenizer's special tokens (the tokenizer turns their text
+        into the special token ids)."""
+        out = [HUMAN_PREFIX, BOT_PREFIX]
+        if self.use_chat_template:
+            out += list(getattr(self.tokenizer, "all_special_tokens", []) or [])
+            decoder = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+            out += [t.content for t in decoder.values() if getattr(t, "special", False)]
+        return out
+
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The prompt for `messages`; markers inside their content are neutralised."""
+        markers = self.markers
+        messages = [{**m, "content": neutralise_markers(m["content"], markers)} for m in messages]
         if self.use_chat_template:
             return self.tokenizer.apply_chat_template(
                 list(messages), add_generation_prompt=add_generation_prompt, tokenize=False

@@ -97,14 +97,18 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
+    from openchatkit.terminal import for_stream
+
     for rank, hit in enumerate(hits, start=1):
         span = (
             f"passage {hit.position}"
             if hit.first_position == hit.last_position
             else f"passages {hit.first_position}-{hit.last_position}"
         )
-        print(f"{rank}. score {hit.score:.3f}  {hit.title}  [{hit.source}, {span}]")
-        print(textwrap.indent(textwrap.fill(hit.text, width=96), "   "))
+        # An index's text is shown as text on a terminal, never as escape sequences.
+        head = for_stream(f"{hit.title}  [{hit.source}, {span}]", sys.stdout)
+        print(f"{rank}. score {hit.score:.3f}  {head}")
+        print(textwrap.indent(textwrap.fill(for_stream(hit.text, sys.stdout), width=96), "   "))
         print()
     if not hits:
         print("no passages found")

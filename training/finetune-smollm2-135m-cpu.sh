@@ -48,7 +48,7 @@ echo "== 4/4 evaluate before/after: perplexity on the held-out sample + arc_easy
 # HF folder; the table is printed and written to eval_results/demo-before-after/report.md.
 "$PYTHON" "$ROOT/evaluation/eval.py" --model "$BASE_MODEL" --compare "$OUT" \
   --tasks perplexity,arc_easy --limit "${DEMO_EVAL_LIMIT:-100}" --batch-size 8 \
-  --data "$ROOT/data/OIG-sample/valid.jsonl" --output "${DEMO_EVAL_OUTPUT:-$ROOT/eval_results/demo-before-after}"
+  --data "$ROOT/data/OIG-sample/valid.jsonl" --output "${DEMO_EVAL_OUTPUT:-$ROOT/eval_results/demo-before-after}" --overwrite
 
 echo "fine-tuned model: $OUT" >&2
 echo "chat with it:     python inference/bot.py --model $OUT" >&2

@@ -46,7 +46,7 @@ echo "== 4/4 evaluate base vs adapted: perplexity on the held-out sample + arc_e
 # eval_results/lora-before-after/report.md.
 "$PYTHON" "$ROOT/evaluation/eval.py" --model "$BASE_MODEL" --compare "$CKPT" \
   --tasks perplexity,arc_easy --limit "${DEMO_EVAL_LIMIT:-100}" --batch-size 8 --dtype float32 \
-  --data "$ROOT/data/OIG-sample/valid.jsonl" --output "${DEMO_EVAL_OUTPUT:-$ROOT/eval_results/lora-before-after}"
+  --data "$ROOT/data/OIG-sample/valid.jsonl" --output "${DEMO_EVAL_OUTPUT:-$ROOT/eval_results/lora-before-after}" --overwrite
 
 echo "adapter:        $OUT" >&2
 echo "chat with it:   python inference/bot.py --adapter $OUT" >&2

@@ -3,11 +3,24 @@
 Given on the command line (`--rank`, `--world-size`, `--dist-url`, upstream style) or by
 torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). When both are
 present they must agree: a mismatch is a one-line UserError before any process group exists.
+
+Where the rendezvous store listens (`open_store`): torch's TCPStore binds every interface
+(`::` / `0.0.0.0`) whatever host it is given, and PyTorch's security notes say whoever reaches
+it can run code as the user. So rank 0 binds the listening socket itself and hands it to torch
+(`master_listen_fd`): on 127.0.0.1 when the rendezvous host is a loopback address (every rank on
+this node), else on the address of `--net-interface` (or, without it, the address the
+rendezvous host names on this machine). gloo and NCCL are pinned to the same interface
+(`pin_socket_interfaces`): `lo` for a loopback rendezvous.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
+import ipaddress
 import os
+import secrets
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -15,6 +28,9 @@ from openchatkit.distributed.layout import check_layout
 from openchatkit.errors import UserError
 
 DEFAULT_DIST_URL = "tcp://127.0.0.1:29500"
+TOKEN_ENV = "OPENCHATKIT_JOB_TOKEN"  # the per-job token; launch.py sets it on one node
+TOKEN_KEY = "openchatkit/job_token"  # where rank 0 publishes a token it drew (fallback)
+SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's IPv4 address
 
 
 @dataclass(frozen=True)
@@ -125,3 +141,148 @@ def cuda_device_index(
     if not 0 <= index < device_count:
         raise UserError(f"--cuda-id {index}, but only {device_count} GPUs are visible")
     return index
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` is a loopback address or `localhost`, which name this machine wherever
+    they are resolved: every rank is then on this node. (A host name that resolves to 127.0.1.1
+    here, as Debian's /etc/hosts has it, may name a LAN address on the other nodes: not this.)"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of the network interface `name` (Linux), for `--net-interface`."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+        except OSError as err:
+            raise UserError(
+                f"--net-interface {name}: no such interface with an IPv4 address on this "
+                f"machine ({err.strerror})"
+            ) from None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def pin_socket_interfaces(
+    rdv: Rendezvous, net_interface: str | None, env: dict[str, str] | None = None
+) -> None:
+    """Have gloo and NCCL listen on `--net-interface`, or on `lo` when the rendezvous is on
+    loopback (gloo otherwise binds the address the host name resolves to, often the LAN's).
+    A GLOO_/NCCL_SOCKET_IFNAME the user set is kept."""
+    env = os.environ if env is None else env
+    name = net_interface
+    if name is None and is_loopback(rdv.address[0]) and "lo" in _interfaces():
+        name = "lo"
+    if name is not None:
+        env.setdefault("GLOO_SOCKET_IFNAME", name)
+        env.setdefault("NCCL_SOCKET_IFNAME", name)
+
+
+def _interfaces() -> set[str]:
+    try:
+        return {n for _, n in socket.if_nameindex()}
+    except OSError:  # pragma: no cover - no interface list (not Linux)
+        return set()
+
+
+def listen_address(rdv: Rendezvous, net_interface: str | None) -> str | None:
+    """The address rank 0's store listens on (see the module docstring); None: every interface
+    (the host name resolves to a loopback address here but may not elsewhere, and no
+    --net-interface says which to use)."""
+    host = rdv.address[0].strip("[]")
+    if is_loopback(host):
+        return "127.0.0.1" if host == "localhost" else host  # clients try IPv4 for localhost
+    if net_interface is not None:
+        return interface_address(net_interface)
+    try:
+        address = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)[0][4][0]
+    except OSError as err:
+        raise UserError(f"rendezvous host {host} does not resolve ({err})") from None
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def _listen_socket(address: str, port: int, net_interface: str | None) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Like torch's own listener: a port in TIME_WAIT from the last run may be reused.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise UserError(
+                f"rendezvous port {port} is already in use on {address}: another job? pick "
+                "another MASTER_PORT / --dist-url port"
+            ) from None
+        if err.errno == errno.EADDRNOTAVAIL and net_interface is None:
+            raise UserError(
+                f"the rendezvous address {address} is not an address of this machine (rank 0 "
+                "hosts the store): set MASTER_ADDR / --dist-url to it, or give --net-interface"
+            ) from None
+        raise UserError(f"cannot listen for the rendezvous on {address}:{port}: {err}") from None
+    return sock
+
+
+def open_store(
+    rdv: Rendezvous,
+    net_interface: str | None,
+    timeout: datetime.timedelta,
+    agent_store: bool = False,
+):
+    """The rendezvous TCPStore for `init_process_group(store=...)`: rank 0 hosts it on the
+    address `listen_address` picks, the others (and every rank when torchrun's agent hosts it,
+    `agent_store`) connect to the rendezvous host."""
+    import torch.distributed as dist
+
+    host, port = rdv.address
+    if rdv.rank != 0 or agent_store:
+        return dist.TCPStore(host, port, rdv.world_size, is_master=False, timeout=timeout)
+    address = listen_address(rdv, net_interface)
+    if address is None:
+        from loguru import logger
+
+        logger.warning(
+            f"the rendezvous store listens on every interface: {host} resolves to a loopback "
+            "address here; give --net-interface to listen on one (README: what to firewall)"
+        )
+        return dist.TCPStore(host, port, rdv.world_size, is_master=True, timeout=timeout)
+    sock = _listen_socket(address, port, net_interface)
+    # The store owns the descriptor from here (it closes it when it goes).
+    return dist.TCPStore(
+        host, port, rdv.world_size, is_master=True, timeout=timeout, master_listen_fd=sock.detach()
+    )
+
+
+def job_token(store, rank: int, attempt: str = "0", env: Mapping[str, str] | None = None) -> str:
+    """The per-job random token every key the kit writes carries (the watchdog's keys), so a
+    second job on the same store cannot collide with this one and a well-known key cannot be
+    written blind. From OPENCHATKIT_JOB_TOKEN (launch.py draws one per single-node job; set the
+    same value on every node of a multi-node job), else torchrun's run id when it is not
+    "none" (`--standalone` draws one), else drawn by rank 0 and published in the store. The
+    store can list its keys, so this is no defence against someone who can reach the store:
+    loopback binding and a firewall are (README, "Multi-node: what to firewall")."""
+    env = os.environ if env is None else env
+    token = env.get(TOKEN_ENV) or ""
+    if token:
+        if len(token) < 16 or not token.replace("-", "").replace("_", "").isalnum():
+            raise UserError(f"{TOKEN_ENV} must be 16 or more letters, digits, '-' or '_'")
+        return token
+    run_id = env.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id not in ("", "none"):
+        return run_id
+    key = f"{TOKEN_KEY}/{attempt}"
+    if rank == 0:
+        token = secrets.token_hex(16)
+        store.set(key, token)
+        return token
+    return store.get(key).decode()

@@ -3,7 +3,10 @@
 Used by `training/launch.py` (and so by every shell launcher). Multi-node settings come from the
 environment: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (the same names torchrun uses). Each
 child gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, which
-`dist_clm_train.py` reads when --rank/--world-size/--dist-url are not given.
+`dist_clm_train.py` reads when --rank/--world-size/--dist-url are not given. On one node each
+child also gets OPENCHATKIT_JOB_TOKEN, one random token per job (unless the user set one), that
+the kit's store keys carry (`openchatkit.distributed.env.job_token`); across nodes the user sets
+the same value on every node, or rank 0 draws one.
 
 When one child exits non-zero the launcher names it and stops the others (SIGTERM, then SIGKILL
 after a grace period); Ctrl-C or SIGTERM to the launcher stops every child. Children run in
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,6 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from openchatkit.distributed.env import TOKEN_ENV
 from openchatkit.errors import UserError
 
 GRACE_S = 10.0  # seconds between SIGTERM and SIGKILL
@@ -132,8 +137,14 @@ def plan_node(
     return NodePlan(nproc, nnodes, node_rank, addr, port)
 
 
-def child_env(plan: NodePlan, local_rank: int, base: Mapping[str, str]) -> dict[str, str]:
+def child_env(
+    plan: NodePlan, local_rank: int, base: Mapping[str, str], token: str | None = None
+) -> dict[str, str]:
+    """The environment of local rank `local_rank`: `base` plus the rank variables (and the job
+    token when one is given)."""
     env = dict(base)
+    if token is not None:
+        env[TOKEN_ENV] = token
     env.update(
         RANK=str(plan.rank(local_rank)),
         WORLD_SIZE=str(plan.world_size),
@@ -188,6 +199,8 @@ def stop_all(procs: list[subprocess.Popen], grace: float = GRACE_S) -> None:
 def launch(command: Sequence[str], plan: NodePlan, env: Mapping[str, str] | None = None) -> int:
     """Run `command` once per local rank; return 0 if all succeed, else the first failure's code."""
     base = os.environ if env is None else env
+    # One node: a fresh token for this job (the nodes of a multi-node job could not agree on one).
+    token = None if base.get(TOKEN_ENV) or plan.nnodes > 1 else secrets.token_hex(16)
     procs: list[subprocess.Popen] = []
     interrupted = {"sig": None}
 
@@ -200,7 +213,7 @@ def launch(command: Sequence[str], plan: NodePlan, env: Mapping[str, str] | None
             procs.append(
                 subprocess.Popen(
                     list(command),
-                    env=child_env(plan, local, base),
+                    env=child_env(plan, local, base, token),
                     start_new_session=True,
                     preexec_fn=functools.partial(die_with_parent, os.getpid()),
                 )

@@ -53,7 +53,8 @@ def watched_ranks(rank: int, world_size: int) -> list[int]:
 class PeerWatchdog:
     """Heartbeats for this rank and watch over its ring neighbours (see the module docstring).
 
-    `on_dead(message)` is called once, from the watchdog thread, when a peer is found dead; the
+    `token` is the job's random token (`openchatkit.distributed.env.job_token`), part of every
+    key. `on_dead(message)` is called once, from the watchdog thread, when a peer is found dead; the
     default prints the message and ends the process with exit code 1 (the main thread is most
     likely blocked in a collective and cannot be unwound).
     """
@@ -67,6 +68,7 @@ class PeerWatchdog:
         timeout: float,
         describe: Callable[[int], str] = lambda r: f"rank {r}",
         on_dead: Callable[[str], None] | None = None,
+        token: str = "",
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
@@ -78,7 +80,9 @@ class PeerWatchdog:
         self.hosts_store = rank == 0 and not uses_agent_store()
         self.where = f"{host}:{port}"
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        self.prefix = f"{PREFIX}/{attempt}"
+        # The job's token (`env.job_token`) in every key: a neighbour's job on the same store
+        # cannot collide with these keys, nor stop this run by writing a well-known `dead` key.
+        self.prefix = f"{PREFIX}/{token}/{attempt}" if token else f"{PREFIX}/{attempt}"
         # A client connection of its own: the process group's store is used by the main thread.
         # Its timeout bounds how long one store call can block when the store host is gone.
         self.store = dist.TCPStore(

@@ -2,24 +2,41 @@
 
 Kept apart from the REPL loop so tests can drive a session line by line; the script only reads
 lines (readline on a terminal, plain lines from a pipe) and hands them to `ChatSession.handle_line`.
+
+The conversation survives whatever is typed or loaded: a command's error (a quoting mistake, a
+file nested too deep, Ctrl-C) is one line and the session goes on. `/load` reads only regular
+files of at most MAX_LOAD_BYTES, opened without blocking (a FIFO or device is refused, not read);
+`/save` writes one named file, new transcripts 0600, and replaces a file only when it is a saved
+chat (keeping its mode) or with `/save!`. On a terminal, text from the model, a loaded chat or a
+retrieved passage is shown with control characters escaped (`openchatkit.terminal`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shlex
+import os
+import stat
 import sys
-from pathlib import Path
 from typing import TextIO
 
 from openchatkit.conversation import Message, PromptFormat, clean_text, fit_to_window
-from openchatkit.fileio import OutputError, atomic_file
+from openchatkit.fileio import describe_os_error
 from openchatkit.inference.generation import GenerationSettings, GenerationStats, stream_text
+from openchatkit.inference.transcript import (
+    is_saved_chat,
+    one_path,
+    read_small_file,
+    write_private,
+)
 from openchatkit.models.loading import LoadedModel
 from openchatkit.moderation import CAUTION_INSTRUCTION, CAUTION_LABELS, INTERVENTION, REFUSAL
+from openchatkit.terminal import escape_controls, is_terminal
 
 SAVE_FORMAT = "openchatkit-chat"
+MAX_LOAD_BYTES = 64 * 2**20  # a saved chat larger than this is not one
+MAX_MODEL_NAME = 256  # characters of a saved chat's "model" field
+NEW_TRANSCRIPT_MODE = 0o600  # like readline's history file: chats are private
 
 HELP = """\
 Commands:
@@ -32,7 +49,9 @@ Commands:
   /set NAME VALUE       temperature, top_k, top_p, max_tokens, sample (on/off), seed (N/none),
                         verbose (on/off)
   /system TEXT          set the system message (no TEXT: remove it)
-  /save FILE            save messages, settings and model name as JSON
+  /save FILE            save messages, settings and model name as JSON (quote a name with
+                        spaces); replaces only an earlier saved chat
+  /save! FILE           the same, replacing any regular file
   /load FILE            load a conversation saved with /save
 With --retrieval INDEX_DIR:
   /context              show the passages retrieved for the last message, with scores
@@ -96,6 +115,7 @@ class ChatSession:
         retrieval_k: int = 3,
         moderator=None,
         moderation_threshold: float | None = None,
+        escape: bool | None = None,
     ):
         self.loaded = loaded
         self.settings = settings or GenerationSettings()
@@ -103,6 +123,9 @@ class ChatSession:
         self.stream = stream
         self.verbose = True
         self.out, self.err = out, err
+        # Escape control characters in shown text: on a terminal (None), always or never.
+        self.escape_out = is_terminal(out) if escape is None else escape
+        self.escape_err = is_terminal(err) if escape is None else escape
         self.messages: list[Message] = []  # user/assistant turns; the system message is apart
         self.format = PromptFormat.for_tokenizer(loaded.tokenizer)
         self.told_dropped = False
@@ -180,7 +203,7 @@ class ChatSession:
                     held += piece
                     continue
                 if stream:
-                    self.out.write(held + body)
+                    self.out.write(self.shown(held + body))
                     self.out.flush()
                 held = piece[len(body) :]
         except KeyboardInterrupt:
@@ -189,7 +212,7 @@ class ChatSession:
         if review is not None:
             answer = review(answer)
         if not stream:
-            self.out.write(answer)
+            self.out.write(self.shown(answer))
         self.out.write("\n")
         self.out.flush()
         if stats.stop_reason == "interrupted":
@@ -202,6 +225,10 @@ class ChatSession:
             )
         self.err.flush()
         return answer
+
+    def shown(self, text: str, on_err: bool = False) -> str:
+        """Text from the model, a file or an index as it may go to `out` (or `err`)."""
+        return escape_controls(text) if (self.escape_err if on_err else self.escape_out) else text
 
     def with_context(self, text: str) -> str:
         """The user's text with retrieved passages in front of it, within the token budget:
@@ -322,10 +349,21 @@ class ChatSession:
         handler = getattr(self, f"cmd_{name}", None) if name.isidentifier() else None
         if name == "?":
             handler = self.cmd_help
+        if name == "save!":
+            handler = self.cmd_save_force
         if handler is None:
-            self.err.write(f"unknown command /{name}; type /help for the list\n")
+            self.err.write(
+                f"unknown command {self.shown('/' + name, True)}; type /help for the list\n"
+            )
             return True
-        return handler(arg) is not False
+        # A command's failure is one line; the conversation is kept whatever happened.
+        try:
+            return handler(arg) is not False
+        except KeyboardInterrupt:
+            self.err.write(f"(/{name} interrupted; the conversation is kept)\n")
+        except (ValueError, RecursionError, MemoryError, OSError) as exc:
+            self.err.write(f"/{name}: {self.shown(str(exc) or type(exc).__name__, True)}\n")
+        return True
 
     def cmd_help(self, arg: str) -> None:
         self.out.write(HELP + "\n")
@@ -356,7 +394,7 @@ class ChatSession:
         kept, dropped = fit_to_window(messages, self._count, budget)
         if dropped:
             self.err.write(f"({dropped} oldest turn(s) no longer fit the window; not shown)\n")
-        self.out.write(self.format.render(kept, add_generation_prompt=False) + "\n")
+        self.out.write(self.shown(self.format.render(kept, add_generation_prompt=False)) + "\n")
 
     def cmd_hyperparameters(self, arg: str) -> None:
         for key, value in self.settings.as_dict().items():
@@ -419,8 +457,9 @@ class ChatSession:
             return
         for i, hit in enumerate(self.last_hits, start=1):
             source = f" ({hit.source})" if hit.source else ""
-            self.out.write(f"[{i}] score {hit.score:.3f}  {hit.title or 'untitled'}{source}\n")
-            self.out.write(f"    {hit.text}\n")
+            title = self.shown(f"{hit.title or 'untitled'}{source}")
+            self.out.write(f"[{i}] score {hit.score:.3f}  {title}\n")
+            self.out.write(f"    {self.shown(hit.text)}\n")
 
     def cmd_retrieval(self, arg: str) -> None:
         if self.retriever is None:
@@ -437,11 +476,39 @@ class ChatSession:
         self.system = arg or None
         self.err.write("(system message set)\n" if arg else "(system message removed)\n")
 
-    def cmd_save(self, arg: str) -> None:
+    def cmd_save(self, arg: str, force: bool = False) -> None:
+        command = "/save!" if force else "/save"
         if not arg:
-            self.err.write("/save needs FILE\n")
+            self.err.write(f"{command} needs FILE\n")
             return
-        path = Path(shlex.split(arg)[0]).expanduser()
+        path = one_path(arg, command)
+        if path is None:
+            self.err.write(
+                f"{command} takes one FILE; quote a name with spaces or quotes: "
+                f'{command} "my chat.json"\n'
+            )
+            return
+        # A new name or a regular file only (a device, symlink or folder is refused, never
+        # replaced), in a folder that exists; a file that is not a saved chat only with /save!.
+        mode = NEW_TRANSCRIPT_MODE
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+                what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+                self.err.write(f"{command}: cannot write {path}: it is {what}\n")
+                return
+            if not force and not is_saved_chat(path, SAVE_FORMAT, MAX_LOAD_BYTES):
+                self.err.write(
+                    f"{command}: {path} exists and is not a saved chat; /save! {path} replaces it\n"
+                )
+                return
+            mode = stat.S_IMODE(st.st_mode)
+        if not path.parent.is_dir():
+            self.err.write(f"{command}: cannot write {path}: folder {path.parent} does not exist\n")
+            return
         record = {
             "format": SAVE_FORMAT,
             "version": 1,
@@ -450,41 +517,45 @@ class ChatSession:
             "settings": self.settings.as_dict(),
             "messages": self.messages,
         }
-        # A new name or a regular file only (a device, symlink or folder is refused, never
-        # replaced), in a folder that exists; written to a temp file there, then renamed.
         try:
-            with atomic_file(path, create_parent=False) as f:
-                json.dump(record, f, indent=2)
-        except OutputError as exc:
-            self.err.write(f"/save: {exc}\n")
-            return
+            write_private(path, json.dumps(record, indent=2) + "\n", mode)
         except OSError as exc:
-            self.err.write(f"/save {path}: {exc.strerror or exc}\n")
+            self.err.write(f"{command}: cannot write {path}: {describe_os_error(exc)}\n")
             return
         self.err.write(f"(saved {len(self.messages)} messages to {path})\n")
+
+    def cmd_save_force(self, arg: str) -> None:
+        self.cmd_save(arg, force=True)
 
     def cmd_load(self, arg: str) -> None:
         if not arg:
             self.err.write("/load needs FILE\n")
             return
-        path = Path(shlex.split(arg)[0]).expanduser()
+        path = one_path(arg, "/load")
+        if path is None:
+            self.err.write('/load takes one FILE; quote a name with spaces: /load "my chat.json"\n')
+            return
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(read_small_file(path, MAX_LOAD_BYTES))
             messages, settings, system = _validate_saved(record)
         except FileNotFoundError:
             self.err.write(f"/load {path}: no such file\n")
             return
         except (OSError, UnicodeDecodeError) as exc:
-            self.err.write(f"/load {path}: cannot read: {exc}\n")
+            reason = describe_os_error(exc) if isinstance(exc, OSError) else exc
+            self.err.write(f"/load {path}: cannot read: {reason}\n")
+            return
+        except RecursionError:
+            self.err.write(f"/load {path}: not a saved chat (nested too deeply)\n")
             return
         except (json.JSONDecodeError, ValueError) as exc:
-            self.err.write(f"/load {path}: not a saved chat ({exc})\n")
+            self.err.write(f"/load {path}: not a saved chat ({self.shown(str(exc), True)})\n")
             return
         self.messages, self.settings, self.system = messages, settings, system
         self.told_dropped = False
         note = ""
         if record.get("model") and record["model"] != self.loaded.name:
-            note = f"; it was saved with model {record['model']}"
+            note = f"; it was saved with model {self.shown(record['model'], True)}"
         self.err.write(f"(loaded {len(messages)} messages from {path}{note})\n")
 
 
@@ -513,4 +584,7 @@ def _validate_saved(record) -> tuple[list[Message], GenerationSettings, str | No
     system = record.get("system")
     if system is not None and not isinstance(system, str):
         raise ValueError("'system' is not text")
+    model = record.get("model")
+    if model is not None and not (isinstance(model, str) and len(model) <= MAX_MODEL_NAME):
+        raise ValueError(f"'model' is not a name of at most {MAX_MODEL_NAME} characters")
     return messages, settings, system

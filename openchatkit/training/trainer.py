@@ -23,9 +23,15 @@ import torch
 import torch.distributed as dist
 from loguru import logger
 
-from openchatkit.distributed.env import Rendezvous, cuda_device_index
+from openchatkit.distributed.env import (
+    Rendezvous,
+    cuda_device_index,
+    job_token,
+    open_store,
+    pin_socket_interfaces,
+)
 from openchatkit.distributed.layout import ParallelLayout
-from openchatkit.distributed.watchdog import PeerWatchdog
+from openchatkit.distributed.watchdog import PeerWatchdog, uses_agent_store
 from openchatkit.errors import UserError
 from openchatkit.training import checkpoint as ckpt
 from openchatkit.training.config import TrainConfig
@@ -83,9 +89,7 @@ class Run:
     # -- setup --------------------------------------------------------------------------------
     def init_distributed(self) -> None:
         config = self.config
-        if config.net_interface:
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", config.net_interface)
-            os.environ.setdefault("NCCL_SOCKET_IFNAME", config.net_interface)
+        pin_socket_interfaces(self.rdv, config.net_interface)
         if config.device == "cuda":
             rdv = self.rdv
             cuda_id = cuda_device_index(
@@ -97,12 +101,16 @@ class Run:
                 # TF32 tensor cores for fp32 matmuls (10-bit mantissa products, fp32 sums).
                 torch.set_float32_matmul_precision("high")
         if self.layout.is_distributed:
+            # Our own store, so that it listens on loopback (or --net-interface), not on every
+            # interface as torch's init_method would (distributed/env.py).
+            timeout = datetime.timedelta(seconds=config.pg_timeout)
+            store = open_store(self.rdv, config.net_interface, timeout, uses_agent_store())
             dist.init_process_group(
                 backend=config.dp_backend,
-                init_method=self.rdv.init_method,
+                store=dist.PrefixStore("default_pg", store),  # as torch's init_method does
                 rank=self.rdv.rank,
                 world_size=self.rdv.world_size,
-                timeout=datetime.timedelta(seconds=config.pg_timeout),
+                timeout=timeout,
                 # NCCL binds its communicator to this GPU eagerly instead of guessing it.
                 device_id=self.device if config.device == "cuda" else None,
             )
@@ -121,6 +129,9 @@ class Run:
                     self.rdv.world_size,
                     config.peer_timeout,
                     describe=self.layout.describe_rank,
+                    token=job_token(
+                        store, self.rdv.rank, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                    ),
                 )
                 # Its exit skips `finally`: the run lock is released first.
                 self.watchdog.on_dead = releasing(self.watchdog.on_dead)

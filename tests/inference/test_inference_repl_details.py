@@ -111,6 +111,6 @@ def test_save_refuses_devices_symlinks_folders_and_missing_parents(session, tmp_
     assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
     assert link.is_symlink() and target.read_text() == "keep"
     assert not (tmp_path / "no").exists()
-    s.handle_line(f"/save {target}")  # a regular file is replaced atomically
+    s.handle_line(f"/save! {target}")  # /save! replaces a file that is not a saved chat
     assert '"messages"' in target.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
