@@ -94,6 +94,8 @@ $(COMPAT)/.installed: $(VENV)/.installed
 	$(COMPAT)/bin/python -m pip install -q --disable-pip-version-check --no-deps \
 	  --extra-index-url $(COMPAT_TORCH_INDEX) "$(COMPAT_TORCH)" 2>&1 | $(QUIET)
 	$(COMPAT)/bin/python -m pip install -q --disable-pip-version-check $(COMPAT_PINS) "$(COMPAT_TORCH)" 2>&1 | $(QUIET)
+	# The project itself (editable, no dependencies): tests run the scripts in a clean env.
+	$(COMPAT)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | $(QUIET)
 	$(COMPAT)/bin/python -c "import torch, transformers, peft; print('compat:', torch.__version__, transformers.__version__, peft.__version__)"
 	touch $@
 
