@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 # pip on some machines warns once per package about missing local index folders: noise.
 QUIET := { grep -v "^WARNING: Location" || true; }
 
-.PHONY: install chat eval test test-slow test-all lint format demo demo-lora demo-moderation bench clean
+.PHONY: install chat eval test test-slow test-all lint format demo demo-lora demo-moderation bench clean gpu-wheels test-compat
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,5 +64,43 @@ demo-lora: install
 demo-moderation: install
 	bash training/finetune-moderation-smollm2-cpu.sh
 
+# The wheels benchmarks/gpu_check.sh needs on the lent GPU machine (Python 3.12, torch 2.11+cu130,
+# transformers 5.17, no registry, no loguru, no bitsandbytes): cp312 manylinux x86_64, no
+# dependencies, ~44 MB in all (bitsandbytes 43 MB, with its cu130 library). Carry `.whl` there.
+GPU_WHEELS := loguru==0.7.3 bitsandbytes==0.50.2 peft==0.21.2
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --disable-pip-version-check --only-binary=:all: --no-deps \
+	  --python-version 3.12 --implementation cp --platform manylinux_2_24_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS) 2>&1 | $(QUIET)
+	du -sh .whl && ls .whl
+
+# The code on the GPU machine's versions (torch 2.11, transformers 5.17, peft 0.21.2) as well
+# as on the pins, on CPU: a second venv holding only those three (the project's other
+# dependencies come from .venv through a .pth placed after its own site-packages), then the
+# engine parity, LoRA and generation tests. torch 2.11.0's CPU build lives on
+# download.pytorch.org: PyPI's Linux wheel is the CUDA build (~0.9 GB, plus ~3 GB of nvidia-*
+# wheels). Elsewhere: COMPAT_TORCH_INDEX=<a mirror>, or COMPAT_TORCH=torch==2.13.0 with the
+# machine's own wheel to check transformers 5.17 alone.
+COMPAT := .venv-compat
+COMPAT_TORCH ?= torch==2.11.0
+COMPAT_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+COMPAT_PINS := transformers==5.17.0 peft==0.21.2
+COMPAT_TESTS := tests/training/test_training_engine.py tests/training/test_training_lora.py \
+  tests/training/test_training_fp32_accumulation.py tests/inference/test_inference_generation.py
+$(COMPAT)/.installed: $(VENV)/.installed
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -c "import site, sys; main = '$(abspath $(VENV))/lib/python%d.%d/site-packages' % sys.version_info[:2]; open(site.getsitepackages()[0] + '/zz_main_venv.pth', 'w').write(main + chr(10))"
+	$(COMPAT)/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+	  --extra-index-url $(COMPAT_TORCH_INDEX) "$(COMPAT_TORCH)" 2>&1 | $(QUIET)
+	$(COMPAT)/bin/python -m pip install -q --disable-pip-version-check $(COMPAT_PINS) "$(COMPAT_TORCH)" 2>&1 | $(QUIET)
+	# The project itself (editable, no dependencies): tests run the scripts in a clean env.
+	$(COMPAT)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | $(QUIET)
+	$(COMPAT)/bin/python -c "import torch, transformers, peft; print('compat:', torch.__version__, transformers.__version__, peft.__version__)"
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	time $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider -m "not gpu" $(COMPAT_TESTS) $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(COMPAT) .pytest_cache

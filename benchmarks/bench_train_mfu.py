@@ -13,9 +13,9 @@ The sides alternate rounds; the median step time of each is reported.
     python benchmarks/bench_train_mfu.py                   # one GPU, ~3 min on an H100/H200
     python benchmarks/bench_train_mfu.py --config tiny --device cpu --steps 2   # smoke run
 
-Needs torch, transformers, safetensors and loguru (the package's imports); on a bare GPU image
-without the editable install: `PYTHONPATH=. python benchmarks/bench_train_mfu.py` after
-`pip install loguru`.
+Needs torch, transformers, safetensors and loguru (the package's imports). On a GPU machine
+without a registry, `make gpu-wheels` here first and carry `.whl/`; `benchmarks/gpu_check.sh`
+installs them (`--no-index --no-deps`) and runs this as its part 3.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         for name in sides:
             sides[name][2] += time_steps(sides[name][0], args.steps, device)
-    peak = peak_flops(device.type)
+    peak = peak_flops(device.type, "bf16")
     matmul = matmul_params(num_params, config.vocab_size, config.hidden_size, False)
     flops_tok = model_flops_per_token(
         matmul, config.num_hidden_layers, config.hidden_size, args.seq_length

@@ -4,8 +4,12 @@ fine-tune of a 1.4B GPT-NeoX; with `--lora-r` the LoRA (and with `--load-in-4bit
 path, e.g. the 3B LoRA recipe's settings, whose peak the original put at ~14 GB.
 
 The model is random-init from a published config (nothing downloaded). The prediction comes
-from `openchatkit.training.memory` for the same TrainConfig; the measurement is
-`torch.cuda.max_memory_allocated` over the timed steps. Part of `benchmarks/gpu_check.sh`.
+from `openchatkit.training.memory` for the same TrainConfig; the measurements over the timed
+steps are `torch.cuda.max_memory_allocated` (what the planner predicts, less its runtime
+allowance), `max_memory_reserved` (the caching allocator's segments) and the card's used memory
+at its highest (`torch.cuda.mem_get_info` sampled every 10 ms from a thread: context, cuBLAS
+workspaces and cached blocks included), plus the allocator's retries and the library versions.
+Part of `benchmarks/gpu_check.sh`.
 
     python benchmarks/gpu_step_check.py                         # ~2 min on an H100/H200
     python benchmarks/gpu_step_check.py --config redpajama-3b --precision fp16 --lora-r 16 \
@@ -16,9 +20,12 @@ from `openchatkit.training.memory` for the same TrainConfig; the measurement is
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import math
 import statistics
 import sys
+import threading
 import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])  # bench_train_mfu beside this file
@@ -41,6 +48,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimizer", default="adam", help="adam | 8bit-adam | paged-8bit-adam")
     p.add_argument("--json", help="also write the figures to this file")
     return p.parse_args(argv)
+
+
+class CardUsedPeak:
+    """The card's used bytes (total - free, every process and the CUDA context included) at
+    their highest while running, sampled from a thread."""
+
+    def __init__(self, period_s: float = 0.01):
+        self.period_s = period_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        import torch
+
+        while not self._stop.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            time.sleep(self.period_s)
+
+    def __enter__(self) -> CardUsedPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def main(argv=None) -> int:
@@ -105,46 +149,69 @@ def main(argv=None) -> int:
 
     engine.train_step([batch])  # warm-up: allocator, kernels, optimizer state
     sync()
+    card = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        card = CardUsedPeak()
+        card.__enter__()
     times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        engine.train_step([batch])
-        sync()
-        times.append(time.perf_counter() - t0)
+    try:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            engine.train_step([batch])
+            sync()
+            times.append(time.perf_counter() - t0)
+    finally:
+        if card is not None:
+            card.__exit__(None, None, None)
     measured = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    reserved = torch.cuda.max_memory_reserved() if device.type == "cuda" else None
+    retries = torch.cuda.memory_stats().get("num_alloc_retries") if device.type == "cuda" else None
     plan = plan_memory(ModelShape.from_dict(hf_config.to_dict()), TrainSetup.from_config(config))[0]
-    num_params = sum(p.numel() for p in stage.parameters())
+    # Logical parameters (a 4-bit weight counts its elements, not its packed bytes).
+    num_params = sum(
+        math.prod(p.quant_state.shape) if getattr(p, "quant_state", None) is not None else p.numel()
+        for p in stage.parameters()
+    )
+    trainable = sum(p.numel() for p in stage.parameters() if p.requires_grad)
     flops_tok = model_flops_per_token(
         matmul_params(num_params, hf_config.vocab_size, hf_config.hidden_size, False),
         hf_config.num_hidden_layers,
         hf_config.hidden_size,
         args.seq_length,
+        # LoRA/QLoRA: 4 FLOPs per frozen weight, 6 per trained one (metrics.py).
+        trainable_params=trainable if args.lora_r else None,
     )
     step = statistics.median(times)
     tokens_s = rows * args.seq_length / step
-    peak = peak_flops(device.type)
+    peak = peak_flops(device.type, args.precision)
     result = {
         "config": args.config,
         "precision": args.precision,
         "lora_r": args.lora_r,
         "load_in_4bit": args.load_in_4bit,
         "optimizer": args.optimizer,
-        "trainable_params": sum(p.numel() for p in stage.parameters() if p.requires_grad),
+        "trainable_params": trainable,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "versions": versions(),
         "activation_checkpointing": args.activation_checkpointing,
         "tokens_per_step": rows * args.seq_length,
         "step_s": step,
         "step_s_spread": [min(times), max(times)],
         "tokens_per_s": tokens_s,
-        # 6N FLOPs per token counts weight gradients, which a frozen LoRA base does not have.
-        "mfu": tokens_s * flops_tok / peak if peak and not args.lora_r else None,
+        "mfu": tokens_s * flops_tok / peak if peak else None,
         # The planner's peak counts the CUDA runtime allowance; the allocator does not see it.
         "planned_peak_bytes": plan.peak,
         "planned_peak_without_runtime_bytes": plan.peak - RUNTIME_BYTES,
         "measured_peak_bytes": measured,
+        "max_memory_reserved_bytes": reserved,
+        # Everything on the card at its highest: what the runtime allowance must cover beyond
+        # the allocator's bytes (context, cuBLAS workspaces, cached but unused blocks).
+        "card_used_peak_bytes": card.peak if card is not None else None,
+        "num_alloc_retries": retries,
     }
+    if measured and card is not None:
+        result["card_used_minus_allocated_bytes"] = card.peak - measured
     if measured:
         result["measured_over_planned"] = measured / result["planned_peak_without_runtime_bytes"]
     if args.optimizer.startswith("paged"):

@@ -12,6 +12,9 @@ set -euo pipefail
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$DIR")"
 PYTHON="${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}"
+# Grow allocator segments instead of caching fixed blocks: less fragmentation when the fp32
+# gradient buckets of one step and the activations of the next want the same bytes.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 
 MODEL_NAME=Pythia-Chat-Base-7B
 BASE_MODEL="$ROOT/pretrained/Pythia-6.9B-deduped/EleutherAI_pythia-6.9b-deduped"

@@ -149,12 +149,16 @@ def score_windows(
         for row, i in enumerate(batch):
             ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
         logits = model(ids.to(device)).logits  # (batch, width, vocab)
-        logprobs = torch.log_softmax(logits, dim=-1)
         for row, i in enumerate(batch):
             cont = windows[i][1]
             end = len(inputs[i])
-            target = torch.tensor(cont, device=logprobs.device)
-            picked = logprobs[row, end - len(cont) : end].gather(-1, target[:, None])[:, 0]
+            target = torch.tensor(cont, device=logits.device)
+            # The continuation's rows in fp32 before the log-softmax: a GPU model's bf16 logits
+            # (8-bit mantissa) would round each log-probability by up to ~0.4 % of its size,
+            # and the CPU figures the tests check are fp32. Row by row: no fp32 copy of the
+            # whole (batch, width, vocab) block.
+            rows = torch.log_softmax(logits[row, end - len(cont) : end].float(), dim=-1)
+            picked = rows.gather(-1, target[:, None])[:, 0]
             out[i] = picked.double().cpu()
         if progress:
             progress(len(batch))

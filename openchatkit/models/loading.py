@@ -154,6 +154,17 @@ def cuda_half_dtype(capability: tuple[int, int]):
     return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
 
 
+def int8_config(offload: bool):
+    """bitsandbytes int8 for --load-in-8bit. With -g/-r some modules may be placed on the CPU,
+    which transformers refuses for int8 unless they stay fp32 there
+    (`llm_int8_enable_fp32_cpu_offload`)."""
+    import transformers
+
+    return transformers.BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offload
+    )
+
+
 def offload_max_memory(
     max_gpu: dict[int, str], cpu_ram: float | None, gpu_id: int, gpu_total_bytes: int
 ) -> dict:
@@ -202,7 +213,6 @@ def load_chat_model(
             "-g/--gpu-vram and -r/--cpu-ram set GPU memory and CPU offload; no GPU here"
         )
 
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict = {"dtype": torch_dtype}
@@ -225,7 +235,7 @@ def load_chat_model(
             import bitsandbytes  # noqa: F401
         except ImportError as err:
             raise UserError("--load-in-8bit needs bitsandbytes: pip install bitsandbytes") from err
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = int8_config(offload=bool(max_gpu or cpu_ram))
         kwargs.setdefault("device_map", {"": dev})
     try:
         with quiet_transformers():

@@ -165,9 +165,10 @@ class TrainEngine:
         self.scheduler = build_scheduler(
             self.optimizer, config.warmup_steps, config.total_steps, config.lr_decay_style
         )
-        # Model-dtype gradients in flat buckets, summed over dp during the backward. In fp32
-        # the optimizer reads them, so the buffers persist; over fp32 masters they are copied
-        # and freed each step.
+        # Gradients in flat buckets, summed over dp during the backward. In fp32 the optimizer
+        # reads them, so the buffers persist. Over fp32 masters (fp16/bf16) the buckets are
+        # fp32: micro-batches are summed and all-reduced in fp32, the masters read them as
+        # their gradients, and they are freed after each step.
         self._master_of = dict(
             zip(map(id, self.master.model_params), self.master.params, strict=True)
         )
@@ -176,6 +177,7 @@ class TrainEngine:
             layout.dp_group,
             BUCKET_NUMEL,
             persistent=not self.master.uses_master,
+            accum_dtype=torch.float32 if self.master.uses_master else None,
         )
         self.tracer = None  # set by the trainer when profiling (a torch profiler span helper)
         if layout.pp > 1:
@@ -282,19 +284,22 @@ class TrainEngine:
                 runner(*args, target=target, losses=losses, position_ids=pos, return_outputs=False)
             else:
                 runner(*args, position_ids=pos, return_outputs=False)
+            # Every send has completed: drop the receive buffers' input gradients (m micro-batch
+            # activations' worth on stages 1..pp-1), which would otherwise stay allocated
+            # through the optimizer step until the next step's schedule clears them.
+            self.stage.clear_runtime_states()
         if not losses:
             return torch.zeros((), dtype=torch.float64, device=self.device)
         return torch.stack([x.detach().double() for x in losses]).sum()
 
     def _grads_to_master(self) -> None:
-        """Hand the summed gradients to the optimizer: over fp32 masters, convert bucket by
-        bucket and free each bucket at once (the step never holds both copies whole)."""
+        """Hand the summed gradients to the optimizer: over fp32 masters, each master's
+        gradient is its fp32 slice of the buckets (no copy; freed by `end_step`)."""
         if not self.master.uses_master:
             return  # the optimizer updates the model parameters and reads their views
         for bucket in self.grads.buckets:
             for p in bucket.params:
-                self._master_of[id(p)].grad = p.grad.float()
-            self.grads.release_bucket(bucket)
+                self._master_of[id(p)].grad = self.grads.grad(p).float()  # fp32: no copy
 
     def _global_tokens(self, batches: list[dict[str, torch.Tensor]]) -> int:
         local = sum(count_target_tokens(b["labels"]) for b in batches)
@@ -330,7 +335,7 @@ class TrainEngine:
             self.grads.finish()
         if self._tied_local is not None:
             with self.span("tie_all_reduce"):
-                self._all_reduce(self._tied_local.grad, self.layout.tie_group)
+                self._all_reduce(self.grads.grad(self._tied_local), self.layout.tie_group)
         self._grads_to_master()
         inv_scale = 1.0 / self.scaler.scale
         sumsq = torch.zeros((), dtype=torch.float64, device=self.device)

@@ -13,9 +13,16 @@ layers below. Buckets start strictly in index order, so every replica issues the
 in the same order (NCCL and gloo match them by order). `finish()` starts what is left (buckets
 with a parameter that got fewer gradients, or none: their zeros are summed too) and waits.
 
-Lifetime: with fp32 masters over half-precision weights the model's gradients are copied to the
-masters and dropped each step (`release`, so the optimizer step does not hold both); in fp32 the
-optimizer reads these gradients, so the buffers stay allocated and are zeroed in place.
+Accumulation dtype: with `accum_dtype=torch.float32` over half-precision weights (fp16/bf16 runs
+with fp32 masters) the buckets are fp32 and a parameter's `.grad` is not a view: autograd writes
+each micro-batch's half-precision gradient to `.grad`, the post-accumulate hook adds it into the
+parameter's fp32 slice and sets `.grad` to None. So 64 micro-batches are summed in fp32 (as
+Megatron's `main_grad`), the dp all-reduce runs in fp32, and the fp32 masters read the slices
+directly (`grad(p)`), with no conversion. Cost: 4 bytes per parameter instead of 2 during the
+pipeline phase, plus one micro-batch's half-precision gradient of one parameter at a time.
+
+Lifetime: over fp32 masters the buffers are dropped after each optimizer step (`release`); in
+fp32 the optimizer reads these gradients, so the buffers stay allocated and are zeroed in place.
 """
 
 from __future__ import annotations
@@ -39,22 +46,27 @@ class Bucket:
     offsets: list[int] = field(default_factory=list)
 
 
-def assign_buckets(params: list[torch.nn.Parameter], bucket_numel: int) -> list[Bucket]:
+def assign_buckets(
+    params: list[torch.nn.Parameter],
+    bucket_numel: int,
+    accum_dtype: torch.dtype | None = None,
+) -> list[Bucket]:
     """Group `params` into buckets in reverse order, one dtype and device per bucket, each at
-    most `bucket_numel` elements (a larger parameter gets a bucket of its own). Pure: no
-    memory is allocated."""
+    most `bucket_numel` elements (a larger parameter gets a bucket of its own). The bucket's
+    dtype is `accum_dtype`, or each parameter's own when None. Pure: no memory is allocated."""
     if bucket_numel < 1:
         raise ValueError(f"bucket_numel must be >= 1, got {bucket_numel}")
     buckets: list[Bucket] = []
     for p in reversed(params):
+        dtype = accum_dtype or p.dtype
         last = buckets[-1] if buckets else None
         if (
             last is None
-            or last.dtype != p.dtype
+            or last.dtype != dtype
             or last.device != p.device
             or last.numel + p.numel() > bucket_numel
         ):
-            last = Bucket([], p.dtype, p.device, 0)
+            last = Bucket([], dtype, p.device, 0)
             buckets.append(last)
         last.offsets.append(last.numel)
         last.params.append(p)
@@ -67,6 +79,8 @@ class GradBuckets:
 
     Per step: `begin(expected)` before the first backward, `finish()` after the last one,
     `release()` once the gradients have been consumed (or `zero_()` to keep the buffers).
+    `grad(p)` is the summed gradient of `p` (its `.grad`, or its fp32 slice when the bucket's
+    dtype is not the parameter's).
     """
 
     def __init__(
@@ -76,9 +90,12 @@ class GradBuckets:
         bucket_numel: int,
         *,
         persistent: bool,
+        accum_dtype: torch.dtype | None = None,
     ):
         self.group = group if group is not None and dist.get_world_size(group) > 1 else None
-        self.buckets = assign_buckets(params, bucket_numel)
+        self.buckets = assign_buckets(params, bucket_numel, accum_dtype)
+        # id(param) -> its slice of the bucket, for parameters summed into a wider dtype.
+        self._slice: dict[int, torch.Tensor] = {}
         self.persistent = persistent
         self._owner = {id(p): b for b in self.buckets for p in b.params}
         self._count = {id(p): 0 for p in params}
@@ -98,7 +115,12 @@ class GradBuckets:
                 b.buffer = torch.zeros(b.numel, dtype=b.dtype, device=b.device)
             # (Re)attach the views: someone may have set a `.grad` to None since.
             for p, off in zip(b.params, b.offsets, strict=True):
-                p.grad = b.buffer[off : off + p.numel()].view_as(p)
+                view = b.buffer[off : off + p.numel()].view_as(p)
+                if p.dtype == b.dtype:
+                    p.grad = view
+                else:  # summed by the hook, in the bucket's dtype
+                    p.grad = None
+                    self._slice[id(p)] = view
             b.pending = len(b.params)
             b.work, b.launched = None, False
         for k in self._count:
@@ -114,6 +136,10 @@ class GradBuckets:
                 b.work.wait()
                 b.work = None
 
+    def grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The summed gradient of `p` this step (after `finish`)."""
+        return self._slice.get(id(p), p.grad)
+
     def zero_(self) -> None:
         """Zero the gradients in place (the views stay the parameters' `.grad`)."""
         for b in self.buckets:
@@ -124,6 +150,7 @@ class GradBuckets:
         """Drop one bucket's gradients and buffer."""
         for p in b.params:
             p.grad = None
+            self._slice.pop(id(p), None)
         b.buffer = None
 
     def release(self) -> None:
@@ -159,6 +186,12 @@ class GradBuckets:
                 f"gradient {self._count[key]} of a parameter whose bucket was already summed "
                 f"(expected {self._expected} backward passes)"
             )
+        wide = self._slice.get(key)
+        if wide is not None and p.grad is not None:
+            # This micro-batch's half-precision gradient, summed in the bucket's dtype; the
+            # next backward writes a fresh `.grad` instead of adding in half precision.
+            wide.add_(p.grad)
+            p.grad = None
         if self._expected and self._count[key] == self._expected:
             bucket.pending -= 1
             # Start every bucket that is ready, strictly in index order.

@@ -84,18 +84,31 @@ def format_step_line(r: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def peak_flops(device: str) -> float | None:
-    """Peak FLOP/s of the CUDA device, or None on CPU / unknown devices."""
+# fp32 runs compute their matmuls on TF32 tensor cores (the trainer sets matmul precision
+# "high"), whose dense peak is half the bf16/fp16 one on every device above (Ampere, Ada and
+# Hopper datasheets: e.g. H100 SXM 494.7 vs 989.4 TFLOP/s, A100 156 vs 312).
+TF32_FRACTION = 0.5
+
+
+def peak_flops(device: str, precision: str = "bf16") -> float | None:
+    """Peak FLOP/s of the CUDA device for the run's precision, or None on CPU / unknown
+    devices."""
     if device != "cuda":
         return None
     import torch
 
-    return peak_flops_of(torch.cuda.get_device_name())
+    return peak_flops_of(torch.cuda.get_device_name(), precision)
 
 
-def peak_flops_of(device_name: str) -> float | None:
-    """The PEAK_FLOPS entry for exactly this device name (surrounding spaces ignored)."""
-    return PEAK_FLOPS.get(device_name.strip())
+def peak_flops_of(device_name: str, precision: str = "bf16") -> float | None:
+    """The PEAK_FLOPS entry for exactly this device name (surrounding spaces ignored); for
+    fp32 (TF32 tensor cores) half of it."""
+    peak = PEAK_FLOPS.get(device_name.strip())
+    if peak is None or precision in ("bf16", "fp16"):
+        return peak
+    if precision == "fp32":
+        return peak * TF32_FRACTION
+    raise ValueError(f"unknown precision {precision!r}")
 
 
 def matmul_params(num_params: int, vocab: int, hidden: int, tied: bool) -> int:
@@ -104,10 +117,25 @@ def matmul_params(num_params: int, vocab: int, hidden: int, tied: bool) -> int:
     return num_params if tied else num_params - vocab * hidden
 
 
-def model_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_length: int) -> float:
+def model_flops_per_token(
+    num_params: int,
+    num_layers: int,
+    hidden: int,
+    seq_length: int,
+    trainable_params: int | None = None,
+) -> float:
     """Training FLOPs per token: 6N for the matmuls plus 12·L·H·S for attention (PaLM, App. B).
-    `num_params` is N without the input embedding (see `matmul_params`)."""
-    return 6.0 * num_params + 12.0 * num_layers * hidden * seq_length
+    `num_params` is N without the input embedding (see `matmul_params`).
+
+    With a frozen base (LoRA/QLoRA, `trainable_params` = the adapters and other trained
+    parameters, all of them in N) a frozen weight does its forward (2 FLOPs per token) and the
+    input gradient of the backward (2), but no weight gradient: 4 per frozen parameter, 6 per
+    trained one. Attention has no weights, so its 12·L·H·S stays. None: everything trains."""
+    trainable = num_params if trainable_params is None else trainable_params
+    if not 0 <= trainable <= num_params:
+        raise ValueError(f"trainable_params {trainable} is not within [0, {num_params}]")
+    frozen = num_params - trainable
+    return 6.0 * trainable + 4.0 * frozen + 12.0 * num_layers * hidden * seq_length
 
 
 class MetricsLogger:

@@ -13,6 +13,37 @@ from typing import Any
 
 import torch
 
+from openchatkit.errors import UserError
+
+# Native bf16 tensor cores start at compute capability 8.0 (Ampere). `is_bf16_supported()`
+# also says yes on V100/T4 (sm70/sm75), where bf16 is emulated: slow, or a cuBLAS error.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def native_bf16(device: torch.device | int | None = None) -> bool:
+    """Whether the CUDA device has native bf16 (compute capability >= 8.0)."""
+    return tuple(torch.cuda.get_device_capability(device)) >= BF16_MIN_CAPABILITY
+
+
+def check_bf16_device(precision: str, device: torch.device) -> None:
+    """Refuse --bf16 on a GPU without native bf16 (one line, naming the flag and the GPU)."""
+    if precision != "bf16" or device.type != "cuda" or native_bf16(device):
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    raise UserError(
+        f"--bf16 needs a GPU with compute capability >= 8.0 (Ampere or newer); "
+        f"{torch.cuda.get_device_name(device)} has {major}.{minor}: use --fp16"
+    )
+
+
+def qlora_compute_dtype(device: torch.device, dtype: torch.dtype, trains_bias: bool) -> torch.dtype:
+    """QLoRA's compute dtype: bf16 for an fp32 run on a GPU with native bf16, else the run's.
+    Not with trained biases: bitsandbytes casts a 4-bit linear's bias to the compute dtype in
+    place, which would make a trained fp32 bias bf16."""
+    if device.type == "cuda" and dtype == torch.float32 and not trains_bias and native_bf16(device):
+        return torch.bfloat16
+    return dtype
+
 
 class LossScaler:
     """Dynamic loss scale (fp16) or the constant 1.0 (fp32/bf16, `enabled=False`)."""

@@ -43,6 +43,7 @@ from openchatkit.training.metrics import (
     model_flops_per_token,
     peak_flops,
 )
+from openchatkit.training.precision import check_bf16_device, qlora_compute_dtype
 from openchatkit.training.profiling import StepProfiler
 
 # Error messages from gloo, NCCL or the TCP store that mean another rank is gone or stuck. Not
@@ -97,6 +98,7 @@ class Run:
             )
             torch.cuda.set_device(cuda_id)
             self.device = torch.device("cuda", cuda_id)
+            check_bf16_device(config.precision, self.device)
             if config.precision == "fp32":
                 # TF32 tensor cores for fp32 matmuls (10-bit mantissa products, fp32 sums).
                 torch.set_float32_matmul_precision("high")
@@ -177,14 +179,9 @@ class Run:
             if config.load_in_4bit:
                 from openchatkit.models.quantize import quantize_linear_4bit
 
-                # QLoRA's compute dtype: bf16 on a GPU that has it, also for an fp32 run (the
-                # 4-bit linears cast their output back to the input's dtype); else the run's.
-                # Not with trained biases: bitsandbytes casts a 4-bit linear's bias to the
-                # compute dtype in place, which would make a trained fp32 bias bf16.
-                compute = dtype
-                bf16_ok = config.lora.bias == "none"
-                if self.device.type == "cuda" and dtype == torch.float32 and bf16_ok:
-                    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else dtype
+                # QLoRA's compute dtype: bf16 on a GPU with native bf16, also for an fp32 run
+                # (the 4-bit linears cast their output back to the input's dtype).
+                compute = qlora_compute_dtype(self.device, dtype, config.lora.bias != "none")
                 quantize_linear_4bit(
                     self.stage, compute_dtype=compute, keep=config.lora.target_modules
                 )
@@ -381,7 +378,7 @@ class Run:
                 cuda=config.device == "cuda",
             )
             self.engine.enable_tracing(profiler)
-        peak = peak_flops(config.device)
+        peak = peak_flops(config.device, config.precision)  # fp32: the TF32 peak
         shape = config.model
         flops_tok = model_flops_per_token(
             matmul_params(
@@ -390,6 +387,8 @@ class Run:
             shape.num_layers,
             shape.hidden_size,
             config.seq_length,
+            # LoRA: a frozen base does no weight-gradient work (4 FLOPs per weight, not 6).
+            trainable_params=self.num_trainable if config.lora is not None else None,
         )
         last = config.total_steps
         if config.stop_after_steps is not None:

@@ -19,6 +19,9 @@ set -euo pipefail
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$(dirname "$DIR")")"
 PYTHON="${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}"
+# Grow allocator segments instead of caching fixed blocks: less fragmentation when the fp32
+# gradient buckets of one step and the activations of the next want the same bytes.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 
 BASE_MODEL="${BASE_MODEL:-$ROOT/pretrained/RedPajama-3B/togethercomputer_RedPajama-INCITE-Chat-3B-v1}"
 
