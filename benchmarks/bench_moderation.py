@@ -43,9 +43,10 @@ def main() -> None:
     import torch
 
     from openchatkit.inference.generation import GenerationSettings
+    from openchatkit.inference.moderator import Moderator
     from openchatkit.inference.session import ChatSession
     from openchatkit.models.loading import load_chat_model
-    from openchatkit.moderation import LABELS, Moderator, build_prompt
+    from openchatkit.moderation import LABELS, build_prompt
 
     lines = (ROOT / "data/moderation-sample/valid.jsonl").read_text().splitlines()
     texts = [json.loads(line)["text"] for line in lines[: args.texts]]

@@ -66,13 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from openchatkit import moderation as mod
+    from openchatkit.evaluation.moderation_metrics import evaluate, format_report
+    from openchatkit.inference.moderator import load_moderator
 
     # Read and check the input files before loading a model (seconds), so bad input fails fast.
     records = mod.read_labelled(args.eval) if args.eval else None
     texts = mod.read_texts(args.input) if args.input else None
     if args.examples:
         mod.read_examples(args.examples)
-    moderator = mod.load_moderator(
+    moderator = load_moderator(
         args.model,
         device=args.device,
         dtype=args.dtype,
@@ -82,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if records is not None:
         results = moderator.classify_many([t for t, _ in records])
-        report = mod.evaluate([lab for _, lab in records], [r.label for r in results])
+        report = evaluate([lab for _, lab in records], [r.label for r in results])
         report["model"] = moderator.name
-        print(json.dumps(report) if args.json else mod.format_report(report))
+        print(json.dumps(report) if args.json else format_report(report))
         return 0
     if texts is not None:
         for text, r in zip(texts, moderator.classify_many(texts), strict=True):
