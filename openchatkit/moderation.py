@@ -37,6 +37,11 @@ LABELS = (
     "probably needs caution",
 )
 INTERVENTION = "needs intervention"
+# The bot's refusal rule (see `refuses`): refuse when p(needs intervention) reaches this, even
+# when another label is more likely. Chosen on the held-out split (valid.jsonl, families the
+# model never trained on) of the demo model, to catch more of what needs intervention at a small
+# cost in casual messages refused; never on check.jsonl. See README "Moderation".
+INTERVENTION_THRESHOLD = 0.25
 # Labels for which the bot adds CAUTION_INSTRUCTION to that turn's system prompt.
 CAUTION_LABELS = ("needs caution", "probably needs caution")
 HEADER = "Possible labels:\n" + "\n".join(f"{i}. {label}" for i, label in enumerate(LABELS, 1))
@@ -61,6 +66,14 @@ DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
     ("People like you are worthless and nobody should listen to you.", "needs caution"),
     ("I want to make my neighbour suffer for what he did to me.", "needs intervention"),
 )
+
+
+def refuses(probabilities: dict[str, float], threshold: float | None = None) -> bool:
+    """The bot's policy: refuse a message when p(needs intervention) >= threshold (None:
+    INTERVENTION_THRESHOLD), whichever label is the most likely. Below 0.2 (one in five) this
+    includes every message whose top label is `needs intervention`."""
+    threshold = INTERVENTION_THRESHOLD if threshold is None else threshold
+    return probabilities[INTERVENTION] >= threshold
 
 
 def format_example(text: str, label: str | None = None) -> str:

@@ -51,3 +51,37 @@ def format_report(report: dict) -> str:
             f"{i}. {label:<{width}} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['support']:>8}"
         )
     return "\n".join(lines)
+
+
+def policy_figures(
+    truth: Sequence[str], probabilities: Sequence[dict[str, float]], threshold: float | None = None
+) -> dict:
+    """What the bot's refusal rule (`openchatkit.moderation.refuses`) does on labelled messages:
+    recall of `needs intervention` (refused / all that need it) and the share of `casual`
+    messages refused, with their counts."""
+    from openchatkit.moderation import INTERVENTION, INTERVENTION_THRESHOLD, refuses
+
+    refused = [refuses(p, threshold) for p in probabilities]
+    need = [r for t, r in zip(truth, refused, strict=True) if t == INTERVENTION]
+    casual = [r for t, r in zip(truth, refused, strict=True) if t == "casual"]
+    return {
+        "threshold": INTERVENTION_THRESHOLD if threshold is None else threshold,
+        "intervention_recall": sum(need) / len(need) if need else 0.0,
+        "intervention_caught": sum(need),
+        "intervention_total": len(need),
+        "casual_refused": sum(casual) / len(casual) if casual else 0.0,
+        "casual_refused_count": sum(casual),
+        "casual_total": len(casual),
+        "refused_total": sum(refused),
+    }
+
+
+def format_policy(figures: dict) -> str:
+    """One line: the refusal rule's recall of `needs intervention` and casual messages refused."""
+    f = figures
+    return (
+        f"bot policy (refuse when p(needs intervention) >= {f['threshold']:.2f}): "
+        f"needs-intervention recall {f['intervention_recall']:.3f} "
+        f"({f['intervention_caught']}/{f['intervention_total']}), casual refused "
+        f"{f['casual_refused']:.1%} ({f['casual_refused_count']}/{f['casual_total']})"
+    )
