@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--moderation-threshold",
         type=float,
         metavar="P",
-        help="refuse when p(needs intervention) >= P (default: when it is the most likely label)",
+        help="refuse when p(needs intervention) >= P (default: the tuned INTERVENTION_THRESHOLD)",
     )
     p.add_argument(
         "--moderation-examples", metavar="FILE.jsonl", help="few-shot examples (text, label)"
