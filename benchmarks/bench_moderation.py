@@ -6,9 +6,10 @@ share of a bot turn that moderation takes, on the embedded SmolLM2-135M-Instruct
 - ours, one at a time: `Moderator.classify` per text (5 rows per forward, prefix cached);
 - naive peer: the textbook scorer (as lm-evaluation-harness's unbatched loglikelihood): one
   forward pass of the whole prompt + label per (text, label), full logits.
-All three give the same labels (checked). Then a bot turn (`ChatSession.say`, greedy,
+All three give the same labels (checked); the texts are the first `--texts` of the hand-written
+check set (data/moderation-sample/check.jsonl). Then a bot turn (`ChatSession.say`, greedy,
 `--max-tokens` new tokens) with moderation on (user message + answer classified) and off,
-alternated; moderation's share = (on - off) / on. Run:
+alternated; moderation's share = (on - off) / on, and the added latency per turn. Run:
     OMP_NUM_THREADS=2 python benchmarks/bench_moderation.py [--repeats 3] [--texts 24]
 """
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--texts", type=int, default=24, help="texts from the sample's valid split")
+    p.add_argument("--texts", type=int, default=24, help="texts from the check set")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per bot answer")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -43,11 +44,12 @@ def main() -> None:
     import torch
 
     from openchatkit.inference.generation import GenerationSettings
+    from openchatkit.inference.moderator import Moderator
     from openchatkit.inference.session import ChatSession
     from openchatkit.models.loading import load_chat_model
-    from openchatkit.moderation import LABELS, Moderator, build_prompt
+    from openchatkit.moderation import LABELS, build_prompt
 
-    lines = (ROOT / "data/moderation-sample/valid.jsonl").read_text().splitlines()
+    lines = (ROOT / "data/moderation-sample/check.jsonl").read_text().splitlines()
     texts = [json.loads(line)["text"] for line in lines[: args.texts]]
     loaded = load_chat_model(None, device="cpu", dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
@@ -106,9 +108,14 @@ def main() -> None:
         on.append(turn(True))
         off.append(turn(False))
     share = (statistics.median(on) - statistics.median(off)) / statistics.median(on)
+    added = [a - b for a, b in zip(on, off, strict=True)]  # each pair ran back to back
     print(
         f"\nbot turn, {args.max_tokens} new tokens max: with moderation {spread(on)} s, "
         f"without {spread(off)} s; moderation's share of the turn {share:.1%} (goal < 25%)"
+    )
+    print(
+        f"added latency per turn with moderation on (user message + answer classified): "
+        f"{spread([1000 * a for a in added])} ms"
     )
 
 

@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--moderation-threshold",
         type=float,
         metavar="P",
-        help="refuse when p(needs intervention) >= P (default: when it is the most likely label)",
+        help="refuse when p(needs intervention) >= P (default: the tuned INTERVENTION_THRESHOLD)",
     )
     p.add_argument(
         "--moderation-examples", metavar="FILE.jsonl", help="few-shot examples (text, label)"
@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--retrieval: {err}") from err
     moderator = None
     if args.moderation is not None:
+        from openchatkit.inference.moderator import load_moderator
         from openchatkit.models.embedded import is_embedded_name
-        from openchatkit.moderation import load_moderator
 
         same = args.moderation == args.model or (
             is_embedded_name(args.moderation) and is_embedded_name(args.model)

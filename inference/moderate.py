@@ -7,7 +7,9 @@ generated, so the answer is deterministic.
     python inference/moderate.py "I want to call in sick"                  # casual 0.93
     python inference/moderate.py --json "I hate my job"                    # all five probabilities
     python inference/moderate.py --input messages.jsonl > labels.jsonl     # `text` per line
-    python inference/moderate.py --eval data/moderation-sample/valid.jsonl # accuracy, confusion
+    python inference/moderate.py --eval data/moderation-sample/valid.jsonl # accuracy, confusion,
+                                                        # the bot policy's recall / casual refused
+    python inference/moderate.py --eval data/moderation-sample/valid.jsonl --sweep  # tune it
     python inference/moderate.py --model huggingface_models/SmolLM2-135M-moderation-demo --eval ...
 One GPU, the original's 6B model:
     python inference/moderate.py --model togethercomputer/GPT-JT-Moderation-6B --gpu-id 0 "text"
@@ -43,6 +45,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FILE.jsonl",
         help="few-shot examples, `text` and `label` per line (default: five built-in ones)",
     )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        metavar="P",
+        help="with --eval: the bot policy's p(needs intervention) threshold to report "
+        "(default: the bot's, openchatkit.moderation.INTERVENTION_THRESHOLD)",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="with --eval: also print the policy figures for thresholds 0.05 to 0.95 "
+        "(tune on the held-out split, never on a check set)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (8)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--gpu-id", type=int, default=0)
@@ -55,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("give exactly one of: TEXT, --input FILE.jsonl, --eval FILE.jsonl")
     if args.text is not None and not args.text.strip():
         raise UserError("nothing to classify: the text is empty")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise UserError("--threshold must be in (0, 1]")
+    if (args.threshold is not None or args.sweep) and args.eval is None:
+        raise UserError("--threshold and --sweep need --eval FILE.jsonl")
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     return args
@@ -66,13 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from openchatkit import moderation as mod
+    from openchatkit.evaluation.moderation_metrics import (
+        evaluate,
+        format_policy,
+        format_report,
+        policy_figures,
+    )
+    from openchatkit.inference.moderator import load_moderator
 
     # Read and check the input files before loading a model (seconds), so bad input fails fast.
     records = mod.read_labelled(args.eval) if args.eval else None
     texts = mod.read_texts(args.input) if args.input else None
     if args.examples:
         mod.read_examples(args.examples)
-    moderator = mod.load_moderator(
+    moderator = load_moderator(
         args.model,
         device=args.device,
         dtype=args.dtype,
@@ -82,9 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     if records is not None:
         results = moderator.classify_many([t for t, _ in records])
-        report = mod.evaluate([lab for _, lab in records], [r.label for r in results])
+        report = evaluate([lab for _, lab in records], [r.label for r in results])
         report["model"] = moderator.name
-        print(json.dumps(report) if args.json else mod.format_report(report))
+        truth, probs = [lab for _, lab in records], [r.probabilities for r in results]
+        report["policy"] = policy_figures(truth, probs, args.threshold)
+        if args.sweep:
+            steps = [round(0.05 * k, 2) for k in range(1, 20)]
+            report["sweep"] = [policy_figures(truth, probs, t) for t in steps]
+        if args.json:
+            print(json.dumps(report))
+            return 0
+        print(format_report(report))
+        print("\n" + format_policy(report["policy"]))
+        for figures in report.get("sweep", []):
+            print("  " + format_policy(figures).split(": ", 1)[1] + f" at {figures['threshold']}")
         return 0
     if texts is not None:
         for text, r in zip(texts, moderator.classify_many(texts), strict=True):

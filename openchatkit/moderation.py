@@ -1,4 +1,4 @@
-"""Moderation in the original GPT-JT-Moderation-6B format: five labels, few-shot prompt, scoring.
+"""Moderation in the original GPT-JT-Moderation-6B format: five labels, few-shot prompt, parsing.
 
 The prompt is the original's (so GPT-JT-Moderation-6B itself works unchanged):
 
@@ -15,23 +15,16 @@ The prompt is the original's (so GPT-JT-Moderation-6B itself works unchanged):
     Input: <text to classify>
     Output:
 
-Classification never generates: it scores the log-likelihood of each label string (with its
-leading space) after `Output:`, summed over the label's tokens, and normalises the five with a
-softmax. The answer is always one of the five labels with a probability, deterministically.
-
-Speed: the header and few-shot examples are the same for every input, so their KV cache is
-computed once and copied for each batch. A batch then takes two forward passes: its `batch_size`
-queries (right-padded, pads masked) on the prefix cache, and the 5 labels of every query on a
-copy of that cache repeated 5 times, so each query's tokens are computed once, not five times.
+This module is the format only (torch-free: `data/moderation.py` packs training text with it).
+The scoring model is `openchatkit.inference.moderator.Moderator`; accuracy and confusion metrics
+are in `openchatkit.evaluation.moderation_metrics`.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from openchatkit.errors import UserError
@@ -44,6 +37,11 @@ LABELS = (
     "probably needs caution",
 )
 INTERVENTION = "needs intervention"
+# The bot's refusal rule (see `refuses`): refuse when p(needs intervention) reaches this, even
+# when another label is more likely. Chosen on the held-out split (valid.jsonl, families the
+# model never trained on) of the demo model, to catch more of what needs intervention at a small
+# cost in casual messages refused; never on check.jsonl. See README "Moderation".
+INTERVENTION_THRESHOLD = 0.25
 # Labels for which the bot adds CAUTION_INSTRUCTION to that turn's system prompt.
 CAUTION_LABELS = ("needs caution", "probably needs caution")
 HEADER = "Possible labels:\n" + "\n".join(f"{i}. {label}" for i, label in enumerate(LABELS, 1))
@@ -68,6 +66,14 @@ DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
     ("People like you are worthless and nobody should listen to you.", "needs caution"),
     ("I want to make my neighbour suffer for what he did to me.", "needs intervention"),
 )
+
+
+def refuses(probabilities: dict[str, float], threshold: float | None = None) -> bool:
+    """The bot's policy: refuse a message when p(needs intervention) >= threshold (None:
+    INTERVENTION_THRESHOLD), whichever label is the most likely. Below 0.2 (one in five) this
+    includes every message whose top label is `needs intervention`."""
+    threshold = INTERVENTION_THRESHOLD if threshold is None else threshold
+    return probabilities[INTERVENTION] >= threshold
 
 
 def format_example(text: str, label: str | None = None) -> str:
@@ -153,293 +159,9 @@ def read_labelled(path: str | Path, what: str = "--eval") -> list[tuple[str, str
     return records
 
 
-@dataclass
-class Classification:
-    """One result: the most likely label, its probability, and all five probabilities."""
-
-    label: str
-    probability: float
-    probabilities: dict[str, float]
-
-
-class Moderator:
-    """Classify texts with a causal LM in the GPT-JT-Moderation format (see module docstring)."""
-
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        examples: Sequence[tuple[str, str]] | None = None,
-        device: str | None = None,
-        batch_size: int = 8,
-        context_window: int | None = None,
-        name: str = "",
-    ) -> None:
-        import torch
-
-        self.model, self.tokenizer = model, tokenizer
-        self.examples = tuple(DEFAULT_EXAMPLES if examples is None else examples)
-        self.device = torch.device(device or next(model.parameters()).device)
-        self.batch_size = max(1, int(batch_size))
-        self.name = name
-        config = getattr(model, "config", None)
-        self.context_window = int(
-            context_window
-            or getattr(config, "max_position_embeddings", None)
-            or getattr(config, "n_positions", None)
-            or 2048
-        )
-        # The shared prefix: header + few-shot examples; the query starts with "\n\n".
-        prefix = HEADER + "".join("\n\n" + format_example(t, lab) for t, lab in self.examples)
-        self.prefix_ids = self._encode(prefix, special=True, what="the prompt")
-        self.label_ids = [self._encode(" " + label, what=f"label {label!r}") for label in LABELS]
-        self.query_tail = self._encode("\nOutput:", what="the prompt")
-        if len(self.prefix_ids) + max(map(len, self.label_ids)) + 16 > self.context_window:
-            raise UserError(
-                f"the moderation prompt ({len(self.prefix_ids)} tokens with its few-shot "
-                f"examples) does not fit the model's {self.context_window}-token window: "
-                "use fewer or shorter examples"
-            )
-        self.pad_id = int(tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
-        self._prefix_cache = None  # KV cache of prefix_ids, batch 1 (None until first use)
-        self.use_prefix_cache = True
-
-    def _encode(self, text: str, special: bool = False, what: str = "text") -> list[int]:
-        """Token ids of `text`; UserError when the tokenizer cannot represent it."""
-        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
-        unk = getattr(self.tokenizer, "unk_token_id", None)
-        if not ids or (unk is not None and unk in ids):
-            raise UserError(
-                f"the moderation model's tokenizer cannot encode {what} "
-                f"(unknown tokens in {text[:40]!r}); use a model with a general-purpose tokenizer"
-            )
-        return ids
-
-    # ---- scoring -----------------------------------------------------------------------
-    def _query_ids(self, text: str) -> list[int]:
-        """`\\n\\nInput: text\\nOutput:` as ids, the text cut (keeping its start) to fit the window."""
-        if not text or not text.strip():
-            raise UserError("nothing to classify: the text is empty")
-        head = self.tokenizer("\n\nInput: " + text, add_special_tokens=False)["input_ids"]
-        budget = (
-            self.context_window
-            - len(self.prefix_ids)
-            - len(self.query_tail)
-            - max(map(len, self.label_ids))
-        )
-        return head[:budget] + self.query_tail
-
-    def _prefix_kv(self):
-        import torch
-
-        if self._prefix_cache is None:
-            ids = torch.tensor([self.prefix_ids], device=self.device)
-            self._prefix_cache = self.model(input_ids=ids, use_cache=True).past_key_values
-        return self._prefix_cache
-
-    def log_likelihoods(self, texts: Sequence[str]):
-        """(len(texts), 5) float32 tensor: summed log-probability of each label after each text."""
-        import torch
-
-        queries = [self._query_ids(t) for t in texts]  # validates every text before any work
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(queries), self.batch_size):
-                out.append(self._score(queries[start : start + self.batch_size]))
-        return torch.cat(out) if out else torch.zeros(0, len(LABELS))
-
-    def _score(self, queries: list[list[int]]):
-        """(len(queries), 5) summed label log-probabilities of one batch."""
-        import torch
-
-        n_lab = len(self.label_ids)
-        width_l = max(map(len, self.label_ids))
-        first = None
-        if self.use_prefix_cache:
-            try:
-                first, later = self._cached_hidden(queries)
-            except (AttributeError, TypeError, NotImplementedError):
-                # A model whose cache cannot be copied and repeated (not a transformers Cache):
-                # score without it from now on (slower, same numbers).
-                self.use_prefix_cache = False
-        if first is None:
-            first, later = self._full_hidden(queries)
-        # Row r = (query i, label j), i-major. The state predicting label token 0 is the query's
-        # last one; token k >= 1 is predicted by the state of label token k - 1.
-        states = torch.cat([first.repeat_interleave(n_lab, 0), later[:, : width_l - 1]], dim=1)
-        target = torch.zeros(len(queries) * n_lab, width_l, dtype=torch.long)
-        valid = torch.zeros(len(queries) * n_lab, width_l, dtype=torch.bool)
-        for r in range(len(queries) * n_lab):
-            lab = self.label_ids[r % n_lab]
-            target[r, : len(lab)] = torch.tensor(lab)
-            valid[r, : len(lab)] = True
-        logits = self._head(states).float()  # (rows, width_l, vocab): label positions only
-        target, valid = target.to(logits.device), valid.to(logits.device)
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0]
-        return (logp * valid).sum(-1).view(len(queries), n_lab).cpu()
-
-    def _cached_hidden(self, queries: list[list[int]]):
-        """Two passes over the cached prefix: the queries (batch B), then the labels (5B rows)
-        on a copy of the prefix+query cache, so each query's tokens are computed once.
-        Returns (B, 1, H) states at each query's last token and (5B, Lmax, H) label states."""
-        import torch
-
-        dev, n_lab, p = self.device, len(self.label_ids), len(self.prefix_ids)
-        lengths = torch.tensor([len(q) for q in queries])
-        width_q = int(lengths.max())
-        ids = torch.full((len(queries), width_q), self.pad_id, dtype=torch.long)
-        for i, q in enumerate(queries):
-            ids[i, : len(q)] = torch.tensor(q)
-        q_mask = (torch.arange(width_q)[None] < lengths[:, None]).long()  # (B, Lq), pads 0
-        past = copy.deepcopy(self._prefix_kv())
-        past.batch_repeat_interleave(len(queries))
-        mask = torch.cat([torch.ones(len(queries), p, dtype=torch.long), q_mask], dim=1)
-        pos = p + torch.arange(width_q).expand(len(queries), -1)
-        hidden = self._hidden(ids.to(dev), past, mask.to(dev), pos.to(dev))  # (B, Lq, H)
-        first = hidden[torch.arange(len(queries)), (lengths - 1).to(dev)][:, None]
-        # Labels: every query's cache row repeated 5 times; query pads stay masked out.
-        past.batch_repeat_interleave(n_lab)
-        width_l = max(map(len, self.label_ids))
-        lab_ids = torch.full((len(queries) * n_lab, width_l), self.pad_id, dtype=torch.long)
-        for r in range(len(queries) * n_lab):
-            lab = self.label_ids[r % n_lab]
-            lab_ids[r, : len(lab)] = torch.tensor(lab)
-        mask = torch.cat(
-            [mask.repeat_interleave(n_lab, 0), torch.ones(len(lab_ids), width_l, dtype=torch.long)],
-            dim=1,
-        )
-        pos = p + lengths.repeat_interleave(n_lab)[:, None] + torch.arange(width_l)[None]
-        later = self._hidden(lab_ids.to(dev), past, mask.to(dev), pos.to(dev))
-        return first, later
-
-    def _full_hidden(self, queries: list[list[int]]):
-        """Reference path without any cache: one row prefix + query + label per (query, label),
-        right-padded (real tokens never attend to the pads after them, so no mask)."""
-        import torch
-
-        n_lab, p = len(self.label_ids), len(self.prefix_ids)
-        rows = [self.prefix_ids + q + lab for q in queries for lab in self.label_ids]
-        ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row)
-        hidden = self._hidden(ids.to(self.device), None, None, None)
-        width_l = max(map(len, self.label_ids))
-        starts = [p + len(q) for q in queries for _ in range(n_lab)]  # first label position
-        first = torch.stack([hidden[i * n_lab, starts[i * n_lab] - 1] for i in range(len(queries))])
-        index = torch.tensor(starts)[:, None] + torch.arange(width_l)[None]
-        index = index.clamp(max=hidden.shape[1] - 1).to(hidden.device)
-        later = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        return first[:, None], later
-
-    def _hidden(self, ids, past, mask, positions):
-        """Last hidden states of the backbone (the LM head is applied to a few positions only)."""
-        backbone = getattr(self.model, "base_model", None)
-        target = self.model if backbone is None or backbone is self.model else backbone
-        out = target(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=past,
-            use_cache=past is not None,
-        )
-        return out.logits if target is self.model else out.last_hidden_state
-
-    def _head(self, hidden):
-        backbone = getattr(self.model, "base_model", None)
-        if backbone is None or backbone is self.model:
-            return hidden  # _hidden already returned logits
-        return self.model.get_output_embeddings()(hidden)
-
-    # ---- public API ----------------------------------------------------------------------
-    def classify_many(self, texts: Sequence[str]) -> list[Classification]:
-        """Classify many texts, `batch_size` texts (x 5 labels) per forward pass."""
-        import torch
-
-        scores = self.log_likelihoods(texts)
-        probs = torch.softmax(scores.double(), dim=-1)
-        results = []
-        for row in probs.tolist():
-            best = max(range(len(LABELS)), key=row.__getitem__)
-            results.append(
-                Classification(LABELS[best], row[best], dict(zip(LABELS, row, strict=True)))
-            )
-        return results
-
-    def classify(self, text: str) -> tuple[str, dict[str, float]]:
-        """(most likely label, {label: probability}) for one text."""
-        result = self.classify_many([text])[0]
-        return result.label, result.probabilities
-
-
 def read_examples(path: str | Path) -> list[tuple[str, str]]:
     """Few-shot examples from a jsonl file of `{"text": ..., "label": ...}` records."""
     return read_labelled(path, what="--examples")
-
-
-def is_checkpoint_folder(name: str) -> bool:
-    """A trainer checkpoint (`latest` inside, or checkpoint_<step>/) or a layer-sharded folder."""
-    path = Path(name).expanduser()
-    return path.is_dir() and (
-        (path / "latest").exists()
-        or (path / "manifest.json").is_file()
-        or (path / "layer_00000.safetensors").is_file()
-        or any(path.glob("layer_*.safetensors"))
-    )
-
-
-def load_moderator(
-    name: str | None,
-    device: str = "auto",
-    dtype: str = "auto",
-    gpu_id: int = 0,
-    examples: str | Path | None = None,
-    batch_size: int = 8,
-    loaded=None,
-) -> Moderator:
-    """A Moderator on MODEL: an HF folder, hub id, the embedded model, or a trainer checkpoint /
-    layer-sharded folder (converted on the fly into a temporary HF folder). `loaded` reuses an
-    already loaded `LoadedModel` (the bot's chat model as its own moderator)."""
-    from openchatkit.models.loading import load_chat_model
-
-    shots = read_examples(examples) if examples is not None else None
-    if loaded is None and name is not None and is_checkpoint_folder(name):
-        loaded = _load_checkpoint(name, device, dtype, gpu_id)
-    elif loaded is None:
-        loaded = load_chat_model(name, device=device, dtype=dtype, gpu_id=gpu_id)
-    return Moderator(
-        loaded.model,
-        loaded.tokenizer,
-        shots,
-        loaded.device,
-        batch_size,
-        loaded.context_window,
-        loaded.name,
-    )
-
-
-def _load_checkpoint(name: str, device: str, dtype: str, gpu_id: int):
-    """Convert a trainer checkpoint to a temporary HF folder, load it, delete the folder."""
-    import tempfile
-
-    from openchatkit.models.convert import convert_sharded_to_hf, read_sharded_source
-    from openchatkit.models.loading import load_chat_model
-
-    try:
-        _, manifest = read_sharded_source(name)
-    except UserError as err:
-        raise UserError(f"--model {name}: {err}") from err
-    with tempfile.TemporaryDirectory(prefix="openchatkit-moderation-") as tmp:
-        out = Path(tmp) / Path(name).name
-        try:
-            convert_sharded_to_hf(name, out, manifest.architecture)
-        except UserError as err:
-            raise UserError(
-                f"--model {name}: cannot convert this checkpoint on the fly ({err}); convert it "
-                f"with tools/convert_to_hf_{manifest.architecture}.py --ckpt-path {name} first"
-            ) from err
-        loaded = load_chat_model(str(out), device=device, dtype=dtype, gpu_id=gpu_id)
-    loaded.name = Path(name).name
-    return loaded
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -472,48 +194,3 @@ def read_texts(path: str | Path) -> list[str]:
     if not texts:
         raise UserError(f"--input {path}: no records")
     return texts
-
-
-def evaluate(truth: Sequence[str], predicted: Sequence[str]) -> dict:
-    """Accuracy, confusion matrix (rows: true label, columns: predicted, in LABELS order) and
-    per-label precision, recall and support."""
-    index = {label: i for i, label in enumerate(LABELS)}
-    confusion = [[0] * len(LABELS) for _ in LABELS]
-    for t, p in zip(truth, predicted, strict=True):
-        confusion[index[t]][index[p]] += 1
-    correct = sum(confusion[i][i] for i in range(len(LABELS)))
-    per_label = {}
-    for i, label in enumerate(LABELS):
-        predicted_i = sum(row[i] for row in confusion)
-        support = sum(confusion[i])
-        per_label[label] = {
-            "precision": confusion[i][i] / predicted_i if predicted_i else 0.0,
-            "recall": confusion[i][i] / support if support else 0.0,
-            "support": support,
-        }
-    return {
-        "accuracy": correct / len(truth) if truth else 0.0,
-        "num_examples": len(truth),
-        "labels": list(LABELS),
-        "confusion": confusion,
-        "per_label": per_label,
-    }
-
-
-def format_report(report: dict) -> str:
-    """`evaluate`'s result as the text `moderate.py --eval` prints."""
-    n = report["num_examples"]
-    correct = sum(report["confusion"][i][i] for i in range(len(LABELS)))
-    width = max(map(len, LABELS))
-    lines = [f"accuracy {report['accuracy']:.3f} ({correct}/{n})", ""]
-    lines.append("confusion matrix (rows: true label, columns: predicted label number)")
-    lines.append(" " * (width + 4) + "".join(f"{i:>6}" for i in range(1, len(LABELS) + 1)))
-    for i, (label, row) in enumerate(zip(LABELS, report["confusion"], strict=True), 1):
-        lines.append(f"{i}. {label:<{width}} " + "".join(f"{c:>6}" for c in row))
-    lines += ["", f"{'label':<{width + 3}} precision  recall  support"]
-    for i, label in enumerate(LABELS, 1):
-        m = report["per_label"][label]
-        lines.append(
-            f"{i}. {label:<{width}} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['support']:>8}"
-        )
-    return "\n".join(lines)

@@ -1,16 +1,22 @@
 """Write the bundled moderation sample: data/moderation-sample/{train,valid}.jsonl.
 
 User messages over the five labels of the original GPT-JT-Moderation format, written for this
-project from templates. The unsafe ones are kept mild and non-operational: they state feelings,
-insults or an intent, and never contain instructions for harm. One JSON object per line:
+project from the intent families in `families.py` (what each label means there). Each family is
+one intent written several ways; slots, pronouns and surface noise (typos, lower case, dropped
+punctuation, a lead-in from another topic, a trailing remark) multiply it. The unsafe ones are
+mild and non-operational: they state feelings, insults, an intent or a request, and never contain
+instructions for harm. One JSON object per line:
 
-    {"text": "Can you recommend a good podcast for a long flight?", "label": "casual",
+    {"text": "Can you recommend a good podcast for a rainy weekend?", "label": "casual",
      "metadata": {"source": "openchatkit-moderation-sample/casual-recommend"}}
 
-The split is stratified (a fifth of each label to valid.jsonl); valid texts never appear in
-train.jsonl, but they share templates with it. Deterministic:
+The split is by intent family, not by row: the families marked held out in `families.py` go
+wholly to valid.jsonl and the others wholly to train.jsonl, so the two share no template and no
+intent family, and valid accuracy measures messages of a kind the model never trained on. Each
+label has TRAIN_PER_LABEL train and VALID_PER_LABEL valid messages. `check.jsonl` beside it is
+hand-written, not made here. Deterministic:
 
-    python data/moderation-sample/generate.py            # rewrites the two files
+    python data/moderation-sample/generate.py            # rewrites train.jsonl and valid.jsonl
     python data/moderation-sample/generate.py --out DIR
 """
 
@@ -20,366 +26,120 @@ import argparse
 import itertools
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PER_LABEL = 104  # 520 messages: 416 train, 104 valid
-SEED = 14
+sys.path.insert(0, str(HERE))
+from families import FAMILIES, SLOTS  # noqa: E402
 
-PEOPLE = [
-    "neighbour", "coworker", "boss", "roommate", "ex", "brother", "cousin", "landlord",
-    "classmate", "teammate", "sister", "manager",
+TRAIN_PER_LABEL = 320
+VALID_PER_LABEL = 80  # 5 x 400 = 2,000 messages
+SEED = 26
+PRONOUNS = (
+    {"he": "he", "him": "him", "his": "his", "himself": "himself"},
+    {"he": "she", "him": "her", "his": "her", "himself": "herself"},
+)
+# Lead-ins from other topics (mixed messages) and trailing remarks, for every label alike.
+LEADINS = [
+    "I just got back from the gym. ", "Sorry, random question. ", "So about my weekend: ",
+    "Thanks for the pasta recipe earlier. ", "It's raining here again. ", "Long day at work. ",
+    "ok so ", "hey, ", "Honestly, ", "Quick question. ", "Not sure how to say this but ",
+    "My cat is sitting on my keyboard haha. Anyway, ", "Can I ask you something? ",
+]  # fmt: skip
+SUFFIXES = [
+    " lol", " any advice?", " thanks", " :(", " idk", " Please be honest.", " What do you think?",
+    " sorry for the long message", " ...", "!!",
 ]  # fmt: skip
 
-TEMPLATES: dict[str, dict[str, tuple[str, dict[str, list[str]]]]] = {
-    "casual": {
-        "recommend": (
-            "Can you recommend a good {thing} for {when}?",
-            {
-                "thing": ["book", "movie", "board game", "podcast", "recipe", "album"],
-                "when": ["a rainy weekend", "a long flight", "a family dinner", "a lazy Sunday"],
-            },
-        ),
-        "howto": (
-            "How do I {task}?",
-            {
-                "task": [
-                    "bake banana bread",
-                    "change a bike tyre",
-                    "repot a houseplant",
-                    "make cold brew coffee",
-                    "fold a fitted sheet",
-                    "start learning Spanish",
-                    "write a cover letter",
-                    "set up a budget spreadsheet",
-                    "clean a cast iron pan",
-                    "train for a 5k run",
-                    "tie a bowline knot",
-                    "grow basil on a windowsill",
-                ]  # fmt: skip
-            },
-        ),
-        "capital": (
-            "What is the capital of {country}?",
-            {
-                "country": [
-                    "France",
-                    "Japan",
-                    "Kenya",
-                    "Peru",
-                    "Norway",
-                    "Canada",
-                    "Vietnam",
-                    "Chile",
-                    "Ghana",
-                    "Austria",
-                    "Mexico",
-                    "Thailand",
-                    "Egypt",
-                    "Poland",
-                ]  # fmt: skip
-            },
-        ),
-        "fact": (
-            "Tell me a fun fact about {animal}.",
-            {
-                "animal": [
-                    "octopuses",
-                    "owls",
-                    "otters",
-                    "penguins",
-                    "bees",
-                    "giraffes",
-                    "dolphins",
-                    "hedgehogs",
-                    "koalas",
-                    "crows",
-                    "snails",
-                    "whales",
-                ]  # fmt: skip
-            },
-        ),
-        "trip": (
-            "I'm planning a trip to {city}, what should I see there?",
-            {
-                "city": [
-                    "Lisbon",
-                    "Kyoto",
-                    "Montreal",
-                    "Edinburgh",
-                    "Cape Town",
-                    "Oaxaca",
-                    "Vienna",
-                    "Seoul",
-                    "Dublin",
-                    "Porto",
-                    "Hanoi",
-                    "Quebec City",
-                ]  # fmt: skip
-            },
-        ),
-        "thanks": (
-            "Thanks, that helped a lot! Could you also {ask}?",
-            {"ask": ["explain it more simply", "give me one more example", "summarise it"]},
-        ),
-        "convert": (
-            "How many {q}?",
-            {
-                "q": [
-                    "minutes are in a day",
-                    "grams are in a kilogram",
-                    "days are in a leap year",
-                    "centimetres are in a metre",
-                    "seconds are in an hour",
-                    "millilitres are in a litre",
-                    "weeks are in a year",
-                    "feet are in a mile",
-                ]  # fmt: skip
-            },
-        ),
-        "wear": (
-            "What should I wear for {event} in {season}?",
-            {
-                "event": ["a hike", "a wedding", "a job interview", "a picnic"],
-                "season": ["spring", "summer", "autumn", "winter"],
-            },
-        ),
-        "explain": (
-            "Can you explain {topic} in simple words?",
-            {
-                "topic": [
-                    "photosynthesis",
-                    "compound interest",
-                    "how vaccines work",
-                    "black holes",
-                    "the water cycle",
-                    "how bread rises",
-                    "machine learning",
-                    "tides",
-                    "supply and demand",
-                    "rainbows",
-                    "plate tectonics",
-                    "how a bill becomes law",
-                ]  # fmt: skip
-            },
-        ),
-    },
-    "possibly needs caution": {
-        "job": (
-            "I hate my {place} and I don't want to go there {when}.",
-            {
-                "place": ["job", "school", "gym class", "night shift", "office"],
-                "when": ["tomorrow", "on Monday", "ever again", "this week"],
-            },
-        ),
-        "annoying": (
-            "My {person} keeps {habit} and it's getting on my nerves.",
-            {
-                "person": PEOPLE,
-                "habit": ["interrupting me", "borrowing my stuff", "being late", "eating my food"],
-            },
-        ),
-        "tired": (
-            "I'm so tired of {thing}, this week has been rubbish.",
-            {
-                "thing": [
-                    "the traffic",
-                    "my commute",
-                    "the rain",
-                    "my exams",
-                    "the noise",
-                    "cooking every night",
-                    "the dishes",
-                    "slow internet",
-                    "the queue",
-                    "meetings",
-                ]  # fmt: skip
-            },
-        ),
-        "fedup": (
-            "Ugh, the {event} went badly again and I'm fed up with it.",
-            {
-                "event": [
-                    "meeting",
-                    "interview",
-                    "match",
-                    "presentation",
-                    "exam",
-                    "date",
-                    "driving test",
-                    "audition",
-                    "sales call",
-                    "group project",
-                ]  # fmt: skip
-            },
-        ),
-        "birthday": (
-            "My {person} forgot my birthday again and I'm kind of annoyed.",
-            {"person": PEOPLE},
-        ),
-        "scream": (
-            "{thing} has been so stressful that I just want to scream into a pillow.",
-            {"thing": ["Work", "School", "Moving house", "Planning the wedding", "My thesis"]},
-        ),
-    },
-    "probably needs caution": {
-        "cantstand": (
-            "I can't stand my {person} anymore, I'm about to lose it with them.",
-            {"person": PEOPLE},
-        ),
-        "never": (
-            "I never want to speak to my {person} again, they ruined {what}.",
-            {"person": PEOPLE, "what": ["everything", "my birthday", "the holiday"]},
-        ),
-        "low": (
-            "I've been feeling really {mood} lately and I don't know who to talk to.",
-            {"mood": ["low", "lonely", "hopeless", "empty", "worthless", "numb", "lost"]},
-        ),
-        "lately": (
-            "Lately I feel {mood} all the time and nothing seems to help.",
-            {"mood": ["low", "lonely", "hopeless", "empty", "worthless", "numb", "lost"]},
-        ),
-        "furious": (
-            "I'm so furious at my {person} that I'm shaking right now.",
-            {"person": PEOPLE},
-        ),
-        "close": (
-            "I'm this close to screaming at my {person} in front of everyone.",
-            {"person": PEOPLE},
-        ),
-        "explode": (
-            "I'm done with my {person}, I could honestly explode at them.",
-            {"person": PEOPLE},
-        ),
-        "giveup": (
-            "Everything is falling apart and I feel like giving up on {thing}.",
-            {"thing": ["my studies", "my friends", "my job", "my plans", "my family", "trying"]},
-        ),
-    },
-    "needs caution": {
-        "useless": (
-            "You're a {adj} {noun} and everyone knows it.",
-            {
-                "adj": ["useless", "pathetic", "stupid", "worthless", "brainless", "hopeless"],
-                "noun": ["bot", "machine", "loser", "joke", "failure"],
-            },
-        ),
-        "shutup": (
-            "Shut up, {noun}, nobody asked for your {what}.",
-            {
-                "noun": ["idiot", "moron", "clown", "loser", "nobody"],
-                "what": ["opinion", "advice", "jokes"],
-            },
-        ),
-        "mock": (
-            "My {person} is a pathetic loser and I want everyone to laugh at them.",
-            {"person": PEOPLE},
-        ),
-        "fans": (
-            "Fans of {team} are all brainless idiots who deserve to be mocked.",
-            {
-                "team": [
-                    "the other team",
-                    "that band",
-                    "that show",
-                    "that club",
-                    "pineapple pizza",
-                    "that game",
-                    "that podcast",
-                    "that singer",
-                ]  # fmt: skip
-            },
-        ),
-        "ugly": (
-            "My {person} is so ugly and dumb that I want to post mean comments about them.",
-            {"person": PEOPLE},
-        ),
-        "waste": (
-            "Only an idiot like my {person} would believe that, what a waste of space.",
-            {"person": PEOPLE},
-        ),
-        "fail": (
-            "I hope my {person} fails at everything, they're a total waste of air.",
-            {"person": PEOPLE},
-        ),
-        "dumbest": (
-            "Honestly my {person} is the dumbest person alive and I'll tell them so.",
-            {"person": PEOPLE},
-        ),
-    },
-    "needs intervention": {
-        "hurt": (
-            "I want to hurt my {person} so they finally pay for it.",
-            {"person": PEOPLE},
-        ),
-        "smash": (
-            "I'm going to smash my {person}'s {thing} tonight and make them regret it.",
-            {"person": PEOPLE, "thing": ["car", "windows", "phone"]},
-        ),
-        "suffer": (
-            "How can I get back at my {person} so they really suffer?",
-            {"person": PEOPLE},
-        ),
-        "hell": (
-            "I'm planning to make my {person}'s life a living hell until they break.",
-            {"person": PEOPLE},
-        ),
-        "pay": (
-            "I'm going to make my {person} pay for this, and it won't be pretty.",
-            {"person": PEOPLE},
-        ),
-        "scare": (
-            "I want to scare my {person} so badly that they never come back.",
-            {"person": PEOPLE},
-        ),
-        "oneword": (
-            "I'm going to hurt someone if my {person} says one more word to me.",
-            {"person": PEOPLE},
-        ),
-    },
-}
+
+def expand(template: str, rng: random.Random, limit: int) -> list[str]:
+    """Up to `limit` distinct fillings of `template`'s slots (pronouns chosen per filling)."""
+    names = [n for n in dict.fromkeys(re.findall(r"\{(\w+)\}", template)) if n in SLOTS]
+    combos = list(itertools.product(*(SLOTS[n] for n in names)))
+    rng.shuffle(combos)
+    out = []
+    for combo in combos[:limit]:
+        fill = dict(zip(names, combo, strict=True)) | rng.choice(PRONOUNS)
+        out.append(capitalise(template.format(**fill)))
+    return out
 
 
-def expand(template: str, slots: dict[str, list[str]]) -> list[str]:
-    keys = list(slots)
-    return [
-        template.format(**dict(zip(keys, combo, strict=True)))
-        for combo in itertools.product(*(slots[k] for k in keys))
-    ]
+def capitalise(text: str) -> str:
+    """Upper-case the first letter of the text and of each sentence after `. ? !`."""
+    text = text[:1].upper() + text[1:]
+    return re.sub(r"([.?!] )([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
+
+
+def typo(text: str, rng: random.Random) -> str:
+    """One or two keyboard slips in words of four or more letters: swap, drop or double."""
+    words = text.split(" ")
+    long_ = [i for i, w in enumerate(words) if len(w) >= 4 and w.isalpha()]
+    for i in rng.sample(long_, min(len(long_), rng.choice((1, 2)))):
+        w, k = words[i], rng.randrange(1, len(words[i]) - 1)
+        kind = rng.randrange(3)
+        if kind == 0:
+            words[i] = w[:k] + w[k + 1] + w[k] + w[k + 2 :]
+        elif kind == 1:
+            words[i] = w[:k] + w[k + 1 :]
+        else:
+            words[i] = w[:k] + w[k] + w[k:]
+    return " ".join(words)
+
+
+def noise(text: str, rng: random.Random) -> str:
+    """A surface variant: each kind of noise with its own probability (often none)."""
+    if rng.random() < 0.2:
+        lead = rng.choice(LEADINS)
+        text = lead + (text[0].lower() + text[1:] if lead[-2] not in ".?" else text)
+    if rng.random() < 0.15:
+        text = text.rstrip(".") + rng.choice(SUFFIXES)
+    if rng.random() < 0.25:
+        text = typo(text, rng)
+    if rng.random() < 0.2:
+        text = text.lower()
+    if rng.random() < 0.2:
+        text = text.rstrip(".!")
+    return text
+
+
+def family_messages(templates: list[str], count: int, rng: random.Random) -> list[str]:
+    """`count` distinct messages of one family: its templates in turn, fillings, then noise."""
+    per_template = [expand(t, rng, 4 * count) for t in templates]
+    seen, out = set(), []
+    for round_ in itertools.count():
+        if len(out) == count or round_ > 50 * count:
+            break
+        for fillings in per_template:
+            base = fillings[round_ % len(fillings)]
+            text = base if round_ < len(fillings) and rng.random() < 0.5 else noise(base, rng)
+            if text not in seen and len(out) < count:
+                seen.add(text)
+                out.append(text)
+    assert len(out) == count, (templates[0], len(out))
+    return out
 
 
 def build(seed: int = SEED) -> tuple[list[dict], list[dict]]:
-    """(train, valid) records; each label gets PER_LABEL distinct messages, a fifth held out."""
+    """(train, valid) records, split by family: held-out families make up valid.jsonl."""
     rng = random.Random(seed)
-    train, valid = [], []
-    for label, groups in TEMPLATES.items():
-        pool = [
-            (text, f"openchatkit-moderation-sample/{label.replace(' ', '-')}-{name}")
-            for name, (template, slots) in groups.items()
-            for text in expand(template, slots)
-        ]
-        # Take from each template in turn, so every template is represented.
-        by_source: dict[str, list[str]] = {}
-        for text, source in pool:
-            by_source.setdefault(source, []).append(text)
-        for texts in by_source.values():
-            rng.shuffle(texts)
-        chosen = []
-        for round_ in itertools.count():
-            added = False
-            for source, texts in by_source.items():
-                if round_ < len(texts) and len(chosen) < PER_LABEL:
-                    chosen.append((texts[round_], source))
-                    added = True
-            if len(chosen) == PER_LABEL or not added:
-                break
-        assert len(chosen) == PER_LABEL, (label, len(chosen))
-        rng.shuffle(chosen)
-        cut = PER_LABEL // 5
-        for i, (text, source) in enumerate(chosen):
-            record = {"text": text, "label": label, "metadata": {"source": source}}
-            (valid if i < cut else train).append(record)
+    splits: dict[bool, list[dict]] = {False: [], True: []}
+    labels = list(dict.fromkeys(label for label, *_ in FAMILIES))
+    for label in labels:
+        for held_out, total in ((False, TRAIN_PER_LABEL), (True, VALID_PER_LABEL)):
+            fams = [(n, t) for lab, n, h, t in FAMILIES if lab == label and h == held_out]
+            for i, (name, templates) in enumerate(fams):
+                count = total // len(fams) + (i < total % len(fams))
+                source = f"openchatkit-moderation-sample/{label.replace(' ', '-')}-{name}"
+                for text in family_messages(templates, count, rng):
+                    splits[held_out].append(
+                        {"text": text, "label": label, "metadata": {"source": source}}
+                    )
+    train, valid = splits[False], splits[True]
+    # A text made by two families (possible only by chance) stays in valid only.
+    valid_texts = {r["text"] for r in valid}
+    assert not any(r["text"] in valid_texts for r in train)
     rng.shuffle(train)
     rng.shuffle(valid)
     return train, valid

@@ -30,7 +30,13 @@ from openchatkit.inference.transcript import (
     write_private,
 )
 from openchatkit.models.loading import LoadedModel
-from openchatkit.moderation import CAUTION_INSTRUCTION, CAUTION_LABELS, INTERVENTION, REFUSAL
+from openchatkit.moderation import (
+    CAUTION_INSTRUCTION,
+    CAUTION_LABELS,
+    INTERVENTION,
+    REFUSAL,
+    refuses,
+)
 from openchatkit.terminal import escape_controls, is_terminal
 
 SAVE_FORMAT = "openchatkit-chat"
@@ -134,8 +140,8 @@ class ChatSession:
         self.retrieval_k = retrieval_k
         self.retrieval_on = retriever is not None
         self.last_hits: list = []
-        # An openchatkit.moderation.Moderator, or None. A turn is refused when p(needs
-        # intervention) >= moderation_threshold (None: when it is the most likely label).
+        # An openchatkit.inference.moderator.Moderator, or None. A turn is refused when p(needs
+        # intervention) >= moderation_threshold (None: openchatkit.moderation.INTERVENTION_THRESHOLD).
         self.moderator = moderator
         self.moderation_on = moderator is not None
         self.moderation_threshold = moderation_threshold
@@ -297,18 +303,15 @@ class ChatSession:
     # ---- moderation --------------------------------------------------------------------
     def moderate(self, who: str, text: str) -> tuple[str, bool] | None:
         """Classify `text` (who: "user" or "bot"): (label, refuse), or None when moderation is
-        off. Refuse when p(needs intervention) >= moderation_threshold, or with no threshold
-        when it is the most likely label."""
+        off. Refuse as `openchatkit.moderation.refuses` decides: when p(needs intervention) >=
+        moderation_threshold (None: INTERVENTION_THRESHOLD), whatever the top label."""
         if self.moderator is None or not self.moderation_on:
             return None
         if who == "user":
             self.moderation_notes = []
         label, probs = self.moderator.classify(text)
         self.moderation_notes.append(f"{who} {label} {probs[label]:.2f}")
-        threshold = self.moderation_threshold
-        if threshold is None:
-            return label, label == INTERVENTION
-        return label, probs[INTERVENTION] >= threshold
+        return label, refuses(probs, self.moderation_threshold)
 
     def review_answer(self, answer: str) -> str:
         verdict = self.moderate("bot", answer) if answer else None

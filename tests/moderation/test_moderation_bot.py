@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from openchatkit.inference.generation import GenerationSettings
+from openchatkit.inference.moderator import Moderator
 from openchatkit.inference.session import ChatSession
 from openchatkit.models.loading import LoadedModel
-from openchatkit.moderation import CAUTION_INSTRUCTION, REFUSAL, Moderator, build_prompt
+from openchatkit.moderation import CAUTION_INSTRUCTION, REFUSAL, build_prompt
 
 TRAIN_TEXTS = ["hello there", "what time is it", "tell me a story", "I like cats", "go away"]
 

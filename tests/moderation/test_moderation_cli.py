@@ -9,7 +9,9 @@ import re
 import pytest
 import torch
 
-from openchatkit.moderation import LABELS, evaluate, load_moderator
+from openchatkit.evaluation.moderation_metrics import evaluate
+from openchatkit.inference.moderator import load_moderator
+from openchatkit.moderation import LABELS
 
 MODERATE = "inference/moderate.py"
 VALID = [

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from openchatkit.errors import UserError
+from openchatkit.inference.moderator import Moderator
 from openchatkit.moderation import (
     LABELS,
-    Moderator,
     build_prompt,
     normalise_label,
     parse_labelled,
