@@ -109,6 +109,8 @@ class RecordingBackend:
         self.name = inner.name
         self.prompts: list[str] = []
         self.gate: threading.Event | None = None
+        self.delay = 0.0  # seconds per token: a slow model
+        self.cancelled = 0  # streams closed by the server before their end
 
     def start(self):
         self.inner.start()
@@ -126,9 +128,14 @@ class RecordingBackend:
         self.prompts.append(self.tokenizer.decode(prompt_ids))
         while self.gate is not None and not self.gate.is_set():
             await asyncio.sleep(0.05)
-        async with contextlib.aclosing(self.inner.stream(prompt_ids, params)) as tokens:
-            async for t in tokens:
-                yield t
+        try:
+            async with contextlib.aclosing(self.inner.stream(prompt_ids, params)) as tokens:
+                async for t in tokens:
+                    yield t
+                    await asyncio.sleep(self.delay)
+        except (GeneratorExit, asyncio.CancelledError):
+            self.cancelled += 1
+            raise
 
 
 def free_port() -> int:
@@ -218,3 +225,9 @@ def training_helpers():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def server_kit():
+    """The helpers above for tests that start their own server."""
+    return SimpleNamespace(build_service=build_service, ServerThread=ServerThread)
