@@ -144,6 +144,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(name="free_port")
+def free_port_fixture() -> int:
+    return free_port()
+
+
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1 in a thread of this process."""
 
