@@ -149,8 +149,14 @@ def create_app(service: ChatService):
             async def events():
                 with contextlib.ExitStack() as stack:
                     stack.callback(admission.__exit__, None, None, None)
-                    async for event in answer_stream(service, req, session, plan):
-                        yield event
+                    try:
+                        async for event in answer_stream(service, req, session, plan):
+                            yield event
+                    except Exception as exc:  # headers are sent: the error becomes an event
+                        log.exception("generation failed")
+                        body = APIError(500, f"generation failed: {type(exc).__name__}").body()
+                        yield f"data: {json.dumps(body)}\n\n"
+                        yield "data: [DONE]\n\n"
 
             return StreamingResponse(
                 events(),

@@ -61,7 +61,7 @@ class TorchBackend:
         model,
         context_window: int,
         max_batch: int = 8,
-        kv_tokens: int = 16384,
+        kv_tokens: int = 8192,
         max_batch_tokens: int = 256,
         page_size: int = 32,
     ):

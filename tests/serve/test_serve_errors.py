@@ -158,3 +158,30 @@ def test_serves_after_everything(served):
     assert resp.status_code == 200
     health = httpx.get(served.url + "/health", timeout=30).json()
     assert health["status"] == "ok" and health["in_flight"] == 0
+
+
+def test_a_failing_backend_gives_500_in_shape_then_serves(served):
+    """An unexpected failure: OpenAI's error shape, no traceback (whole), an error event then
+    [DONE] (streamed, headers already sent); the next request is answered."""
+
+    class Broken:
+        name = "broken"
+        healthy = True
+
+        async def stream(self, ids, params):
+            raise RuntimeError("boom")
+            yield  # an async generator
+
+    real = served.service.backend
+    served.service.backend = Broken()
+    try:
+        err = assert_error(post(served, {"messages": USER, "max_tokens": 2}), 500)
+        assert "boom" not in err["message"]
+        with httpx.stream(
+            "POST", served.url + CHAT, json={"messages": USER, "stream": True}, timeout=30
+        ) as resp:
+            lines = [x for x in resp.iter_lines() if x.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and '"error"' in lines[-2]
+    finally:
+        served.service.backend = real
+    assert post(served, {"messages": USER, "max_tokens": 2}).status_code == 200
