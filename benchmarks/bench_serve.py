@@ -62,8 +62,9 @@ def start(kind: str, model: str, port: int, dtype: str) -> subprocess.Popen:
     raise RuntimeError(f"{kind} did not start")
 
 
-async def one(client, model, messages, max_tokens) -> tuple[float, int]:
-    """(time to first token in s, generated tokens) of one streamed request."""
+async def one(client, model, messages, max_tokens, text=None) -> tuple[float, int]:
+    """(time to first token in s, generated tokens) of one streamed request; the answer's
+    pieces are appended to `text` when given."""
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     body["stream_options"] = {"include_usage": True}
     if model:
@@ -81,6 +82,8 @@ async def one(client, model, messages, max_tokens) -> tuple[float, int]:
                 if (choice.get("delta") or {}).get("content"):
                     first = first or time.perf_counter() - t0
                     pieces += 1
+                    if text is not None:
+                        text.append(choice["delta"]["content"])
     return (first or time.perf_counter() - t0), (used if used is not None else pieces)
 
 
@@ -113,13 +116,10 @@ async def turns(url, model, n=10) -> tuple[float, float]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         for i in range(n):
             messages.append({"role": "user", "content": f"Tell me one fact about {TOPICS[i]}."})
-            body = {"messages": messages, "max_tokens": 24, "temperature": 0}
-            t0 = time.perf_counter()
-            ttft, _ = await one(client, model, messages, 24)
-            answer = (await client.post("/v1/chat/completions", json=body)).json()
-            messages.append(answer["choices"][0]["message"])
+            text: list[str] = []
+            ttft, _ = await one(client, model, messages, 24, text)
+            messages.append({"role": "assistant", "content": "".join(text)})
             ttfts.append(ttft)
-            del t0
     return ttfts[0], ttfts[-1]
 
 
