@@ -185,3 +185,31 @@ def test_a_failing_backend_gives_500_in_shape_then_serves(served):
     finally:
         served.service.backend = real
     assert post(served, {"messages": USER, "max_tokens": 2}).status_code == 200
+
+
+def test_disconnect_stops_a_whole_answer(served):
+    """A non-streamed request whose client closes the connection: its generation is cancelled."""
+    import json
+    import socket
+
+    body = json.dumps(
+        {"messages": USER, "max_tokens": 64, "temperature": 0, "stop": ["@@@"]}
+    ).encode()
+    served.backend.delay, served.backend.cancelled = 0.1, 0  # 64 tokens would take 6.4 s
+    try:
+        host, port = served.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            head = (
+                f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + body)
+            deadline = time.time() + 30
+            while not served.backend.prompts or served.service.in_flight == 0:
+                assert time.time() < deadline
+                time.sleep(0.05)
+        left = time.time()
+        assert wait_idle(served)
+        assert time.time() - left < 3 and served.backend.cancelled == 1
+    finally:
+        served.backend.delay = 0.0
