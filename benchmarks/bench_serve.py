@@ -48,6 +48,9 @@ def start(kind: str, model: str, port: int, dtype: str) -> subprocess.Popen:
         cmd = [str(Path(sys.executable).parent / "transformers"), "serve", model]
         cmd += ["--continuous-batching", "--port", str(port), "--host", "127.0.0.1"]
         cmd += ["--dtype", dtype, "--device", "cpu"]
+        # The same KV budget as ours (TorchBackend: 32-token blocks, 8192 tokens + one block,
+        # 256 tokens per step); left alone it sizes its cache from free memory (13 GB here).
+        cmd += ["--cb-block-size", "32", "--cb-num-blocks", "257", "--cb-max-batch-tokens", "256"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while time.time() < deadline:
