@@ -111,6 +111,11 @@ class TorchBackend:
             self.manager.stop(block=True, timeout=30)
             self.manager = None
 
+    def _top_k(self, top_k: int) -> int:
+        """top_k 0 means no top-k filter (the bot's meaning): every token of the vocabulary."""
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 0) or 1 << 30
+        return vocab if top_k <= 0 else min(int(top_k), vocab)
+
     @property
     def healthy(self) -> bool:
         return self.manager is not None and self.manager.is_running()
@@ -124,7 +129,7 @@ class TorchBackend:
         outputs: asyncio.Queue = asyncio.Queue()
         kwargs = {
             "temperature": float(params.temperature) if not params.greedy else 1.0,
-            "top_k": 1 if params.greedy else int(params.top_k),
+            "top_k": 1 if params.greedy else self._top_k(params.top_k),
             "top_p": float(params.top_p),
         }
         eos = set(params.eos_token_ids)

@@ -213,3 +213,21 @@ def test_feedback_then_two_training_steps(served, training_helpers, tmp_path):
     proc = h.run_train(args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "ckpt").is_dir() and any((tmp_path / "ckpt").iterdir())
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 5, 10_000])
+def test_sampling_settings_give_an_answer(served, client, top_k):
+    """Sampled with top_k 0 (no filter, as in the bot), small and beyond the vocabulary, and a
+    top_p: a well-formed answer each time."""
+    out = ask(
+        client,
+        "Hello",
+        max_tokens=6,
+        temperature=0.9,
+        top_p=0.9,
+        seed=1,
+        extra_body={"top_k": top_k},
+    )
+    assert isinstance(out.choices[0].message.content, str)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens <= 6

@@ -1,7 +1,7 @@
 """The chat page in a real browser: Debian's headless chromium driven by Selenium through
 chromedriver. Types a message and watches the answer stream in, checks Enter / Shift+Enter,
-rates an answer (the record lands in the feedback file), sees the refusal for a flagged message,
-and saves a screenshot (SERVE_SCREENSHOT=path keeps it; default: the test's tmp folder).
+rates an answer (the record lands in the feedback file), sees retrieved sources under an answer
+and the refusal for a flagged message, and saves a screenshot (SERVE_SCREENSHOT=path keeps it; default: the test's tmp folder).
 
 Needs `apt-get install -y chromium chromium-driver` and `pip install selenium` (what .ci/run
 installs); without chromedriver the test is skipped with that reason."""
@@ -99,6 +99,15 @@ def test_chat_page_in_chromium(served, browser, tmp_path):
     assert len(lines) == before + 1
     record = json.loads(lines[-1])
     assert record["rating"] == "up" and record["text"].endswith(f"<bot>: {final}")
+
+    # With retrieval on, the sources are listed under the answer.
+    served.service.retriever = served.retriever
+    try:
+        box.send_keys("Tell me about Paris", Keys.ENTER)
+        sources = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".sources"))[0]
+        assert "Paris" in sources.text and "wiki/Paris" in sources.text
+    finally:
+        served.service.retriever = None
 
     # A flagged message: the page shows the refusal as such.
     served.service.moderator = served.moderator
