@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 # pip on some machines warns once per package about missing local index folders: noise.
 QUIET := { grep -v "^WARNING: Location" || true; }
 
-.PHONY: install chat eval test test-slow test-all lint format demo demo-lora demo-moderation bench clean gpu-wheels test-compat
+.PHONY: install chat serve eval test test-slow test-all lint format demo demo-lora demo-moderation bench clean gpu-wheels test-compat
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ install: $(VENV)/.installed
 
 chat: install
 	$(PY) inference/bot.py $(ARGS)
+
+# The OpenAI-compatible server with its chat page on http://127.0.0.1:8000/ (ARGS adds flags,
+# e.g. make serve ARGS="--port 8080 --feedback feedback.jsonl").
+serve: install
+	$(PY) inference/serve.py $(ARGS)
 
 # The default evaluation of the embedded model (perplexity + arc_easy, hellaswag, piqa with a
 # limit; a few minutes on a CPU). ARGS adds flags: make eval ARGS="--limit 0 --chat-suite".

@@ -18,6 +18,7 @@ import math
 import os
 import stat
 import sys
+from dataclasses import dataclass, field
 from typing import TextIO
 
 from openchatkit.conversation import Message, PromptFormat, clean_text, fit_to_window
@@ -70,6 +71,20 @@ Anything else is a message to the model."""
 # At most this many tokens of retrieved context per turn; the real budget is also bounded by
 # what the window leaves after the system message, the question and max_tokens.
 RETRIEVAL_MAX_TOKENS = 1024
+
+
+@dataclass
+class TurnPlan:
+    """What `ChatSession.plan_turn` decided for one user message."""
+
+    text: str  # the user's own words (what the history keeps)
+    prompt: str = ""  # the full prompt for the chat model ("" when refused)
+    refused: bool = False  # moderation flagged the message: answer REFUSAL, no chat model
+    dropped: int = 0  # oldest turns left out to fit the window
+    prompt_tokens: int = 0
+    budget: int = 0  # tokens the window leaves for the prompt after max_tokens
+    too_long: str | None = None  # why the prompt does not fit, when it does not
+    hits: list = field(default_factory=list)  # retrieved passages (retrieval Hit objects)
 
 
 def _parse_bool(value: str) -> bool:
@@ -251,45 +266,60 @@ class ChatSession:
         )
         return f"{block}{wrapped}" if block else text
 
-    def say(self, text: str) -> str | None:
-        """A user turn: add it, answer it, keep the answer in the history.
+    def plan_turn(self, text: str) -> TurnPlan:
+        """Everything a user turn needs before the chat model runs, without printing: moderation
+        of the message, the caution note, retrieval, the prompt fitted to the window, and whether
+        it fits. The REPL (`say`) and the server (openchatkit/inference/server.py) both call it.
 
         With retrieval on, only this turn's prompt carries the retrieved passages; the history
         keeps the user's own words, so old contexts do not crowd the window.
         """
+        budget = self.loaded.context_window - self.settings.max_tokens
         label, refuse = self.moderate("user", text) or (None, False)
         if refuse:  # a fixed refusal without calling the chat model; the turn is not kept
+            return TurnPlan(text=text, refused=True, budget=budget)
+        # Caution labels (and an intervention label under the threshold): this turn only.
+        caution = CAUTION_INSTRUCTION if label in (*CAUTION_LABELS, INTERVENTION) else None
+        retrieve = bool(self.retriever and self.retrieval_on)
+        content = self.with_context(text) if retrieve else text
+        prompt, dropped = self.prompt_for(
+            self.messages + [{"role": "user", "content": content}], extra_system=caution
+        )
+        plan = TurnPlan(text=text, prompt=prompt, dropped=dropped, budget=budget)
+        plan.prompt_tokens = self.format.count_tokens(prompt)
+        plan.hits = list(self.last_hits) if retrieve else []
+        if plan.prompt_tokens > budget:
+            system_alone = self._count(self._with_system([])) if self.system else 0
+            if system_alone > budget // 2:
+                plan.too_long = (
+                    f"the system message is too long ({system_alone} tokens of the "
+                    f"{budget} the window leaves after max_tokens)"
+                )
+            else:
+                plan.too_long = "message too long for the context window"
+        return plan
+
+    def say(self, text: str) -> str | None:
+        """A user turn: add it, answer it, keep the answer in the history."""
+        plan = self.plan_turn(text)
+        if plan.refused:
             self.out.write(REFUSAL + "\n")
             if self.verbose:
                 self.err.write(f"[chat model not called{self._moderation_note()}]\n")
             return None
-        # Caution labels (and an intervention label under the threshold): this turn only.
-        caution = CAUTION_INSTRUCTION if label in (*CAUTION_LABELS, INTERVENTION) else None
-        content = self.with_context(text) if self.retriever and self.retrieval_on else text
-        prompt, dropped = self.prompt_for(
-            self.messages + [{"role": "user", "content": content}], extra_system=caution
-        )
-        if dropped and not self.told_dropped:
+        if plan.dropped and not self.told_dropped:
             self.err.write(
                 f"(the oldest turns no longer fit the {self.loaded.context_window}-token "
                 "context window and are left out of the prompt)\n"
             )
             self.told_dropped = True
-        budget = self.loaded.context_window - self.settings.max_tokens
-        if self.format.count_tokens(prompt) > budget:
-            system_alone = self._count(self._with_system([])) if self.system else 0
-            if system_alone > budget // 2:
-                self.err.write(
-                    f"the system message is too long ({system_alone} tokens of the "
-                    f"{budget} the window leaves after max_tokens); shorten it with /system\n"
-                )
-            else:
-                self.err.write(
-                    "message too long for the context window; shorten it or lower max_tokens\n"
-                )
+        if plan.too_long:
+            hint = "shorten it with /system" if "system" in plan.too_long else None
+            hint = hint or "shorten it or lower max_tokens"
+            self.err.write(f"{plan.too_long}; {hint}\n")
             return None
         review = self.review_answer if self.moderator and self.moderation_on else None
-        answer = self.generate(prompt, self.format.stop_strings, review)
+        answer = self.generate(plan.prompt, self.format.stop_strings, review)
         if review is not None and answer == REFUSAL:  # the answer was flagged: turn not kept
             return answer
         if not answer and self.last_stats and self.last_stats.stop_reason == "interrupted":

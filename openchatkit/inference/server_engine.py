@@ -1,0 +1,165 @@
+"""Generation backends of the server: prompt token ids in, answer token ids out, many requests at
+once.
+
+A backend has `name`, `start()`, `stop()` and `stream(prompt_ids, params)`, an async iterator of
+new token ids that ends at EOS or `params.max_tokens`; closing the iterator early (a stop string,
+a client that went away) cancels the request. The torch backend batches with transformers'
+continuous batching manager (`model.init_continuous_batching()`, what `transformers serve
+--continuous-batching` runs): a new request joins the running batch at the next step, long
+prompts are prefilled in chunks between decode steps, and KV blocks of a shared prompt prefix
+(a conversation's next turn) are reused. A llama.cpp backend plugs in with the same three
+methods (`stream` may run its blocking loop in a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+from openchatkit.inference.generation import GenerationSettings
+
+
+@dataclass
+class SamplingParams:
+    """One request's decoding settings, as the backend needs them."""
+
+    max_tokens: int
+    greedy: bool
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_settings(cls, s: GenerationSettings, eos: Iterable[int]) -> SamplingParams:
+        return cls(
+            max_tokens=s.max_tokens,
+            greedy=s.greedy,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            seed=s.seed,
+            eos_token_ids=tuple(eos),
+        )
+
+
+class TorchBackend:
+    """transformers' continuous batching manager on the chat model (CPU or one GPU).
+
+    max_batch: requests decoded together (more wait in the manager's queue for a slot); the
+    server bounds how many are in flight in all.
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model,
+        context_window: int,
+        max_batch: int = 8,
+        kv_tokens: int = 8192,
+        max_batch_tokens: int = 256,
+        page_size: int = 32,
+    ):
+        self.model = model
+        self.context_window = context_window
+        self.max_batch = max_batch
+        self.max_batch_tokens = max_batch_tokens
+        self.kv_tokens = kv_tokens
+        self.page_size = page_size
+        self.manager = None
+        self.in_flight = 0
+        self._ids = itertools.count()
+
+    def start(self) -> None:
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        # Sampling processors exist only for settings that differ from the neutral value when
+        # the manager is built; per-request values then override them (greedy = top_k 1).
+        gen = GenerationConfig(
+            do_sample=True,
+            temperature=0.7,
+            top_k=50,
+            top_p=0.95,
+            max_new_tokens=16,
+            eos_token_id=-1,
+        )
+        # KV memory, in page_size-token blocks shared by all requests (and by the prompt
+        # prefixes they have in common): kv_tokens in all, at least one full window.
+        pages = math.ceil(
+            max(self.kv_tokens, self.context_window + self.page_size) / self.page_size
+        )
+        cb = ContinuousBatchingConfig(
+            page_size=self.page_size,
+            num_blocks=pages,
+            max_batch_tokens=self.max_batch_tokens,
+            max_requests_per_batch=self.max_batch,
+            per_request_processors=True,
+        )
+        self.manager = self.model.init_continuous_batching(
+            generation_config=gen, continuous_batching_config=cb
+        )
+        self.manager.start()
+
+    def stop(self) -> None:
+        if self.manager is not None:
+            self.manager.stop(block=True, timeout=30)
+            self.manager = None
+
+    def _top_k(self, top_k: int) -> int:
+        """top_k 0 means no top-k filter (the bot's meaning): every token of the vocabulary."""
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 0) or 1 << 30
+        return vocab if top_k <= 0 else min(int(top_k), vocab)
+
+    @property
+    def healthy(self) -> bool:
+        return self.manager is not None and self.manager.is_running()
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        """New token ids of one request as the batch produces them (EOS not yielded)."""
+        if not self.healthy:
+            raise RuntimeError("the generation loop is not running")
+        self.in_flight += 1
+        request_id = f"req-{next(self._ids)}"
+        outputs: asyncio.Queue = asyncio.Queue()
+        kwargs = {
+            "temperature": float(params.temperature) if not params.greedy else 1.0,
+            "top_k": 1 if params.greedy else self._top_k(params.top_k),
+            "top_p": float(params.top_p),
+        }
+        eos = set(params.eos_token_ids)
+        finished = False
+        try:
+            self.manager.register_result_handler(request_id, outputs.put_nowait)
+            self.manager.add_request(
+                list(prompt_ids),
+                request_id=request_id,
+                max_new_tokens=params.max_tokens,
+                streaming=True,
+                eos_token_id=sorted(eos) or -1,
+                **kwargs,
+            )
+            seen = 0
+            while not finished:
+                out = await outputs.get()
+                if out.error:
+                    raise RuntimeError(f"generation failed: {out.error}")
+                finished = out.is_finished()
+                tokens = out.generated_tokens
+                for token in tokens[seen:]:
+                    if token in eos:
+                        finished = True
+                        return
+                    yield token
+                seen = len(tokens)
+        finally:
+            self.in_flight -= 1
+            if not finished and self.manager is not None:
+                self.manager.cancel_request(request_id)  # frees its batch slot and KV blocks
+                with self.manager.output_router._lock:  # a cancelled request never finishes
+                    self.manager.output_router.result_handlers.pop(request_id, None)
