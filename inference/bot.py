@@ -189,7 +189,15 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--moderation: folder {args.moderation} does not exist")
     from openchatkit.inference.backends import choose_backend, is_gguf_path
 
-    backend = choose_backend(args.model, args.backend)
+    torch_flags = bool(
+        args.device == "cuda"
+        or args.dtype != "auto"
+        or args.gpu_vram
+        or args.cpu_ram
+        or args.load_in_8bit
+        or args.adapter
+    )
+    backend = choose_backend(args.model, args.backend, torch_flags)
     if backend == "llama.cpp":
         from openchatkit.inference.backends import load_llamacpp_chat_model
 

@@ -22,15 +22,16 @@ def is_gguf_path(name: str | None) -> bool:
     return name is not None and name.lower().endswith(".gguf")
 
 
-def choose_backend(model: str | None, backend: str = "auto") -> str:
+def choose_backend(model: str | None, backend: str = "auto", torch_flags: bool = False) -> str:
     """'torch' or 'llama.cpp' for `--model` and `--backend`. UserError for a model the chosen
-    backend cannot run."""
+    backend cannot run. `torch_flags`: the user gave flags only torch honours (--device cuda,
+    --dtype, -g, -r, --load-in-8bit, --adapter): `auto` then means torch."""
     from openchatkit.inference.llamacpp import binding_available
     from openchatkit.models.embedded import is_embedded_name
 
     gguf_source = is_gguf_path(model) or is_embedded_name(model)
     if backend == "auto":
-        if is_gguf_path(model) and not binding_available():
+        if torch_flags or (is_gguf_path(model) and not binding_available()):
             return "torch"  # transformers reads some GGUF files; it says so when it cannot
         return "llama.cpp" if gguf_source and binding_available() else "torch"
     if backend == "llama.cpp" and not gguf_source:

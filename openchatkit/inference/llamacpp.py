@@ -67,7 +67,11 @@ def _lib():
 
 
 def default_threads() -> int:
-    """The CPUs this process may run on (llama.cpp's own default counts every core)."""
+    """OMP_NUM_THREADS when set (the thread budget the user gives torch), else the CPUs this
+    process may run on (llama.cpp's own default counts every core)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
