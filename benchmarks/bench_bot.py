@@ -1,10 +1,17 @@
-"""Benchmark the bot's generation path against plain `model.generate`, side by side.
+"""Benchmark the bot's generation path against plain `model.generate`, and its llama.cpp backend
+against a raw llama.cpp decode loop, side by side.
 
 Same model (the embedded SmolLM2-135M-Instruct), same chat prompt, greedy, 128 new tokens (EOS
-ignored on both sides so both produce exactly 128), in float32 and bfloat16. Prints tokens/s of
-each, the ratio ours/generate, time to first token, and the cold (GGUF → HF folder) and cached
-load times. Run:
-    OMP_NUM_THREADS=2 python benchmarks/bench_bot.py [--repeats 3] [--skip-cold]
+ignored on every side so each produces exactly 128), alternating, median of --repeats:
+- torch: the bot's decode loop vs `model.generate`, in float32 and bfloat16;
+- llama.cpp (the embedded GGUF file itself, Q4_1, or --gguf FILE): the bot's loop on the
+  llama.cpp backend vs a raw loop over the binding's `llama_decode` with an argmax (no Python
+  tokenizer or stop-string work), same file, prompt and thread count (--threads);
+- multi-turn: time to first token at turn 1 and turn 10 of a chat session on both backends
+  (the KV cache of the conversation is reused).
+Run:
+    OMP_NUM_THREADS=2 python benchmarks/bench_bot.py [--repeats 3] [--skip-cold] [--threads 2]
+    python benchmarks/bench_bot.py --sections llama.cpp turns --skip-cold
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 
 def parse_args():
@@ -21,11 +29,30 @@ def parse_args():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--skip-cold", action="store_true", help="skip the ~20 s GGUF conversion")
+    p.add_argument(
+        "--sections", nargs="+", default=["torch", "llama.cpp", "turns"],
+        choices=["torch", "llama.cpp", "turns"],
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (torch's)")
+    p.add_argument("--gguf", default=None, help="GGUF file (default: the embedded model's)")
+    p.add_argument("--turns", type=int, default=10)
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    if "torch" in args.sections:
+        bench_torch(args)
+    if "llama.cpp" in args.sections:
+        bench_llamacpp(args, threads)
+    if "turns" in args.sections:
+        bench_turns(args, threads)
+
+
+def bench_torch(args) -> None:
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -121,6 +148,151 @@ def main() -> None:
         print(
             f"{d:<9} {a:>10.1f} {b:>15.1f} {r:>6.2f} {fa * 1000:>8.0f}ms {fb * 1000:>7.0f}ms "
             f"{str(same):>9}"
+        )
+
+
+def raw_decode_loop(cpp, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+    """The peer: llama.cpp driven as directly as Python can, on the same model object: one
+    batch for the prompt (llama_batch_get_one), then decode + numpy argmax per token."""
+    import ctypes
+
+    import numpy as np
+
+    L = cpp.L
+    L.llama_memory_clear(cpp.memory, True)
+    cpp.cached = []
+    out: list[int] = []
+    t0 = time.perf_counter()
+    first = 0.0
+    arr = (ctypes.c_int32 * len(prompt))(*prompt)
+    assert L.llama_decode(cpp.ctx, L.llama_batch_get_one(arr, len(prompt))) == 0
+    one = (ctypes.c_int32 * 1)()
+    for i in range(n):
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(cpp.ctx, -1), shape=(cpp.n_vocab,))
+        token = int(np.argmax(logits))
+        if i == 0:
+            first = time.perf_counter() - t0
+        out.append(token)
+        if i + 1 == n:
+            break
+        one[0] = token
+        assert L.llama_decode(cpp.ctx, L.llama_batch_get_one(one, 1)) == 0
+    total = time.perf_counter() - t0
+    L.llama_memory_clear(cpp.memory, True)
+    return total, first, out
+
+
+def _chat_prompt(tokenizer) -> str:
+    from openchatkit.conversation import PromptFormat
+
+    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    return PromptFormat.for_tokenizer(tokenizer).render(messages)
+
+
+def bench_llamacpp(args, threads: int) -> None:
+    import torch
+
+    from openchatkit.inference.generation import GenerationSettings, GenerationStats, stream_text
+    from openchatkit.inference.llamacpp import LlamaCppModel, LlamaCppTokenizer
+    from openchatkit.models.embedded import embedded_gguf_path
+    from openchatkit.models.loading import load_chat_model
+
+    path = args.gguf or embedded_gguf_path()
+    cpp = LlamaCppModel(path, n_ctx=1024, n_threads=threads)
+    tok = LlamaCppTokenizer(cpp)
+    ids = tok(_chat_prompt(tok), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    n = args.new_tokens
+    settings = GenerationSettings(max_tokens=n, sample=False)
+    loaded = load_chat_model(None, device="cpu", dtype="float32") if not args.gguf else None
+
+    def bot():
+        cpp.reset()  # a fresh conversation: the whole prompt is evaluated, as by the raw loop
+        stats = GenerationStats()
+        ids_out = []
+        for piece in stream_text(cpp, tok, ids, settings, [], [], stats):
+            ids_out.append(piece)
+        assert stats.generated_tokens == n
+        return stats.total_s, stats.first_token_s, "".join(ids_out)
+
+    def raw():
+        total, first, out = raw_decode_loop(cpp, ids[0].tolist(), n)
+        return total, first, tok.decode(out, skip_special_tokens=True)
+
+    def torch_side():
+        stats = GenerationStats()
+        text = "".join(stream_text(loaded.model, loaded.tokenizer, ids, settings, [], [], stats))
+        return stats.total_s, stats.first_token_s, text
+
+    sides = {"bot llama.cpp": bot, "raw llama.cpp": raw}
+    if loaded is not None:
+        sides["bot torch fp32"] = torch_side
+    for f in sides.values():
+        f()  # warm-up
+    runs: dict[str, list] = {k: [] for k in sides}
+    for _ in range(args.repeats):  # alternate so drift hits every side equally
+        for k, f in sides.items():
+            runs[k].append(f())
+    print(
+        f"\nllama.cpp: {Path(path).name}, {threads} threads, prompt {ids.shape[1]} tokens, "
+        f"{n} new tokens, greedy, median of {args.repeats} (torch {torch.get_num_threads()} threads)"
+    )
+    med = {k: n / statistics.median(r[0] for r in v) for k, v in runs.items()}
+    for k, v in runs.items():
+        speeds = ", ".join(f"{n / r[0]:.1f}" for r in v)
+        ttft = statistics.median(r[1] for r in v) * 1000
+        print(f"  {k:<15} {med[k]:>7.1f} tok/s  (runs {speeds})  TTFT {ttft:.0f} ms")
+    print(f"  bot/raw: {med['bot llama.cpp'] / med['raw llama.cpp']:.2f}x (goal >= 0.9)")
+    if "bot torch fp32" in med:
+        print(f"  bot llama.cpp / bot torch: {med['bot llama.cpp'] / med['bot torch fp32']:.2f}x")
+    same = runs["bot llama.cpp"][0][2].strip() == runs["raw llama.cpp"][0][2].strip()
+    print(f"  bot and raw text equal: {same}")
+    cpp.close()
+
+
+def bench_turns(args, threads: int) -> None:
+    """Time to first token per turn of one conversation, on both backends."""
+    import io
+
+    from openchatkit.inference.backends import load_llamacpp_chat_model
+    from openchatkit.inference.generation import GenerationSettings
+    from openchatkit.inference.session import ChatSession
+    from openchatkit.models.loading import load_chat_model
+
+    questions = [
+        "Hello! Who are you?",
+        "What is the capital of France?",
+        "Name three colours.",
+        "What is two plus two?",
+        "Write one sentence about the sea.",
+        "What is the largest planet?",
+        "Give me a word that rhymes with cat.",
+        "What language is spoken in Brazil?",
+        "How many legs does a spider have?",
+        "Say goodbye.",
+    ]
+    backends = {
+        "llama.cpp": lambda: load_llamacpp_chat_model(args.gguf, n_ctx=4096, threads=threads),
+        "torch fp32": lambda: load_chat_model(None, device="cpu", dtype="float32"),
+    }
+    print("\nmulti-turn: time to first token per turn (max 32 new tokens, greedy)")
+    for name, load in backends.items():
+        loaded = load()
+        per_turn = []
+        for _ in range(args.repeats):
+            settings = GenerationSettings(max_tokens=32, sample=False)
+            session = ChatSession(loaded, settings, out=io.StringIO(), err=io.StringIO())
+            ttft, prompts = [], []
+            for q in questions[: args.turns]:
+                session.say(q)
+                ttft.append(session.last_stats.first_token_s)
+                prompts.append(session.last_stats.prompt_tokens)
+            per_turn.append((ttft, prompts))
+        first = statistics.median(t[0][0] for t in per_turn)
+        last = statistics.median(t[0][-1] for t in per_turn)
+        print(
+            f"  {name:<11} turn 1: {first * 1000:.0f} ms ({per_turn[0][1][0]} prompt tokens), "
+            f"turn {args.turns}: {last * 1000:.0f} ms ({per_turn[0][1][-1]} prompt tokens), "
+            f"ratio {last / first:.2f} (goal <= 1.3)"
         )
 
 

@@ -1,7 +1,9 @@
 """Chat with a model in the terminal: the OpenChatKit bot.
 
 Run (the embedded SmolLM2-135M-Instruct by default; nothing is downloaded):
-    python inference/bot.py                                   # CPU or the first GPU
+    python inference/bot.py                                   # llama.cpp if installed, else torch
+    python inference/bot.py --backend torch                   # CPU or the first GPU
+    python inference/bot.py --model gguf/model.q8_0.gguf      # a GGUF file (tools/export_gguf.py)
     python inference/bot.py --prompt "What is the capital of France?" --no-sample
     printf 'Hello\n/quit\n' | python inference/bot.py         # one line per turn
 One GPU:
@@ -31,7 +33,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="bot.py",
         description="Chat with a causal language model (default: the embedded SmolLM2-135M-Instruct).",
     )
-    p.add_argument("--model", default=None, help="local HF folder or hub id (default: embedded)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local HF folder, hub id, or GGUF file (default: the embedded model)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "llama.cpp"],
+        default="auto",
+        help="auto (default): llama.cpp for GGUF files and the embedded model when the "
+        "llama-cpp-python binding is installed, else torch",
+    )
     p.add_argument("--gpu-id", type=int, default=0, help="CUDA device index (default 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
@@ -174,19 +187,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.moderation and args.moderation.startswith(("/", "./", "../", "~")):
         if not Path(args.moderation).expanduser().is_dir():  # before loading the chat model
             raise UserError(f"--moderation: folder {args.moderation} does not exist")
-    from openchatkit.models.loading import load_chat_model
+    from openchatkit.inference.backends import choose_backend, is_gguf_path
 
-    # A bad --model is found before torch and transformers are imported.
-    loaded = load_chat_model(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        gpu_id=args.gpu_id,
-        gpu_vram=args.gpu_vram,
-        cpu_ram=args.cpu_ram,
-        load_in_8bit=args.load_in_8bit,
-        adapter=args.adapter,
+    torch_flags = bool(
+        args.device == "cuda"
+        or args.dtype != "auto"
+        or args.gpu_vram
+        or args.cpu_ram
+        or args.load_in_8bit
+        or args.adapter
     )
+    backend = choose_backend(args.model, args.backend, torch_flags)
+    if backend == "llama.cpp":
+        from openchatkit.inference.backends import load_llamacpp_chat_model
+
+        for flag, value in (
+            ("--adapter", args.adapter),
+            ("-g/--gpu-vram", args.gpu_vram),
+            ("-r/--cpu-ram", args.cpu_ram),
+            ("--load-in-8bit", args.load_in_8bit),
+        ):
+            if value:
+                raise UserError(f"{flag} is for --backend torch (llama.cpp runs the GGUF as is)")
+        loaded = load_llamacpp_chat_model(args.model)
+    elif is_gguf_path(args.model):
+        from openchatkit.inference.backends import load_gguf_with_transformers
+
+        loaded = load_gguf_with_transformers(args.model, args.device, args.dtype)
+    else:
+        from openchatkit.models.loading import load_chat_model
+
+        # A bad --model is found before torch and transformers are imported.
+        loaded = load_chat_model(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            gpu_id=args.gpu_id,
+            gpu_vram=args.gpu_vram,
+            cpu_ram=args.cpu_ram,
+            load_in_8bit=args.load_in_8bit,
+            adapter=args.adapter,
+        )
     retriever = None
     if args.retrieval is not None:
         from openchatkit.models.loading import quiet_transformers
@@ -202,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         from openchatkit.inference.moderator import load_moderator
         from openchatkit.models.embedded import is_embedded_name
 
-        same = args.moderation == args.model or (
-            is_embedded_name(args.moderation) and is_embedded_name(args.model)
+        # The llama.cpp backend's model is no torch module: the moderator loads its own.
+        same = backend == "torch" and (
+            args.moderation == args.model
+            or (is_embedded_name(args.moderation) and is_embedded_name(args.model))
         )
         try:
             moderator = load_moderator(

@@ -83,7 +83,12 @@ def generate_token_ids(
 
     input_ids: (1, prompt_len) on the model's device. The loop keeps the model's KV cache between
     steps and asks for last-position logits only, so the prompt costs one forward pass.
+    `model` may also be a backend object with this method as `generate_ids`
+    (`TorchChatModel` below, `openchatkit.inference.llamacpp.LlamaCppModel`).
     """
+    if hasattr(model, "generate_ids"):  # a backend: llama.cpp, or a torch model with its cache
+        yield from model.generate_ids(input_ids, settings, eos_token_ids, generator)
+        return
     eos = set(eos_token_ids)
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
     past = out.past_key_values
@@ -97,6 +102,86 @@ def generate_token_ids(
         next_ids = torch.tensor([[token]], device=input_ids.device)
         out = model(input_ids=next_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):  # stops at the shorter
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class TorchChatModel:
+    """A torch causal LM that keeps the conversation's KV cache between answers.
+
+    The next prompt usually extends the last one (history + answer + new message), so the cache
+    is cut back to the tokens both share and only the rest is evaluated. Anything unexpected
+    (an interrupted step, a cache without `crop`) drops the cache: the prompt is then evaluated
+    whole, as without this class.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.past = None
+        self.cached: list[int] = []  # tokens whose keys and values `past` holds
+        self.last_evaluated = 0
+
+    def reset(self) -> None:
+        self.past, self.cached = None, []
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        input_ids: torch.Tensor,
+        settings: GenerationSettings,
+        eos_token_ids: Iterable[int],
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        ids = input_ids[0].tolist()
+        keep = min(common_prefix(self.cached, ids), len(ids) - 1)
+        past = self.past
+        if past is None or keep == 0 or not hasattr(past, "crop"):
+            past, keep = None, 0
+        elif keep < past.get_seq_length():
+            past.crop(keep)
+        eos = set(eos_token_ids)
+        self.past, self.cached = None, []
+        try:
+            out = self.model(
+                input_ids=input_ids[:, keep:],
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            self.past, self.cached = out.past_key_values, ids
+            self.last_evaluated = len(ids) - keep
+            for step in range(settings.max_tokens):
+                token = pick_next_token(out.logits[0, -1], settings, generator)
+                if token in eos:
+                    return
+                yield token
+                if step + 1 == settings.max_tokens:
+                    return
+                next_ids = torch.tensor([[token]], device=input_ids.device)
+                out = self.model(
+                    input_ids=next_ids, past_key_values=self.past, use_cache=True, logits_to_keep=1
+                )
+                self.past = out.past_key_values
+                self.cached.append(token)
+        except GeneratorExit:  # the consumer stopped (stop string): the cache is consistent
+            raise
+        except BaseException:  # Ctrl-C may land between a step and its bookkeeping
+            self.reset()
+            raise
+
+
+def chat_backend(model):
+    """What the chat session generates with: a backend object as is, a torch model wrapped
+    in `TorchChatModel` so that its KV cache lives across turns."""
+    return model if hasattr(model, "generate_ids") else TorchChatModel(model)
 
 
 class StopStringBuffer:

@@ -23,7 +23,12 @@ from typing import TextIO
 
 from openchatkit.conversation import Message, PromptFormat, clean_text, fit_to_window
 from openchatkit.fileio import describe_os_error
-from openchatkit.inference.generation import GenerationSettings, GenerationStats, stream_text
+from openchatkit.inference.generation import (
+    GenerationSettings,
+    GenerationStats,
+    chat_backend,
+    stream_text,
+)
 from openchatkit.inference.transcript import (
     is_saved_chat,
     one_path,
@@ -161,6 +166,8 @@ class ChatSession:
         self.moderation_on = moderator is not None
         self.moderation_threshold = moderation_threshold
         self.moderation_notes: list[str] = []  # this turn's labels, for the stats line
+        # The model as the decode loop drives it, keeping the KV cache between turns.
+        self.chat_model = chat_backend(loaded.model)
 
     # ---- prompt building -------------------------------------------------------------
     def _with_system(self, messages: list[Message], extra: str | None = None) -> list[Message]:
@@ -206,7 +213,7 @@ class ChatSession:
         held = ""
         try:
             for piece in stream_text(
-                self.loaded.model,
+                self.chat_model,
                 tok,
                 ids,
                 self.settings,

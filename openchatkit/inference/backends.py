@@ -1,0 +1,112 @@
+"""Which backend runs the chat model, and loading a GGUF file for either.
+
+- `llama.cpp`: GGUF files (`--model FILE.gguf`, and the embedded model, which ships as GGUF)
+  through llama-cpp-python (openchatkit/inference/llamacpp.py). The default for those when the
+  binding is installed: it decodes several times faster on a CPU than the torch backend.
+- `torch`: HF folders and hub ids, or a GGUF file transformers can read (dequantised to fp32).
+
+Both give a `LoadedModel` the one chat session (session.py) drives; only `.model` differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from openchatkit.errors import UserError
+from openchatkit.models.loading import LoadedModel
+
+BACKENDS = ("auto", "torch", "llama.cpp")
+
+
+def is_gguf_path(name: str | None) -> bool:
+    return name is not None and name.lower().endswith(".gguf")
+
+
+def choose_backend(model: str | None, backend: str = "auto", torch_flags: bool = False) -> str:
+    """'torch' or 'llama.cpp' for `--model` and `--backend`. UserError for a model the chosen
+    backend cannot run. `torch_flags`: the user gave flags only torch honours (--device cuda,
+    --dtype, -g, -r, --load-in-8bit, --adapter): `auto` then means torch."""
+    from openchatkit.inference.llamacpp import binding_available
+    from openchatkit.models.embedded import is_embedded_name
+
+    gguf_source = is_gguf_path(model) or is_embedded_name(model)
+    if backend == "auto":
+        if torch_flags or (is_gguf_path(model) and not binding_available()):
+            return "torch"  # transformers reads some GGUF files; it says so when it cannot
+        return "llama.cpp" if gguf_source and binding_available() else "torch"
+    if backend == "llama.cpp" and not gguf_source:
+        raise UserError(
+            f"--backend llama.cpp runs GGUF files; {model} is not one: export it with "
+            "python tools/export_gguf.py --model MODEL --out FILE.gguf"
+        )
+    return backend
+
+
+def load_llamacpp_chat_model(
+    model: str | None, n_ctx: int | None = None, threads: int | None = None
+) -> LoadedModel:
+    """A GGUF file (or the embedded model's) loaded in llama.cpp, with its own tokenizer."""
+    from openchatkit.inference.llamacpp import (
+        LlamaCppModel,
+        LlamaCppTokenizer,
+        describe_file_type,
+    )
+    from openchatkit.models.embedded import (
+        EMBEDDED_GENERATION_DEFAULTS,
+        EMBEDDED_MODEL_NAME,
+        embedded_gguf_path,
+        is_embedded_name,
+    )
+
+    embedded = is_embedded_name(model)
+    path = embedded_gguf_path() if embedded else Path(str(model)).expanduser()
+    if not path.is_file():
+        raise UserError(f"--model {model}: no such file")
+    cpp = LlamaCppModel(path, n_ctx=n_ctx, n_threads=threads)
+    tokenizer = LlamaCppTokenizer(cpp)
+    return LoadedModel(
+        cpp,
+        tokenizer,
+        EMBEDDED_MODEL_NAME if embedded else path.name,
+        "cpu",
+        f"llama.cpp {describe_file_type(cpp.file_type)}, {cpp.threads} threads",
+        cpp.n_ctx,
+        dict(EMBEDDED_GENERATION_DEFAULTS) if embedded else {},
+    )
+
+
+def load_gguf_with_transformers(path: str, device: str = "auto", dtype: str = "auto"):
+    """A GGUF file dequantised by transformers for the torch backend; one-line UserError when
+    transformers cannot read it (an architecture it lacks, a damaged file)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openchatkit.models.loading import pick_device, pick_dtype, quiet_transformers
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--model {path}: no such file")
+    dev = pick_device(device, 0)
+    torch_dtype = pick_dtype(dtype, dev)
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                file.parent, gguf_file=file.name, dtype=torch_dtype
+            )
+    except Exception as err:  # ValueError, OSError, KeyError, struct errors, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"--model {path}: transformers cannot read this GGUF file for --backend torch "
+            f"({first}); use --backend llama.cpp"
+        ) from None
+    model.to(dev).eval()
+    window = getattr(model.config, "max_position_embeddings", None) or 2048
+    return LoadedModel(
+        model,
+        tokenizer,
+        file.name,
+        dev,
+        str(torch_dtype).split(".")[-1],
+        int(window),
+        {},
+    )

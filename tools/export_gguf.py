@@ -1,0 +1,56 @@
+"""Export a model the kit makes to one GGUF file for llama.cpp and Ollama, with an Ollama Modelfile.
+
+MODEL: an HF folder, a layer-sharded folder, a trainer checkpoint (a LoRA checkpoint is merged
+with its base), or `embedded` (the default SmolLM2-135M-Instruct). Llama (Mistral, Qwen2) and
+GPT-NeoX; GPT-J is refused (llama.cpp has no GPT-J graph).
+
+    python tools/export_gguf.py --model huggingface_models/SmolLM2-135M-oig-demo \
+        --out gguf/smollm2-demo.q8_0.gguf --outtype q8_0
+    python tools/export_gguf.py --model model_ckpts/smollm2-lora --out gguf/lora.gguf
+    python tools/export_gguf.py --model embedded --out gguf/smollm2.f16.gguf --outtype f16
+Then:
+    python inference/bot.py --model gguf/smollm2-demo.q8_0.gguf
+    ollama create smollm2-demo -f gguf/smollm2-demo.q8_0.Modelfile
+
+CPU only; memory about one tensor above the imports, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from openchatkit.cli import run_main
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", default="embedded", help="HF folder, layer-sharded folder, trainer "
+        "checkpoint, or `embedded` (default)",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, metavar="FILE.gguf", help="output GGUF file")
+    p.add_argument(
+        "--outtype", default="f16", choices=OUTTYPES, help="weight type of 2-D tensors (f16)"
+    )
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter merged in first")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from openchatkit.export.gguf import export_gguf, modelfile_path
+
+    out = export_gguf(args.model, args.out, args.outtype, args.adapter, args.overwrite)
+    print(f"{args.model} -> GGUF {args.outtype}; Ollama: {modelfile_path(out)}", file=sys.stderr)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(lambda: main()))
