@@ -321,7 +321,7 @@ class ChatSession:
             )
             self.told_dropped = True
         if plan.too_long:
-            hint = "shorten it with /system" if "system" in plan.too_long else None
+            hint = "shorten it with /system" if plan.too_long.startswith("the system") else None
             hint = hint or "shorten it or lower max_tokens"
             self.err.write(f"{plan.too_long}; {hint}\n")
             return None
