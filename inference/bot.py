@@ -287,8 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     for line in read_lines(interactive):
-        if not session.handle_line(line):
-            break
+        try:
+            if not session.handle_line(line):
+                break
+        except KeyboardInterrupt:  # between commands: the conversation is kept, as inside them
+            print("(interrupted; the conversation is kept)", file=sys.stderr)
     return 0
 
 
