@@ -174,3 +174,17 @@ def test_everything_is_fsynced_before_an_older_checkpoint_is_deleted(tmp_path, m
     # meta.json and `latest` are written under a temporary name, synced, then renamed.
     assert any(p.startswith(str(tmp / ".meta.json.tmp-")) for p in synced), synced
     assert any(p.startswith(str(root / ".latest.tmp-")) for p in synced), synced
+
+
+def test_the_layout_module_is_torch_free_and_models_do_not_import_training():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, openchatkit.checkpoints as c\n"
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'heavy import'\n"
+        "import openchatkit.models.convert, openchatkit.evaluation.models\n"
+        "assert not [m for m in sys.modules if m.startswith('openchatkit.training')], 'training'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
