@@ -14,8 +14,9 @@ for the shipped models (their published configs are built in). Exits 0 when ever
     python training/simulate.py --model-name <tiny model folder> --seq-length 64 \
         --batch-size 4 --micro-batch-size 1 --pipeline-group-size 2 --data-group-size 2 --bf16
 
-8-bit Adam and QLoRA's NF4 base run bitsandbytes kernels that fake tensors cannot: those runs
-are refused with one line (plan.py counts them from their documented layout).
+8-bit Adam and QLoRA's NF4 base run bitsandbytes kernels that fake tensors cannot, and peft's
+adapter placement swaps fake parameters, which torch refuses: those runs (8-bit Adam, QLoRA,
+LoRA) are refused with one line; plan.py counts them from their documented layout.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(
             f"{flag}: bitsandbytes kernels cannot run on fake tensors; "
             "training/plan.py counts this run from its documented layout"
+        )
+    if config.lora is not None:
+        raise UserError(
+            f"--lora-r {config.lora.r}: not simulated yet (peft moves its adapters with "
+            "Module.to, which swaps fake parameters and torch refuses); use training/plan.py"
         )
     setup = setup_from_config(config)
     plans = plan_memory(dims, setup)

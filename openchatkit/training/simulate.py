@@ -173,6 +173,9 @@ def cuda_moves(sim: DeviceSim) -> Iterator[None]:
 
     def to(self, *args, **kwargs):
         if any(is_cuda(a) for a in args) or is_cuda(kwargs.get("device")):
+            others = [a for a in args if not is_cuda(a)]
+            if sim.on_device(self) and not others and set(kwargs) <= {"device"}:
+                return self  # already there: no copy (as on CUDA; Module.to swaps nothing)
             args = tuple("cpu" if is_cuda(a) else a for a in args)
             if "device" in kwargs:
                 kwargs["device"] = "cpu"
