@@ -279,6 +279,8 @@ def bench_turns(args, threads: int) -> None:
         loaded = load()
         per_turn = []
         for _ in range(args.repeats):
+            if hasattr(loaded.model, "reset"):  # llama.cpp: its cache outlives the session
+                loaded.model.reset()
             settings = GenerationSettings(max_tokens=32, sample=False)
             session = ChatSession(loaded, settings, out=io.StringIO(), err=io.StringIO())
             ttft, prompts = [], []
