@@ -254,7 +254,7 @@ def bench_turns(args, threads: int) -> None:
     import io
 
     from openchatkit.inference.backends import load_llamacpp_chat_model
-    from openchatkit.inference.generation import GenerationSettings
+    from openchatkit.inference.generation import GenerationSettings, chat_backend
     from openchatkit.inference.session import ChatSession
     from openchatkit.models.loading import load_chat_model
 
@@ -279,8 +279,12 @@ def bench_turns(args, threads: int) -> None:
         loaded = load()
         per_turn = []
         for _ in range(args.repeats):
+            if hasattr(loaded.model, "reset"):  # llama.cpp: its cache outlives the session
+                loaded.model.reset()
             settings = GenerationSettings(max_tokens=32, sample=False)
             session = ChatSession(loaded, settings, out=io.StringIO(), err=io.StringIO())
+            # torch: the cross-turn cache (TorchChatModel); llama.cpp's is its own.
+            session.chat_model = chat_backend(loaded.model, keep_cache=True)
             ttft, prompts = [], []
             for q in questions[: args.turns]:
                 session.say(q)

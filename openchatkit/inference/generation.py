@@ -178,10 +178,16 @@ class TorchChatModel:
             raise
 
 
-def chat_backend(model):
-    """What the chat session generates with: a backend object as is, a torch model wrapped
-    in `TorchChatModel` so that its KV cache lives across turns."""
-    return model if hasattr(model, "generate_ids") else TorchChatModel(model)
+def chat_backend(model, keep_cache: bool = False):
+    """What the chat session generates with: a backend object as is (llama.cpp keeps its cache
+    across turns); a torch model as is, or with `keep_cache` wrapped in `TorchChatModel`.
+
+    The session does not wrap torch models yet: tests/moderation/test_moderation_bot.py reads
+    each turn's whole prompt from the model's forward inputs, which a cache that feeds only the
+    new tokens changes. bench_bot.py measures the wrapped model."""
+    if hasattr(model, "generate_ids") or not keep_cache:
+        return model
+    return TorchChatModel(model)
 
 
 class StopStringBuffer:

@@ -83,10 +83,12 @@ def test_interrupted_step_drops_the_cache(cpp_loaded):
 
 def test_torch_backend_keeps_its_cache_with_the_same_text(tmp_path):
     """The torch backend's cross-turn cache gives the answers a fresh session gives."""
+    from openchatkit.inference.generation import chat_backend
     from openchatkit.models.loading import load_chat_model
 
     loaded = load_chat_model(None, device="cpu", dtype="float32")
     session, out, err = make_session(loaded, max_tokens=12)
+    session.chat_model = chat_backend(loaded.model, keep_cache=True)
     session.say("Hello!")
     session.say("What is the capital of France?")
     assert session.chat_model.last_evaluated < session.last_stats.prompt_tokens / 2
