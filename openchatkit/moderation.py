@@ -39,9 +39,10 @@ LABELS = (
 INTERVENTION = "needs intervention"
 # The bot's refusal rule (see `refuses`): refuse when p(needs intervention) reaches this, even
 # when another label is more likely. Chosen on the held-out split (valid.jsonl, families the
-# model never trained on) of the demo model, to catch more of what needs intervention at a small
-# cost in casual messages refused; never on check.jsonl. See README "Moderation".
-INTERVENTION_THRESHOLD = 0.25
+# model never trained on) of the demo model (`moderate.py --eval ... --sweep`), never on
+# check.jsonl: the lowest threshold (most caught) that refuses at most 5 % of casual messages
+# there. See README "Moderation".
+INTERVENTION_THRESHOLD = 0.35
 # Labels for which the bot adds CAUTION_INSTRUCTION to that turn's system prompt.
 CAUTION_LABELS = ("needs caution", "probably needs caution")
 HEADER = "Possible labels:\n" + "\n".join(f"{i}. {label}" for i, label in enumerate(LABELS, 1))
