@@ -137,6 +137,11 @@ class DeviceSim(TorchDispatchMode):
             return True if args[0].dtype == torch.bool else 1
         target = kwargs.get("device")
         to_device = target is not None and torch.device(target).type == "cuda"
+        if target is not None and not to_device and torch._C._current_graph_task_id() != -1:
+            # The autograd engine makes its zeros and casts on an input's real device (CPU
+            # here), where a GPU run has the device: inside a backward a CPU factory is the
+            # device's. (A host tensor made by a custom Function's backward is not caught.)
+            to_device = True
         if to_device:
             kwargs["device"] = torch.device("cpu")
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
