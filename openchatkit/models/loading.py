@@ -64,6 +64,24 @@ def check_hub_id(name: str, flag: str = "--model") -> None:
         check_hub_repo(name, what=flag)
 
 
+TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"  # the checkout's scripts
+
+
+def converter_script(direction: str, arch: str | None = None) -> str:
+    """The script a hint names to convert `direction` ("to_hf" or "from_hf"): the generic
+    `tools/convert_<direction>.py`, which reads the architecture itself, or for an architecture
+    that has one the upstream per-architecture alias (`tools/convert_to_hf_llama.py`), so a hint
+    reads like the OpenChatKit recipes. Which aliases exist is read from the checkout, not
+    listed: the registry (`openchatkit/models/registry.py`) is the one list of architectures."""
+    if (
+        arch
+        and re.fullmatch(r"\w+", arch)
+        and (TOOLS_DIR / f"convert_{direction}_{arch}.py").is_file()
+    ):
+        return f"tools/convert_{direction}_{arch}.py"
+    return f"tools/convert_{direction}.py"
+
+
 def _sharded_hint(path: Path) -> str | None:
     """What to say when `path` is a trainer checkpoint folder or a layer-sharded model: the bot
     loads HF folders, and the converter makes one."""
@@ -75,17 +93,17 @@ def _sharded_hint(path: Path) -> str | None:
     lora = next(iter(sorted(path.glob("checkpoint_*/adapter.json"))), path / "adapter.json")
     if not (checkpoint_root or sharded or lora.is_file()):
         return None
-    arch = "<arch>"
+    arch = None
     manifest = path / "manifest.json"
     if not manifest.is_file():
         manifest = next(iter(sorted(path.glob("checkpoint_*/manifest.json"))), manifest)
     try:
         if lora.is_file():
             manifest = Path(json.loads(lora.read_text())["base_model"]) / "manifest.json"
-        name = json.loads(manifest.read_text()).get("architecture")  # gptneox | gptj | llama
-        arch = name if name in ("gptneox", "gptj", "llama") else arch
+        arch = json.loads(manifest.read_text()).get("architecture")  # our name: llama, qwen2...
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         pass
+    script = converter_script("to_hf", arch if isinstance(arch, str) else None)
     what = "a trainer checkpoint folder" if checkpoint_root else "a layer-sharded model folder"
     if (path / "meta.json").is_file():
         what = "a trainer checkpoint"
@@ -94,11 +112,11 @@ def _sharded_hint(path: Path) -> str | None:
             f"{what} holding LoRA adapters only, not an HF model; export the adapter with python "
             f"tools/export_lora.py --ckpt-path {path} --save-path adapters/{path.name} and give "
             f"it as --adapter with the HF form of its base as --model, or merge: python "
-            f"tools/convert_to_hf_{arch}.py --ckpt-path {path} --merge-lora --save-path "
+            f"{script} --ckpt-path {path} --merge-lora --save-path "
             f"huggingface_models/{path.name}"
         )
     return (
-        f"{what}, not an HF model; convert it first: python tools/convert_to_hf_{arch}.py "
+        f"{what}, not an HF model; convert it first: python {script} "
         f"--ckpt-path {path} --save-path huggingface_models/{path.name}"
     )
 
