@@ -41,7 +41,7 @@ echo "== 2/4 fine-tune on $DATA/train.jsonl (moderation format, loss on the labe
   --device cpu --dp-backend gloo --optimizer adam --seed 42 "$@"
 
 echo "== 3/4 convert the newest checkpoint to an HF folder" >&2
-"$PYTHON" "$ROOT/tools/convert_to_hf_llama.py" --ckpt-path "$CKPT" --save-path "$OUT" --overwrite
+"$PYTHON" "$ROOT/tools/convert_to_hf.py" --ckpt-path "$CKPT" --save-path "$OUT" --overwrite
 
 echo "== 4/4 held-out accuracy ($DATA/valid.jsonl), base model then fine-tuned" >&2
 echo "-- base: embedded SmolLM2-135M-Instruct (few-shot only)"
