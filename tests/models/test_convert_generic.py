@@ -181,3 +181,55 @@ def test_bot_hint_names_a_converter_that_exists(name, tmp_path, cli):
     script = hint.split("python ", 1)[1].split()[0]
     assert (cli.REPO / script).is_file(), hint
     assert script.startswith("tools/convert_to_hf"), hint
+
+
+def test_generic_to_hf_merges_a_lora_checkpoint_of_its_base_architecture(
+    tmp_path, tiny_hf, in_process, cli
+):
+    # A LoRA checkpoint on a Qwen2 base, written as the trainer writes one (adapter.json naming
+    # the base, adapter_stage_0.safetensors); the generic script reads the architecture from the
+    # base and writes base + adapters, whose logits are those of our stage with the adapters.
+    from transformers import AutoModelForCausalLM
+
+    from openchatkit.models.lora import (
+        LoraSettings,
+        adapter_meta,
+        apply_lora,
+        save_adapter_stage,
+    )
+    from openchatkit.models.stage import StageModel
+
+    base = tmp_path / "base"
+    assert in_process(FROM_HF, "--model-name", tiny_hf("qwen2"), "--save-path",
+                      base).returncode == 0  # fmt: skip
+    settings = LoraSettings(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    stage = StageModel.from_sharded(base, range(3), True, True, dtype=torch.float32)
+    apply_lora(stage, settings)
+    with torch.no_grad():  # B starts at zero: make the adapters change the model
+        for name, param in stage.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.3)
+    ckpt = tmp_path / "run" / "checkpoint_1"
+    ckpt.mkdir(parents=True)
+    save_adapter_stage(stage, ckpt, 0, settings.bias)
+    (ckpt / "adapter.json").write_text(json.dumps(adapter_meta(settings, base)))
+    ids = torch.randint(0, VOCAB, (2, 8))
+    stage.eval()
+    with torch.no_grad():
+        ours = stage(ids)
+
+    out = tmp_path / "merged"
+    proc = in_process(TO_HF, "--ckpt-path", ckpt, "--save-path", out)
+    cli.assert_one_line_error(proc, "--merge-lora")
+    proc = in_process(TO_HF, "--ckpt-path", ckpt, "--merge-lora", "--save-path", out)
+    assert proc.returncode == 0, proc.stderr
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert model.config.model_type == "qwen2"
+    with torch.no_grad():
+        theirs = model(ids, use_cache=False).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    # The alias of another architecture refuses it, naming the script that converts it.
+    proc = in_process("tools/convert_to_hf_llama.py", "--ckpt-path", ckpt, "--merge-lora",
+                      "--save-path", tmp_path / "other")  # fmt: skip
+    cli.assert_one_line_error(proc, "qwen2", "tools/convert_to_hf.py")
+    assert not (tmp_path / "other").exists()
