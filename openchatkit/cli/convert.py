@@ -225,7 +225,6 @@ def _merge_lora_checkpoint(args: argparse.Namespace, arch: str | None) -> int:
     import tempfile
 
     from openchatkit.models.convert import convert_sharded_to_hf
-    from openchatkit.models.loading import converter_script
     from openchatkit.models.lora import (
         export_peft,
         locate_base,
@@ -234,6 +233,7 @@ def _merge_lora_checkpoint(args: argparse.Namespace, arch: str | None) -> int:
     )
     from openchatkit.models.registry import (
         MODEL_TYPES,
+        converter_script,
         get_architecture,
         name_for_model_type,
         read_model_type,

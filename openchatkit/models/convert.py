@@ -29,9 +29,9 @@ from openchatkit.models.hf_weights import (
     plan_shards,
     write_hf_shards,
 )
-from openchatkit.models.loading import converter_script
 from openchatkit.models.registry import (
     MODEL_TYPES,
+    converter_script,
     get_architecture,
     name_for_model_type,
     read_model_type,

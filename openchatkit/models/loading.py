@@ -12,6 +12,7 @@ from openchatkit.errors import UserError
 from openchatkit.hub import check_hub_repo, is_cached
 from openchatkit.models.embedded import EMBEDDED_MODEL_NAME, ensure_embedded_model, is_embedded_name
 from openchatkit.models.quiet import quiet_transformers  # also imported from here by callers
+from openchatkit.models.registry import converter_script
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -62,24 +63,6 @@ def check_hub_id(name: str, flag: str = "--model") -> None:
         raise UserError(f"{flag}: '{name}' is neither a folder nor a hub id like org/name")
     if not is_cached(name):
         check_hub_repo(name, what=flag)
-
-
-TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"  # the checkout's scripts
-
-
-def converter_script(direction: str, arch: str | None = None) -> str:
-    """The script a hint names to convert `direction` ("to_hf" or "from_hf"): the generic
-    `tools/convert_<direction>.py`, which reads the architecture itself, or for an architecture
-    that has one the upstream per-architecture alias (`tools/convert_to_hf_llama.py`), so a hint
-    reads like the OpenChatKit recipes. Which aliases exist is read from the checkout, not
-    listed: the registry (`openchatkit/models/registry.py`) is the one list of architectures."""
-    if (
-        arch
-        and re.fullmatch(r"\w+", arch)
-        and (TOOLS_DIR / f"convert_{direction}_{arch}.py").is_file()
-    ):
-        return f"tools/convert_{direction}_{arch}.py"
-    return f"tools/convert_{direction}.py"
 
 
 def _sharded_hint(path: Path) -> str | None:
