@@ -64,8 +64,29 @@ TRAIN = "training/dist_clm_train.py"
 BOT = "inference/bot.py"
 BUILD = "retrieval/build_index.py"
 SEARCH = "retrieval/search.py"
-TO_HF = [f"tools/convert_to_hf_{a}.py" for a in ("gptneox", "gptj", "llama")]
-FROM_HF = [f"tools/convert_from_hf_{a}.py" for a in ("gptneox", "gptj", "llama")]
+
+
+def _converters(direction: str) -> list[str]:
+    """Every architecture's conversion CLI for `direction`: the upstream per-architecture
+    aliases that exist (registry order: [0] gptneox, [2] llama), then the generic script, which
+    reads the architecture from its input and so converts every registered one."""
+    from openchatkit.models.registry import architecture_names
+
+    aliases = [f"tools/convert_{direction}_{a}.py" for a in architecture_names()]
+    return [s for s in aliases if (REPO / s).is_file()] + [f"tools/convert_{direction}.py"]
+
+
+TO_HF = _converters("to_hf")
+FROM_HF = _converters("from_hf")
+# The cases below pick the gptneox alias as TO_HF[0] / FROM_HF[0] (the wrong one for the llama
+# fixture) and the llama alias as [2].
+# A layer-sharded manifest of an architecture the registry does not know.
+BERT_MANIFEST = json.dumps(
+    {"format": "openchatkit-layer-sharded", "version": 1, "architecture": "bert",
+     "num_layers": 1, "dtype": "float32", "tie_word_embeddings": False}
+)  # fmt: skip
+assert [s.rsplit("_", 1)[-1] for s in TO_HF[:3] + FROM_HF[:3]] == ["gptneox.py", "gptj.py",
+                                                                  "llama.py"] * 2  # fmt: skip
 PREPARE = sorted(str(p.relative_to(REPO)) for p in REPO.glob("pretrained/*/prepare.py"))
 DOWNLOADS = ["data/OIG/prepare.py", "data/OIG-chip2/prepare.py", "data/OIG-moderation/prepare.py"]
 WIKI = "data/wikipedia-3sentence-level-retrieval-index/prepare.py"
@@ -195,6 +216,15 @@ CASES: list[Case] = [
     ),  # fmt: skip
     C(TO_HF[0], "--ckpt-path", "{sharded}", "--save-path", "{w}/out", needles="llama"),
     C(
+        TO_HF[-1],
+        "--ckpt-path",
+        "{w}/s",
+        "--save-path",
+        "{w}/out",
+        files={"s/manifest.json": BERT_MANIFEST},
+        needles=("--ckpt-path", "'bert'"),
+    ),  # fmt: skip
+    C(
         TO_HF[2],
         "--ckpt-path",
         "{sharded}",
@@ -301,6 +331,15 @@ CASES: list[Case] = [
         needles="not a folder",
     ),  # fmt: skip
     C(FROM_HF[0], "--model-name", "{hf}", "--save-path", "{w}/out", needles="llama"),
+    C(
+        FROM_HF[-1],
+        "--model-name",
+        "{w}/m",
+        "--save-path",
+        "{w}/out",
+        files={"m/config.json": '{"model_type": "bert"}'},
+        needles=("--model-name", "'bert'"),
+    ),  # fmt: skip
     C(
         FROM_HF[2],
         "--model-name",

@@ -1,5 +1,9 @@
 """Convert an HF Llama (Llama-2-7B-32K, SmolLM2) model into the layer-sharded format the trainer loads stage by stage.
 
+The upstream OpenChatKit name, kept for recipes that call it: the same as tools/convert_from_hf.py,
+except that the model must be a llama one (another architecture is refused in one line
+naming the script that converts it).
+
 Reads the HF safetensors (or .bin) shards one tensor at a time, so memory stays near one layer.
 
     # a hub model (downloaded with resume into the HF cache), written to DIR/<org>_<name>/

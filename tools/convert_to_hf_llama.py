@@ -1,5 +1,9 @@
 """Convert a layer-sharded Llama (Llama-2-7B-32K, SmolLM2) model, or a trainer checkpoint, back to an HF folder.
 
+The upstream OpenChatKit name, kept for recipes that call it: the same as tools/convert_to_hf.py,
+except that the model must be a llama one (another architecture is refused in one line
+naming the script that converts it).
+
 OUT loads with `AutoModelForCausalLM.from_pretrained(OUT)` and carries the tokenizer, the
 generation config and a chat template (OpenChatKit's <human>/<bot> one when the checkpoint was
 fine-tuned on that format). P and L are inferred; when given they are checked against the layers.

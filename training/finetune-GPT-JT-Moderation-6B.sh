@@ -4,11 +4,11 @@
 # LR warm-up to 1e-5 over 100 steps, then constant. 2 pipeline stages x 4 data-parallel replicas on one node of
 # 8 GPUs (the original's GPT-JT layout: 14 layers per stage).
 #
-#   python tools/convert_from_hf_gptj.py --model-name togethercomputer/GPT-JT-6B-v1 \
+#   python tools/convert_from_hf.py --model-name togethercomputer/GPT-JT-6B-v1 \
 #       --save-dir pretrained/GPT-JT-6B-v1 --dtype float16
 #   python data/OIG-moderation/prepare.py          # gated: accept its terms, set a token first
 #   bash training/finetune-GPT-JT-Moderation-6B.sh
-#   python tools/convert_to_hf_gptj.py --ckpt-path model_ckpts/GPT-JT-Moderation-6B \
+#   python tools/convert_to_hf.py --ckpt-path model_ckpts/GPT-JT-Moderation-6B \
 #       --save-path huggingface_models/GPT-JT-Moderation-6B --fp16
 #   python inference/moderate.py --model huggingface_models/GPT-JT-Moderation-6B --gpu-id 0 "hi"
 #

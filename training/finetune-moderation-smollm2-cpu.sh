@@ -43,7 +43,7 @@ echo "== 2/4 fine-tune on $DATA/train.jsonl (moderation format, loss on the labe
   --device cpu --dp-backend gloo --optimizer adam --seed 42 "$@"
 
 echo "== 3/4 convert the newest checkpoint to an HF folder" >&2
-"$PYTHON" "$ROOT/tools/convert_to_hf_llama.py" --ckpt-path "$CKPT" --save-path "$OUT" --overwrite
+"$PYTHON" "$ROOT/tools/convert_to_hf.py" --ckpt-path "$CKPT" --save-path "$OUT" --overwrite
 
 echo "== 4/4 accuracy and the bot policy on messages the model never trained on" >&2
 # valid.jsonl: the held-out intent families of the generated sample (the threshold was tuned on

@@ -42,7 +42,7 @@ echo "== 2/5 fine-tune: 2 pipeline stages x 1 replica on gloo" >&2
   --device cpu --dp-backend gloo --optimizer adam --seed 42 "$@"
 
 echo "== 3/5 convert the newest checkpoint to an HF folder" >&2
-"$PYTHON" "$ROOT/tools/convert_to_hf_llama.py" --ckpt-path "$CKPT" --save-path "$OUT" \
+"$PYTHON" "$ROOT/tools/convert_to_hf.py" --ckpt-path "$CKPT" --save-path "$OUT" \
   --chat-format openchatkit --overwrite
 
 echo "== 4/5 evaluate before/after: perplexity on the held-out sample + arc_easy (limit ${DEMO_EVAL_LIMIT:-100})" >&2

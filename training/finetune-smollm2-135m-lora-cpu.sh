@@ -50,4 +50,4 @@ echo "== 4/4 evaluate base vs adapted: perplexity on the held-out sample + arc_e
 
 echo "adapter:        $OUT" >&2
 echo "chat with it:   python inference/bot.py --adapter $OUT" >&2
-echo "merge it:       python tools/convert_to_hf_llama.py --ckpt-path $CKPT --merge-lora --save-path huggingface_models/SmolLM2-135M-OIG-lora" >&2
+echo "merge it:       python tools/convert_to_hf.py --ckpt-path $CKPT --merge-lora --save-path huggingface_models/SmolLM2-135M-OIG-lora" >&2

@@ -1,5 +1,10 @@
-"""Argument parsing and `main` bodies shared by `tools/convert_{from,to}_hf_<arch>.py` and
-`pretrained/<Model>/prepare.py`, so each script is a few lines naming its architecture or model.
+"""Argument parsing and `main` bodies shared by the converters and `pretrained/<Model>/prepare.py`,
+so each script is a few lines.
+
+`tools/convert_to_hf.py` and `tools/convert_from_hf.py` pass no architecture: it is read from the
+input (the layer-sharded folder's manifest, a LoRA checkpoint's base, the HF config's model_type)
+and looked up in the registry, so a new architecture needs no script. The upstream-named
+`tools/convert_{to,from}_hf_<arch>.py` pass theirs, and the input is checked to match it.
 
 Nothing heavy is imported at module level: `--help` stays instant.
 """
@@ -15,9 +20,11 @@ from openchatkit.errors import UserError
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 
 
-def from_hf_parser(arch: str, doc: str | None = None) -> argparse.ArgumentParser:
+def from_hf_parser(arch: str | None, doc: str | None = None) -> argparse.ArgumentParser:
+    """Flags of `tools/convert_from_hf[_<arch>].py` (`arch` None: any registered one)."""
+    what = f"an HF {arch}" if arch else "an HF"
     p = argparse.ArgumentParser(
-        description=doc or f"Convert an HF {arch} model into the layer-sharded format.",
+        description=doc or f"Convert {what} model into the layer-sharded format.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model-name", required=True, help="hub id (org/name) or local HF folder")
@@ -39,7 +46,8 @@ def from_hf_parser(arch: str, doc: str | None = None) -> argparse.ArgumentParser
     return p
 
 
-def run_from_hf(args: argparse.Namespace, arch: str) -> int:
+def run_from_hf(args: argparse.Namespace, arch: str | None) -> int:
+    """Convert --model-name to a layer-sharded folder; `arch` None: read from its config."""
     _check_paths_early(
         None, args.save_path or args.save_dir, "--save-path" if args.save_path else "--save-dir"
     )
@@ -54,6 +62,8 @@ def run_from_hf(args: argparse.Namespace, arch: str) -> int:
 
     check_output_folder(out, args.overwrite)  # before a long download
     source = resolve_hf_source(args.model_name)  # before torch is imported
+    if arch is None:
+        arch = _hf_architecture(args.model_name, source)
     from openchatkit.models.convert import convert_hf_to_sharded
 
     convert_hf_to_sharded(
@@ -69,9 +79,29 @@ def run_from_hf(args: argparse.Namespace, arch: str) -> int:
     return 0
 
 
-def to_hf_parser(arch: str, doc: str | None = None) -> argparse.ArgumentParser:
+def _hf_architecture(model_name: str, source: Path) -> str:
+    """Our architecture name for an HF folder, from its config's model_type (plain JSON)."""
+    from openchatkit.models.registry import (
+        name_for_model_type,
+        read_model_type,
+        supported_model_types,
+    )
+
+    model_type = read_model_type(source)
+    name = name_for_model_type(model_type)
+    if name is None:
+        raise UserError(
+            f"--model-name {model_name} is a {model_type!r} model; the converter knows "
+            f"{', '.join(supported_model_types())}"
+        )
+    return name
+
+
+def to_hf_parser(arch: str | None, doc: str | None = None) -> argparse.ArgumentParser:
+    """Flags of `tools/convert_to_hf[_<arch>].py` (`arch` None: any registered one)."""
+    what = f"a layer-sharded {arch}" if arch else "a layer-sharded"
     p = argparse.ArgumentParser(
-        description=doc or f"Convert a layer-sharded {arch} model or trainer checkpoint to HF.",
+        description=doc or f"Convert {what} model or trainer checkpoint to HF.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -122,7 +152,21 @@ def _check_paths_early(ckpt: str | None, out: str, out_flag: str) -> None:
     check_writable_dir(out, out_flag)
 
 
-def run_to_hf(args: argparse.Namespace, arch: str) -> int:
+def _sharded_architecture(ckpt: str, manifest_architecture: str) -> str:
+    """Our architecture name for a layer-sharded folder, from its manifest (or, without one,
+    from its config's model_type), refused unless the registry knows it."""
+    from openchatkit.models.registry import ARCHITECTURES, architecture_names
+
+    if manifest_architecture not in ARCHITECTURES:
+        raise UserError(
+            f"--ckpt-path {ckpt}: unsupported architecture {manifest_architecture!r}; the "
+            f"converter knows {', '.join(architecture_names())}"
+        )
+    return manifest_architecture
+
+
+def run_to_hf(args: argparse.Namespace, arch: str | None) -> int:
+    """Convert --ckpt-path to an HF folder; `arch` None: read from the checkpoint."""
     _check_paths_early(args.ckpt_path, args.save_path, "--save-path")
     from openchatkit.models.convert import (
         check_output_dir,
@@ -145,6 +189,11 @@ def run_to_hf(args: argparse.Namespace, arch: str) -> int:
     if is_lora:
         check_output_dir(Path(args.save_path), args.overwrite)
         return _merge_lora_checkpoint(args, arch)
+    # Output first, as convert_sharded_to_hf checks it (the same error wins either way).
+    check_output_dir(Path(args.save_path), args.overwrite)
+    folder, manifest = read_sharded_source(args.ckpt_path, args.config_name)
+    if arch is None:
+        arch = _sharded_architecture(args.ckpt_path, manifest.architecture)
     out = convert_sharded_to_hf(
         args.ckpt_path,
         args.save_path,
@@ -156,7 +205,6 @@ def run_to_hf(args: argparse.Namespace, arch: str) -> int:
         overwrite=args.overwrite,
         chat_format=args.chat_format,
     )
-    folder, manifest = read_sharded_source(args.ckpt_path, args.config_name)
     stages, per_stage = check_stage_layout(
         manifest.num_layers, args.n_stages, args.n_layer_per_stage
     )
@@ -170,7 +218,7 @@ def run_to_hf(args: argparse.Namespace, arch: str) -> int:
     return 0
 
 
-def _merge_lora_checkpoint(args: argparse.Namespace, arch: str) -> int:
+def _merge_lora_checkpoint(args: argparse.Namespace, arch: str | None) -> int:
     """LoRA checkpoint -> its base converted to HF, the adapter exported, merged: all in a
     temporary folder beside the output, which appears whole."""
     import shutil
@@ -185,6 +233,7 @@ def _merge_lora_checkpoint(args: argparse.Namespace, arch: str) -> int:
     )
     from openchatkit.models.registry import (
         MODEL_TYPES,
+        converter_script,
         get_architecture,
         name_for_model_type,
         read_model_type,
@@ -194,15 +243,18 @@ def _merge_lora_checkpoint(args: argparse.Namespace, arch: str) -> int:
     # The base the adapters were trained on, checked by content as the trainer's resume does.
     base_dir = locate_base(meta, f"--ckpt-path {args.ckpt_path}")
     base_type = read_model_type(base_dir)
+    ours = name_for_model_type(base_type)
+    if arch is None:  # the generic script: the base's architecture
+        if ours is None:
+            raise UserError(
+                f"--ckpt-path {args.ckpt_path}: its base model {base_dir} is a {base_type!r} "
+                f"model; the converter knows {', '.join(MODEL_TYPES.values())}"
+            )
+        arch = ours
     if base_type != MODEL_TYPES[arch]:
         raise UserError(
             f"--ckpt-path {args.ckpt_path}: its base model {base_dir} is {base_type}, not "
-            f"{MODEL_TYPES[arch]}"
-            + (
-                f"; use tools/convert_to_hf_{ours}.py"
-                if (ours := name_for_model_type(base_type))
-                else ""
-            )
+            f"{MODEL_TYPES[arch]}" + (f"; use {converter_script('to_hf', ours)}" if ours else "")
         )
     out = Path(args.save_path)
     created = out.parent  # the outermost parent folder this run creates, removed on failure

@@ -3,7 +3,7 @@
 Both directions stream one tensor (HF -> sharded: one layer file) at a time, so a 20B model never
 needs its full size in memory, and both write into a temporary folder renamed at the end: a
 failure leaves nothing half-written. Every key goes through the architecture's declarative key
-map (`openchatkit/models/{gptneox,gptj,llama}.py`); an unknown or missing key is an error naming it.
+map (the architecture's module, `openchatkit/models/registry.py`); an unknown or missing key is an error naming it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from openchatkit.models.hf_weights import (
 )
 from openchatkit.models.registry import (
     MODEL_TYPES,
+    converter_script,
     get_architecture,
     name_for_model_type,
     read_model_type,
@@ -61,7 +62,8 @@ def _check_arch(name: str, model_type: str, what: str, direction: str) -> None:
         raise UserError(f"unsupported architecture {name!r}: use one of {', '.join(MODEL_TYPES)}")
     if model_type != MODEL_TYPES[name]:
         right = name_for_model_type(model_type)
-        hint = f"; use tools/convert_{direction}_{right}.py" if right else " (unsupported)"
+        # Name the script that converts it: the right architecture's, or the generic one.
+        hint = f"; use {converter_script(direction, right)}" if right else " (unsupported)"
         raise UserError(f"{what} is a {model_type!r} model, not {MODEL_TYPES[name]!r}{hint}")
 
 

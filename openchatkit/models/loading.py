@@ -12,6 +12,7 @@ from openchatkit.errors import UserError
 from openchatkit.hub import check_hub_repo, is_cached
 from openchatkit.models.embedded import EMBEDDED_MODEL_NAME, ensure_embedded_model, is_embedded_name
 from openchatkit.models.quiet import quiet_transformers  # also imported from here by callers
+from openchatkit.models.registry import converter_script
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -75,17 +76,17 @@ def _sharded_hint(path: Path) -> str | None:
     lora = next(iter(sorted(path.glob("checkpoint_*/adapter.json"))), path / "adapter.json")
     if not (checkpoint_root or sharded or lora.is_file()):
         return None
-    arch = "<arch>"
+    arch = None
     manifest = path / "manifest.json"
     if not manifest.is_file():
         manifest = next(iter(sorted(path.glob("checkpoint_*/manifest.json"))), manifest)
     try:
         if lora.is_file():
             manifest = Path(json.loads(lora.read_text())["base_model"]) / "manifest.json"
-        name = json.loads(manifest.read_text()).get("architecture")  # gptneox | gptj | llama
-        arch = name if name in ("gptneox", "gptj", "llama") else arch
+        arch = json.loads(manifest.read_text()).get("architecture")  # our name: llama, qwen2...
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         pass
+    script = converter_script("to_hf", arch if isinstance(arch, str) else None)
     what = "a trainer checkpoint folder" if checkpoint_root else "a layer-sharded model folder"
     if (path / "meta.json").is_file():
         what = "a trainer checkpoint"
@@ -94,11 +95,11 @@ def _sharded_hint(path: Path) -> str | None:
             f"{what} holding LoRA adapters only, not an HF model; export the adapter with python "
             f"tools/export_lora.py --ckpt-path {path} --save-path adapters/{path.name} and give "
             f"it as --adapter with the HF form of its base as --model, or merge: python "
-            f"tools/convert_to_hf_{arch}.py --ckpt-path {path} --merge-lora --save-path "
+            f"{script} --ckpt-path {path} --merge-lora --save-path "
             f"huggingface_models/{path.name}"
         )
     return (
-        f"{what}, not an HF model; convert it first: python tools/convert_to_hf_{arch}.py "
+        f"{what}, not an HF model; convert it first: python {script} "
         f"--ckpt-path {path} --save-path huggingface_models/{path.name}"
     )
 

@@ -32,6 +32,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
 }
 # Our name -> HF model_type.
 MODEL_TYPES: dict[str, str] = {name: mt for name, (mt, _) in ARCHITECTURES.items()}
+TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"  # the checkout's converter scripts
 
 
 def architecture_names() -> list[str]:
@@ -74,3 +75,14 @@ def read_model_type(folder: str | Path) -> str:
         raise UserError(f"{folder} has no config.json (not an HF model folder)") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"cannot read model_type from {path}: {err}") from None
+
+
+def converter_script(direction: str, arch: str | None = None) -> str:
+    """The script a hint names to convert `direction` ("to_hf" or "from_hf"): the generic
+    `tools/convert_<direction>.py`, which reads the architecture itself, or for an architecture
+    that has one the upstream per-architecture alias (`tools/convert_to_hf_llama.py`), so a hint
+    reads like the OpenChatKit recipes. Which aliases exist is read from the checkout, not
+    listed: this registry is the one list of architectures."""
+    if arch in ARCHITECTURES and (TOOLS_DIR / f"convert_{direction}_{arch}.py").is_file():
+        return f"tools/convert_{direction}_{arch}.py"
+    return f"tools/convert_{direction}.py"
