@@ -243,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from loguru import logger
 
-    from openchatkit.evaluation.models import load_eval_model
     from openchatkit.evaluation.perplexity import model_max_length, render_records
     from openchatkit.evaluation.report import write_outputs
     from openchatkit.evaluation.runner import (
@@ -252,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_model,
         measure_tokens_per_s,
     )
+    from openchatkit.models.any_model import load_any_model
 
     device = args.device
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     runs = [(args.model, args.adapter)] + ([(args.compare, None)] if args.compare else [])
     for name, adapter in runs:
-        loaded = load_eval_model(name, device=device, dtype=dtype, adapter=adapter)
+        loaded = load_any_model(name, device=device, dtype=dtype, adapter=adapter)
         logger.info("evaluating {} on {} ({})", loaded.name, loaded.device, loaded.dtype)
         texts = render_records(records, loaded.tokenizer, args.loss_on) if records else None
         if plan.perplexity or plan.packaged:

@@ -22,7 +22,6 @@ are in `openchatkit.evaluation.moderation_metrics`.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,23 +128,29 @@ def parse_labelled(record: object) -> tuple[str, str] | str:
     return text.strip(), label
 
 
-def read_labelled(path: str | Path, what: str = "--eval") -> list[tuple[str, str]]:
-    """All (text, label) records of a jsonl file; any bad line is a UserError that counts them."""
-    path = Path(path)
+def _json_lines(path: Path, what: str) -> list[tuple[int, object]]:
+    """(line number, value or `Invalid` reason) of each non-blank line, through the kit's bounded
+    reader (an over-long or deeply nested line is a bad line, never a crash)."""
+    from openchatkit.data.jsonl import iter_json_lines
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with open(path, "rb") as f:
+            return list(iter_json_lines(f))
     except FileNotFoundError:
         raise UserError(f"{what} {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{what} {path}: cannot read: {err}") from None
+    except OSError as err:
+        raise UserError(f"{what} {path}: cannot read: {err.strerror or err}") from None
+
+
+def read_labelled(path: str | Path, what: str = "--eval") -> list[tuple[str, str]]:
+    """All (text, label) records of a jsonl file; any bad line is a UserError that counts them."""
+    from openchatkit.data.jsonl import Invalid
+
+    path = Path(path)
+    lines = _json_lines(path, what)
     records, bad = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            parsed = parse_labelled(json.loads(line))
-        except ValueError:
-            parsed = "not valid JSON"
+    for number, value in lines:
+        parsed = value if isinstance(value, Invalid) else parse_labelled(value)
         if isinstance(parsed, str):
             bad.append((number, parsed))
         else:
@@ -168,20 +173,9 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
 def read_texts(path: str | Path) -> list[str]:
     """The `text` of every record of a jsonl file; bad lines are a UserError that counts them."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"--input {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"--input {path}: cannot read: {err}") from None
+    lines = _json_lines(path, "--input")
     texts, bad = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
+    for number, record in lines:
         text = record.get("text") if isinstance(record, dict) else None
         if isinstance(text, str) and text.strip():
             texts.append(text)

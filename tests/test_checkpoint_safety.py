@@ -183,7 +183,7 @@ def test_the_layout_module_is_torch_free_and_models_do_not_import_training():
     code = (
         "import sys, openchatkit.checkpoints as c\n"
         "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'heavy import'\n"
-        "import openchatkit.models.convert, openchatkit.evaluation.models\n"
+        "import openchatkit.models.convert, openchatkit.models.any_model\n"
         "assert not [m for m in sys.modules if m.startswith('openchatkit.training')], 'training'\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -246,17 +246,6 @@ class Moderator:
         return result.label, result.probabilities
 
 
-def is_checkpoint_folder(name: str) -> bool:
-    """A trainer checkpoint (`latest` inside, or checkpoint_<step>/) or a layer-sharded folder."""
-    path = Path(name).expanduser()
-    return path.is_dir() and (
-        (path / "latest").exists()
-        or (path / "manifest.json").is_file()
-        or (path / "layer_00000.safetensors").is_file()
-        or any(path.glob("layer_*.safetensors"))
-    )
-
-
 def load_moderator(
     name: str | None,
     device: str = "auto",
@@ -267,15 +256,13 @@ def load_moderator(
     loaded=None,
 ) -> Moderator:
     """A Moderator on MODEL: an HF folder, hub id, the embedded model, or a trainer checkpoint /
-    layer-sharded folder (converted on the fly into a temporary HF folder). `loaded` reuses an
-    already loaded `LoadedModel` (the bot's chat model as its own moderator)."""
-    from openchatkit.models.loading import load_chat_model
+    layer-sharded folder (converted in memory, `openchatkit.models.any_model`). `loaded` reuses
+    an already loaded `LoadedModel` (the bot's chat model as its own moderator)."""
+    from openchatkit.models.any_model import load_any_model
 
     shots = read_examples(examples) if examples is not None else None
-    if loaded is None and name is not None and is_checkpoint_folder(name):
-        loaded = _load_checkpoint(name, device, dtype, gpu_id)
-    elif loaded is None:
-        loaded = load_chat_model(name, device=device, dtype=dtype, gpu_id=gpu_id)
+    if loaded is None:
+        loaded = load_any_model(name, device=device, dtype=dtype, gpu_id=gpu_id)
     return Moderator(
         loaded.model,
         loaded.tokenizer,
@@ -285,28 +272,3 @@ def load_moderator(
         loaded.context_window,
         loaded.name,
     )
-
-
-def _load_checkpoint(name: str, device: str, dtype: str, gpu_id: int):
-    """Convert a trainer checkpoint to a temporary HF folder, load it, delete the folder."""
-    import tempfile
-
-    from openchatkit.models.convert import convert_sharded_to_hf, read_sharded_source
-    from openchatkit.models.loading import load_chat_model
-
-    try:
-        _, manifest = read_sharded_source(name)
-    except UserError as err:
-        raise UserError(f"--model {name}: {err}") from err
-    with tempfile.TemporaryDirectory(prefix="openchatkit-moderation-") as tmp:
-        out = Path(tmp) / Path(name).name
-        try:
-            convert_sharded_to_hf(name, out, manifest.architecture)
-        except UserError as err:
-            raise UserError(
-                f"--model {name}: cannot convert this checkpoint on the fly ({err}); convert it "
-                f"with tools/convert_to_hf_{manifest.architecture}.py --ckpt-path {name} first"
-            ) from err
-        loaded = load_chat_model(str(out), device=device, dtype=dtype, gpu_id=gpu_id)
-    loaded.name = Path(name).name
-    return loaded

@@ -65,9 +65,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir):
-    from openchatkit.evaluation.models import load_eval_model
+    from openchatkit.models.any_model import load_any_model
 
-    return load_eval_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    return load_any_model(str(tiny_model_dir), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -132,7 +132,7 @@ def test_arc_easy_offline_from_the_cli(cli, tiny_model_dir, tmp_path):
 def test_trainer_checkpoint_scores_as_its_hf_folder(
     tiny_model_dir, tiny_loaded, tmp_path, eval_texts
 ):
-    from openchatkit.evaluation.models import load_eval_model
+    from openchatkit.models.any_model import load_any_model
     from openchatkit.models.convert import convert_hf_to_sharded
 
     root = tmp_path / "run"
@@ -140,7 +140,7 @@ def test_trainer_checkpoint_scores_as_its_hf_folder(
     (root / "checkpoint_3" / "meta.json").write_text(json.dumps({"format_version": 1, "step": 3}))
     (root / "latest").write_text("checkpoint_3")
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
-    loaded = load_eval_model(str(root), device="cpu", dtype="float32")
+    loaded = load_any_model(str(root), device="cpu", dtype="float32")
     assert loaded.name == "run/checkpoint_3"
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing written
     texts = [ScoredText(t) for t in eval_texts]
@@ -158,7 +158,7 @@ def test_trainer_checkpoint_scores_as_its_hf_folder(
     (root / "latest").unlink()
     (root / "checkpoint_5").mkdir()
     (root / "checkpoint_5" / "manifest.json").write_text("{")
-    assert load_eval_model(str(root), device="cpu", dtype="float32").name == "run/checkpoint_3"
+    assert load_any_model(str(root), device="cpu", dtype="float32").name == "run/checkpoint_3"
 
 
 def test_chat_suite_answers_through_the_bot_session(tiny_loaded):

@@ -1,5 +1,6 @@
-"""The model under evaluation: the embedded model, an HF folder or hub id, or — converted in memory,
-nothing written — a layer-sharded folder or a trainer `--checkpoint-path` (its latest checkpoint).
+"""Any MODEL argument, loaded: the embedded model, an HF folder or hub id, or — converted in memory,
+nothing written — a layer-sharded folder or a trainer `--checkpoint-path` (its latest checkpoint,
+a LoRA checkpoint with its base). `evaluation/eval.py` and the moderator load through it.
 """
 
 from __future__ import annotations
@@ -41,13 +42,17 @@ def weight_file_part(name: str) -> tuple[str, int | None]:
     return "layer", int(name.removeprefix("layer_").removesuffix(".safetensors"))
 
 
-def load_eval_model(
-    name: str | None, device: str = "auto", dtype: str = "auto", adapter: str | None = None
+def load_any_model(
+    name: str | None,
+    device: str = "auto",
+    dtype: str = "auto",
+    adapter: str | None = None,
+    gpu_id: int = 0,
 ) -> LoadedModel:
-    """Load any MODEL `eval.py` accepts, with a PEFT `adapter` on top when given; user mistakes
+    """Load any MODEL, with a PEFT `adapter` on top when given; user mistakes
     are one-line UserErrors. A LoRA trainer checkpoint brings its own base and adapters."""
     if not is_sharded_source(name):
-        return load_chat_model(name, device=device, dtype=dtype, adapter=adapter)
+        return load_chat_model(name, device=device, dtype=dtype, adapter=adapter, gpu_id=gpu_id)
     assert name is not None
     source = Path(name).expanduser()
     folder = checkpoint_folder(source)
@@ -59,8 +64,8 @@ def load_eval_model(
                 f"--adapter: --model {name} is a LoRA checkpoint and brings its own adapters; "
                 "give its base as --model instead"
             )
-        return load_lora_checkpoint(source, folder, device, dtype)
-    loaded = load_sharded_in_memory(source, device, dtype)
+        return load_lora_checkpoint(source, folder, device, dtype, gpu_id)
+    loaded = load_sharded_in_memory(source, device, dtype, gpu_id)
     if adapter is not None:
         loaded.model = attach_adapter(loaded.model, adapter).eval()
         loaded.name = f"{loaded.name} + adapter {Path(adapter).name}"
@@ -77,7 +82,9 @@ def checkpoint_folder(source: Path) -> Path:
     return resolve_checkpoint(source)
 
 
-def load_lora_checkpoint(source: Path, folder: Path, device: str, dtype: str) -> LoadedModel:
+def load_lora_checkpoint(
+    source: Path, folder: Path, device: str, dtype: str, gpu_id: int = 0
+) -> LoadedModel:
     """A LoRA trainer checkpoint, in memory: the base model its adapter.json names (checked by
     content fingerprint, as the trainer's resume checks it) with the adapters applied through
     peft, the same model as `tools/export_lora.py` + `--adapter` on the converted base."""
@@ -98,7 +105,7 @@ def load_lora_checkpoint(source: Path, folder: Path, device: str, dtype: str) ->
         raise UserError(f"{what}: incomplete LoRA checkpoint {folder.name} ({problem})")
     _, meta, settings, tensors = read_adapter_checkpoint(folder)
     base = locate_base(meta, what)
-    loaded = load_sharded_in_memory(base, device, dtype)
+    loaded = load_sharded_in_memory(base, device, dtype, gpu_id)
     arch = get_architecture(read_model_type(base))
     loaded.model = peft_model_from_tensors(loaded.model, settings, tensors, arch, what)
     # Named as base + adapter, the adapter as a trainer run is named: "my-run/checkpoint_40".
@@ -107,7 +114,9 @@ def load_lora_checkpoint(source: Path, folder: Path, device: str, dtype: str) ->
     return loaded
 
 
-def load_sharded_in_memory(source: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_sharded_in_memory(
+    source: Path, device: str = "auto", dtype: str = "auto", gpu_id: int = 0
+) -> LoadedModel:
     """Build the HF model of a layer-sharded folder or trainer checkpoint in memory: every tensor
     through the architecture's key map, exactly as `tools/convert_to_hf_*.py` would write it."""
     import torch
@@ -141,7 +150,7 @@ def load_sharded_in_memory(source: Path, device: str = "auto", dtype: str = "aut
                 raise UserError(f"--model: {folder / name} has unknown tensor {key!r}")
             hf_key, transform = arch.hf_key(part, key, layer)
             state[hf_key] = transform.to_hf(f.get_tensor(key), config)
-    dev = pick_device(device, 0)
+    dev = pick_device(device, gpu_id)
     torch_dtype = pick_dtype(dtype, dev)
     with quiet_transformers():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
