@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
+# Recipes and scripts the tests start call `python`: the venv's, as in an activated shell.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 # Multi-process CPU tests on a 2-core machine: one BLAS thread per process.
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
