@@ -158,9 +158,12 @@ def _sharded_architecture(ckpt: str, manifest_architecture: str) -> str:
     from openchatkit.models.registry import ARCHITECTURES, architecture_names
 
     if manifest_architecture not in ARCHITECTURES:
+        what = repr(manifest_architecture)
+        if manifest_architecture == "?":  # no manifest, and config.json's model_type unknown
+            what = "(config.json's model_type)"
         raise UserError(
-            f"--ckpt-path {ckpt}: unsupported architecture {manifest_architecture!r}; the "
-            f"converter knows {', '.join(architecture_names())}"
+            f"--ckpt-path {ckpt}: unsupported architecture {what}; the converter knows "
+            f"{', '.join(architecture_names())}"
         )
     return manifest_architecture
 

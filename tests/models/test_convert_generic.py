@@ -233,3 +233,16 @@ def test_generic_to_hf_merges_a_lora_checkpoint_of_its_base_architecture(
                       "--save-path", tmp_path / "other")  # fmt: skip
     cli.assert_one_line_error(proc, "qwen2", "tools/convert_to_hf.py")
     assert not (tmp_path / "other").exists()
+
+
+def test_generic_to_hf_refuses_layers_without_manifest_of_an_unknown_type(
+    tmp_path, in_process, cli
+):
+    # Layer files described only by a config.json whose model_type the registry does not know.
+    folder = tmp_path / "layers"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 2}))
+    (folder / "layer_00000.safetensors").write_bytes(b"")
+    proc = in_process(TO_HF, "--ckpt-path", folder, "--save-path", tmp_path / "out")
+    cli.assert_one_line_error(proc, "--ckpt-path", "model_type", *architecture_names())
+    assert not (tmp_path / "out").exists()
