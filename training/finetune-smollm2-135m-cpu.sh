@@ -54,6 +54,7 @@ echo "== 4/5 evaluate before/after: perplexity on the held-out sample + arc_easy
 
 echo "== 5/5 export to GGUF (q8_0) and chat one turn through llama.cpp" >&2
 GGUF="${DEMO_GGUF:-$ROOT/gguf/$(basename "$OUT").q8_0.gguf}"
+mkdir -p "$(dirname "$GGUF")"
 "$PYTHON" "$ROOT/tools/export_gguf.py" --model "$OUT" --out "$GGUF" --outtype q8_0 --overwrite
 "$PYTHON" "$ROOT/inference/bot.py" --model "$GGUF" --backend llama.cpp --no-sample \
   --max-tokens 48 --prompt "What is the capital of France?"
