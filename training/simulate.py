@@ -32,30 +32,19 @@ from plan import parse_args as plan_args  # noqa: E402
 from openchatkit.cli import run_main  # noqa: E402
 from openchatkit.errors import UserError  # noqa: E402
 
-# Published activations of the built-in configs (memory.KNOWN_CONFIGS has the dims only): the
-# activation decides what a layer keeps (GPT-NeoX-20B's gelu_fast keeps about six MLP-width
-# tensors, plain gelu one).
-PUBLISHED_ACT = {
-    "EleutherAI_gpt-neox-20b": "gelu_fast",
-    "EleutherAI_gpt-j-6b": "gelu_new",
-    "togethercomputer_GPT-JT-6B-v1": "gelu_new",
-}
-
 
 def hf_config_for(model_name: str):
-    """The model's transformers config: its config.json, else the built-in published one."""
+    """The model's transformers config: its config.json, else the published one
+    (openchatkit/models/published.py; read_shape has refused unknown names already)."""
     from transformers import AutoConfig
 
-    from openchatkit.training.memory import KNOWN_CONFIGS
+    from openchatkit.models.published import published_config
 
     folder = Path(model_name)
     if (folder / "config.json").is_file():
         return AutoConfig.from_pretrained(folder)
-    known = dict(KNOWN_CONFIGS[folder.name])  # read_dims has refused unknown names already
-    known.setdefault("hidden_act", PUBLISHED_ACT.get(folder.name, "gelu"))
-    if known["model_type"] == "llama":
-        known["hidden_act"] = "silu"
-    return AutoConfig.for_model(**known)
+    known = dict(published_config(folder.name))
+    return AutoConfig.for_model(known.pop("model_type"), **known)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,19 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     if known.steps < 1:
         raise UserError(f"--steps must be >= 1, got {known.steps}")
     args = plan_args(rest)
-    from openchatkit.training.config import ModelShape, TrainConfig
+    from openchatkit.training.config import TrainConfig
     from openchatkit.training.memory import (
         GIB,
         RUNTIME_BYTES,
+        TrainSetup,
         plan_memory,
-        read_dims,
+        read_shape,
         refusal,
-        setup_from_config,
     )
     from openchatkit.training.simulate import format_reports, reports_json, simulate_config
 
-    dims, _ = read_dims(args.model_name)
-    shape = ModelShape(dims.model_type, dims.num_layers, dims.hidden, dims.vocab, dims.tied)
+    shape, _ = read_shape(args.model_name)
     args.device = "cuda"  # the simulation is of the CUDA run, whatever this machine has
     config = TrainConfig.from_flags(args, shape, cuda_available=lambda: True, check_files=False)
     if config.optimizer != "adam" or config.load_in_4bit:
@@ -95,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--lora-r {config.lora.r}: not simulated yet (peft moves its adapters with "
             "Module.to, which swaps fake parameters and torch refuses); use training/plan.py"
         )
-    setup = setup_from_config(config)
-    plans = plan_memory(dims, setup)
+    setup = TrainSetup.from_config(config)
+    plans = plan_memory(shape, setup)
     gpu = args.gpu_memory * GIB if args.gpu_memory is not None else None
     reports, seconds = simulate_config(
         config, hf_config_for(args.model_name), plans, RUNTIME_BYTES, known.steps
@@ -108,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_reports(reports, gpu))
         print(f"{config.pp * config.dp} ranks simulated in {seconds:.1f} s")
     if not fits:
-        advice = refusal(dims, setup, gpu)
+        advice = refusal(shape, setup, gpu)
         print(
             "will not fit: "
             + (advice or "the planner says it fits; the simulation's peak is the one to trust"),

@@ -2,9 +2,11 @@
 
 Pure arithmetic over the model's config and the trainer's flags (no torch import). Per stage:
 
-- state: parameters; weights (model dtype), gradients (model dtype while the pipeline runs, fp32
-  on the masters during the optimizer step), fp32 master copies (fp16/bf16 runs), optimizer
-  state (AdamW: 8 bytes per parameter; bitsandbytes 8-bit AdamW: 2, small tensors 8);
+- state: parameters; weights (model dtype), gradients (fp32 in every precision: the trainer's
+  flat buckets, openchatkit/training/grad_buckets.py, are fp32 in fp16/bf16 runs, where each
+  micro-batch's half-precision gradient is added into them, and the fp32 masters read them in
+  place), fp32 master copies (fp16/bf16 runs), optimizer state (AdamW: 8 bytes per parameter;
+  bitsandbytes 8-bit AdamW: 2, small tensors 8);
 - activations: the bytes one micro-batch keeps for its backward on this stage, times the number
   of micro-batches in flight (GPipe: all of them; 1F1B: min(pp - stage, micro-batches); pp = 1:
   one), plus the last stage's loss buffers per micro-batch in flight (the LM head runs inside
@@ -18,8 +20,9 @@ Pure arithmetic over the model's config and the trainer's flags (no torch import
 
 Under LoRA only the adapters have gradients, masters and optimizer state (the base may be NF4
 with --load-in-4bit); activations are counted as for full fine-tuning plus the adapters' own,
-an upper bound. The peak is the larger of two phases: pipeline (state with model-dtype grads + activations +
-buffers) and optimizer step (state with fp32 grads + one model-dtype bucket being converted).
+an upper bound. The peak is the larger of two phases: pipeline (state with the fp32 gradient
+buckets + activations + buffers) and optimizer step (state with the same buckets, which the
+masters read with no conversion).
 
 Activation bytes per token per layer were measured on CPU with `memory_probe.LiveBytes` (a
 dispatch-mode allocator count, equal to what saved-tensor hooks see) on tiny transformers layers
@@ -55,7 +58,6 @@ GIB = 1024**3
 # CUDA context, cuBLAS/cuDNN workspaces, NCCL channels and allocator fragmentation: not visible
 # to torch's allocator statistics but taken from the card (an allowance, not a measurement).
 RUNTIME_BYTES = 2 * GIB
-BUCKET_NUMEL = 25_000_000  # openchatkit.training.engine.BUCKET_NUMEL
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
 # bitsandbytes NF4 with double quantisation (QLoRA's): 4 bits per weight, an 8-bit absmax per
 # 64-weight block, and an fp32 absmax per 256 of those blocks: 0.5 + 1/64 + 4/(64*256) bytes.
@@ -106,7 +108,7 @@ class StageMemory:
     layers: range
     params: int
     weights: int
-    grads: int  # model-dtype gradients while the pipeline runs
+    grads: int  # the fp32 gradient buckets (grad_buckets.py), in every precision
     master: int
     optimizer: int
     act_per_microbatch: int  # layers (+ embedding output on the first stage)
@@ -223,7 +225,9 @@ def plan_memory(shape: ModelShape, setup: TrainSetup) -> list[StageMemory]:
                 weights -= linear * e - math.ceil(linear * NF4_BYTES_PER_WEIGHT)
             weights += trainable * e
             params += trainable
-        grads = trainable * e
+        # fp32 buckets in every precision: the model's own fp32 gradients, or the sums of the
+        # half-precision ones that the masters read (openchatkit/training/grad_buckets.py).
+        grads = trainable * 4
         master = trainable * 4 if e != 4 else 0
         if setup.optimizer in EIGHT_BIT:
             # Two uint8 states and two fp32 absmax per 256-element block; fp32 states below
@@ -243,11 +247,8 @@ def plan_memory(shape: ModelShape, setup: TrainSetup) -> list[StageMemory]:
         transient = math.ceil(per_token["transient"] * tokens)
         state = weights + master + optimizer
         pipeline = state + grads + act * n + logits + comm + transient
-        # fp32 gradients on the masters (in fp32 the model's own gradients, which live in the
-        # flat buckets the dp all-reduce sums in place); over fp32 masters the model-dtype
-        # gradients are converted bucket by bucket, each bucket freed once converted.
-        bucket = min(BUCKET_NUMEL, trainable) * e if e != 4 else 0
-        step = state + trainable * 4 + bucket + comm
+        # The optimizer step reads the same fp32 buckets (no conversion, no second copy).
+        step = state + grads + comm
         peak = max(pipeline, step) + RUNTIME_BYTES
         out.append(
             StageMemory(

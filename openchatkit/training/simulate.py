@@ -459,14 +459,3 @@ def reports_json(
         "fits": None if gpu_bytes is None else all(r.simulated_bytes <= gpu_bytes for r in reports),
         "seconds": seconds,
     }
-
-
-def cuda_config(shape: Any, **flags: Any) -> Any:
-    """A `TrainConfig` as the trainer builds it on a CUDA machine (device cuda, its defaults:
-    NCCL, checkpointing on), from flags by name, without touching files (tests, the script)."""
-    from openchatkit.cli.train import build_parser
-    from openchatkit.training.config import TrainConfig
-
-    parsed = build_parser().parse_args(["--model-name", "-", "--task-name", "-"])
-    vars(parsed).update({"device": "cuda", **flags})
-    return TrainConfig.from_flags(parsed, shape, lambda: True, check_files=False)

@@ -201,6 +201,27 @@ def test_in_flight_counts_follow_the_schedule():
     assert single[0].in_flight == 1 and single[0].comm == 0
 
 
+def bucket_bytes(master: MasterWeights) -> int:
+    """What the trainer's gradient buckets allocate for these parameters, as the engine builds
+    them (fp32 over fp32 masters, the model dtype otherwise): measured, then released."""
+    from openchatkit.training.engine import BUCKET_NUMEL
+    from openchatkit.training.grad_buckets import GradBuckets
+
+    buckets = GradBuckets(
+        master.model_params,
+        None,
+        BUCKET_NUMEL,
+        persistent=not master.uses_master,
+        accum_dtype=torch.float32 if master.uses_master else None,
+    )
+    with LiveBytes(exclude=master.model_params) as probe:
+        buckets.begin(expected=1)
+        allocated = probe.live
+    buckets.release()
+    buckets.remove_hooks()
+    return allocated
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ["gpt_neox", "llama", "qwen2", "mistral"])
 def test_state_bytes_match_the_trainer_classes(arch, precision):
@@ -213,10 +234,10 @@ def test_state_bytes_match_the_trainer_classes(arch, precision):
         stage = StageModel(config, layers, first, last, dtype=DTYPES[precision])
         master = MasterWeights([(n, p) for n, p in stage.named_parameters()])
         optimizer = build_optimizer(master.params, "adam", 1e-3, 0.0)
+        grads = bucket_bytes(master)
         x = torch.randint(0, 96, (1, 16)) if first else torch.randn(1, 16, 64).to(DTYPES[precision])
         out = stage(x)
         out.float().sum().backward()
-        grads = sum(p.grad.nbytes for p in stage.parameters())
         master.grads_to_master()
         optimizer.step()
         weights = sum(p.nbytes for p in stage.parameters())
@@ -254,8 +275,8 @@ def test_lora_state_and_activation_bytes(arch, precision):
     with LiveBytes(exclude=[x, labels, *stage.parameters(), *stage.buffers()]) as probe:
         loss = TokenMeanLoss()(stage(x), labels)
         held = probe.live
+    grads = bucket_bytes(master)
     loss.backward()
-    grads = sum(p.grad.nbytes for _, p in trainable)
     master.grads_to_master()
     optimizer.step()
     state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
@@ -391,11 +412,12 @@ def test_refusal_names_stage_shortfall_and_the_cheapest_fix():
     assert "GiB short" in message and "cheapest fix: --activation-checkpointing layers" in message
     with pytest.raises(UserError, match="out of GPU memory before starting: stage 0"):
         check_fits(dims, original, 80 * GIB, UserError)
-    # Checkpointing already on and one stage (no 1F1B): a smaller micro-batch is next.
+    # Checkpointing already on and one stage (no 1F1B): a smaller micro-batch is next (32 needs
+    # 82.8 GiB with the fp32 gradient buckets, 16 fits).
     three_b = ModelShape.from_dict(published_config("togethercomputer_RedPajama-INCITE-Base-3B-v1"))
     big = TrainSetup((range(32),), 64, 2048, 1, precision="bf16", activation_checkpointing="layers")
     message = refusal(three_b, big, 80 * GIB)
-    assert "cheapest fix: --micro-batch-size 32 " in message, message
+    assert "cheapest fix: --micro-batch-size 16 " in message, message
     assert refusal(three_b, big, 1000 * GIB) is None
 
 
@@ -572,12 +594,13 @@ def test_nf4_bytes_per_weight_are_bitsandbytes_double_quantised_layout():
 
 
 def test_gpt_neox_20b_without_checkpointing_does_not_fit_80_gb(cli):
-    """Its `gelu_fast` keeps six MLP-width tensors per layer: stage 0 needs about 97 GiB (the
-    planner fitted on plain GELU said 69.5 GiB, "fits")."""
+    """Its `gelu_fast` keeps six MLP-width tensors per layer: stage 0 needs about 97 GiB, 103
+    with its gradients summed in fp32 buckets (the planner fitted on plain GELU, with fp16
+    gradients, said 69.5 GiB, "fits")."""
     r = cli.run(
         "training/plan.py", "--recipe", "training/train-gpt-neox-chat-base-20b.sh",
         "--activation-checkpointing", "none", "--gpu-memory", 80,
     )  # fmt: skip
     cli.assert_one_line_error(r, "will not fit: stage 0", "cheapest fix")
     peak = float(r.stdout.strip().splitlines()[-1].split()[1])
-    assert 95 <= peak <= 99, r.stdout
+    assert 101 <= peak <= 105, r.stdout

@@ -12,13 +12,14 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from openchatkit.cli.train import build_parser
+from openchatkit.models.shape import ModelShape
 from openchatkit.training import loss as loss_module
-from openchatkit.training.config import read_model_shape
-from openchatkit.training.memory import RUNTIME_BYTES, ModelDims, plan_memory, setup_from_config
+from openchatkit.training.config import TrainConfig, read_model_shape
+from openchatkit.training.memory import RUNTIME_BYTES, TrainSetup, plan_memory
 from openchatkit.training.simulate import (
     PHASES,
     SimulatedDeviceError,
-    cuda_config,
     simulate_config,
     simulate_rank,
 )
@@ -27,9 +28,17 @@ REPO = Path(__file__).resolve().parents[2]
 FLAGS = dict(batch_size=4, micro_batch_size=1, seq_length=16, bf16=True, total_steps=4)
 
 
+def cuda_config(shape: ModelShape, **flags) -> TrainConfig:
+    """A `TrainConfig` as the trainer builds it on a CUDA machine (device cuda and its
+    defaults: NCCL, checkpointing on), from flags by name, without touching files."""
+    parsed = build_parser().parse_args(["--model-name", "-", "--task-name", "-"])
+    vars(parsed).update({"device": "cuda", **flags})
+    return TrainConfig.from_flags(parsed, shape, lambda: True, check_files=False)
+
+
 def _plans(folder: Path, config):
-    dims = ModelDims.from_config(AutoConfig.from_pretrained(folder).to_dict())
-    return plan_memory(dims, setup_from_config(config))
+    shape = ModelShape.from_dict(AutoConfig.from_pretrained(folder).to_dict())
+    return plan_memory(shape, TrainSetup.from_config(config))
 
 
 def test_pp2_dp2_ranks_run_the_engine_and_report_each_stage(tiny):
@@ -58,7 +67,7 @@ def test_pp2_dp2_ranks_run_the_engine_and_report_each_stage(tiny):
             <= 8 * trainable + 64 * len(list(stage.parameters()))
         )
         assert r.parts["activations"] > 0
-        assert r.simulated_bytes == RUNTIME_BYTES + sum(r.parts.values()) or r.phase
+        assert r.simulated_bytes == RUNTIME_BYTES + sum(r.parts.values())
 
 
 def test_simulated_peak_equals_what_a_cpu_run_allocates(tiny):
