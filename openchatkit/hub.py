@@ -138,6 +138,8 @@ def check_hub_sha256(path: Path, name: str, want: str | None, where: str) -> str
 
     digest = file_sha256(path)
     if want is not None and digest != want:
+        # In the HF cache `path` links to a blob: delete that too, or the next run reuses it.
+        Path(os.path.realpath(path)).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         raise UserError(
             f"{name}: sha256 {digest[:16]}... differs from the hub's {want[:16]}... for {where}; "
