@@ -5,11 +5,18 @@ offline deserves one line within seconds. So before a download or `from_pretrain
 that is not cached, `check_hub_repo` asks the hub once with a short timeout and turns every
 failure into a `UserError` that says what to do. `hub_error_message` words those failures, for
 models here and for datasets in `openchatkit.data.download`.
+
+Pinning (security review finding 17): a download resolves its revision (default `main`) to one
+commit, downloads that commit, checks each file against the hub's sha256 where the hub keeps one
+(LFS files), and records `{repo, commit, files: {name: sha256}}` in `SOURCE_FILE` in the
+destination; a later run keeps the recorded commit and refuses a file that no longer matches.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 from openchatkit.errors import UserError
 
@@ -94,3 +101,48 @@ def check_hub_repo(repo_id: str, repo_type: str = "model", what: str = "--model"
         HfApi().repo_info(repo_id, repo_type=repo_type, timeout=PROBE_TIMEOUT_S)
     except Exception as err:  # gated, missing, connection refused, DNS, timeout, HTTP 5xx
         raise UserError(f"{what}: {hub_error_message(err, repo_id, repo_type)}") from err
+
+
+# --- Pinned downloads: one commit per download folder, recorded with the files' sha256 ---
+
+SOURCE_FILE = "openchatkit-source.json"
+
+
+def read_source_record(folder: Path) -> dict[str, Any] | None:
+    """The download record (`SOURCE_FILE`) an earlier run left in `folder`, or None."""
+    from openchatkit.checkpoints import load_json
+
+    path = Path(folder) / SOURCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = load_json(path)
+    except ValueError:
+        raise UserError(f"{path}: unreadable; delete it and run again") from None
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        raise UserError(f"{path}: not a download record; delete it and run again")
+    return record
+
+
+def write_source_record(folder: Path, repo: str, commit: str, files: dict[str, str]) -> None:
+    """Record (atomically) that `folder` holds `files` (name -> sha256) of `repo` at `commit`."""
+    from openchatkit.fileio import write_json
+
+    write_json(Path(folder) / SOURCE_FILE, {"repo": repo, "commit": commit, "files": files})
+
+
+def check_hub_sha256(path: Path, name: str, want: str | None, where: str) -> str:
+    """sha256 of the downloaded `path` (repo file `name`); when the hub gave one (`want`, its LFS
+    sha256) and it differs, `path` is deleted and a one-line UserError raised."""
+    from openchatkit.checkpoints import file_sha256
+
+    digest = file_sha256(path)
+    if want is not None and digest != want:
+        # In the HF cache `path` links to a blob: delete that too, or the next run reuses it.
+        Path(os.path.realpath(path)).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise UserError(
+            f"{name}: sha256 {digest[:16]}... differs from the hub's {want[:16]}... for {where}; "
+            "the download was deleted, run again"
+        )
+    return digest

@@ -32,7 +32,12 @@ def download_parser(
     parser.add_argument(
         "--repo", default=repo_id, help="hub dataset id to download from (default: %(default)s)"
     )
-    parser.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    parser.add_argument(
+        "--revision",
+        default=None,
+        help="branch, tag or commit (default: the commit recorded in DEST by an earlier run, else "
+        "main's, which is then recorded)",
+    )
     parser.add_argument(
         "--keep-gz",
         action="store_true",

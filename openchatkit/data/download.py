@@ -7,6 +7,13 @@ Layout under `dest`: the final files (`unified_chip2.jsonl`, ...) and `.download
 file that exists is complete (it appeared by rename), so a rerun skips it without asking the hub.
 An offline or unreachable hub fails within `HUB_TIMEOUT_S` with one line, and a gated repo says
 that its terms must be accepted and a token set.
+
+Pinned: the revision (default `main`, or the commit an earlier run recorded; `--revision`
+overrides) is resolved to one commit, which every file is downloaded from. A file the hub keeps
+in LFS is checked against the hub's sha256 before it is placed (a mismatch is deleted and
+refused). `openchatkit-source.json` in `dest` records `{repo, commit, files: {name: sha256}}`
+of the final files; a rerun skips a recorded file only when its sha256 still matches, refuses a
+changed one, and re-downloads a file recorded for another commit.
 """
 
 from __future__ import annotations
@@ -25,11 +32,18 @@ from typing import TypeVar
 
 from loguru import logger
 
+from openchatkit.checkpoints import file_sha256
 from openchatkit.errors import UserError
 from openchatkit.fileio import OutputError, atomic_file
+from openchatkit.hub import (
+    SOURCE_FILE,
+    check_hub_sha256,
+    is_network_error,
+    read_source_record,
+    write_source_record,
+)
 from openchatkit.hub import hub_error_message as _hub_error_message
 from openchatkit.hub import hub_offline as hub_is_offline
-from openchatkit.hub import is_network_error
 
 # The hub's HTTP client waits forever by default; a metadata call gets this long.
 HUB_TIMEOUT_S = 30.0
@@ -83,6 +97,16 @@ def list_dataset_files(repo_id: str, revision: str | None = None) -> list[str]:
     from huggingface_hub import HfApi
 
     return sorted(HfApi().list_repo_files(repo_id, repo_type="dataset", revision=revision))
+
+
+def dataset_commit(repo_id: str, revision: str | None = None) -> tuple[str, dict[str, str]]:
+    """The commit `revision` (default main) names now, and the hub's sha256 of each of its LFS
+    files (path -> sha256; the hub keeps no sha256 for small non-LFS files) (network)."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().dataset_info(repo_id, revision=revision, files_metadata=True)
+    hashes = {s.rfilename: s.lfs.sha256 for s in info.siblings or [] if s.lfs is not None}
+    return info.sha, hashes
 
 
 def probe_hub(repo_id: str, timeout_s: float = 10.0) -> None:
@@ -190,11 +214,21 @@ def _download_dataset(
         raise UserError(
             f"cannot download dataset {repo_id}: HF_HUB_OFFLINE=1 is set; unset it to download"
         )
+    record = read_source_record(dest) if dest.is_dir() else None
+    if record is not None and record.get("repo") != repo_id:
+        raise UserError(
+            f"{dest} holds a download of {record.get('repo')}, not {repo_id}; use another --dest"
+        )
+    # One commit, resolved once: a later run never moves to a newer upstream silently.
+    wanted = revision or (record or {}).get("commit")
     try:
         # One plain request first: the hub client retries a refused connection for ~25 s.
         call_with_deadline(lambda: probe_hub(repo_id), timeout_s, "contacting the hub")
+        commit, hashes = call_with_deadline(
+            lambda: dataset_commit(repo_id, wanted), timeout_s, f"resolving dataset {repo_id}"
+        )
         names = call_with_deadline(
-            lambda: list_dataset_files(repo_id, revision),
+            lambda: list_dataset_files(repo_id, commit),
             timeout_s,
             f"listing dataset {repo_id}",
         )
@@ -206,6 +240,10 @@ def _download_dataset(
         raise UserError(
             f"cannot list dataset {repo_id}: {hub_error_message(err, repo_id)}"
         ) from None
+    # Files recorded for another commit are downloaded again (and their record replaced).
+    same = record is not None and record.get("commit") == commit
+    files: dict[str, str] = dict(record["files"]) if same else {}
+    where = f"{repo_id}@{commit[:12]}"
     # The glob matches the file name or its path in the repo (`unified_chip2*`, `data/*.gz`).
     chosen = [
         n for n in names if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(Path(n).name, pattern)
@@ -217,7 +255,12 @@ def _download_dataset(
     download_dir = dest / DOWNLOAD_SUBDIR
     for name in chosen:
         target = dest / final_name(name)
-        if target.is_file():
+        if target.is_file() and final_name(name) in files:
+            if file_sha256(target) != files[final_name(name)]:
+                raise UserError(
+                    f"{target} has changed since it was downloaded from {where} (sha256 differs "
+                    f"from {dest / SOURCE_FILE}); delete it and run again"
+                )
             logger.info(f"{target} is already complete; skipping")
             done.append(target)
             continue
@@ -228,7 +271,7 @@ def _download_dataset(
                     repo_id,
                     name,
                     repo_type="dataset",
-                    revision=revision,
+                    revision=commit,
                     local_dir=download_dir,
                 )
             )
@@ -236,6 +279,7 @@ def _download_dataset(
             if not _is_hub_failure(err):
                 raise
             raise UserError(f"cannot download {name}: {hub_error_message(err, repo_id)}") from None
+        digest = check_hub_sha256(local, name, hashes.get(name), where)
         target.parent.mkdir(parents=True, exist_ok=True)
         if name.endswith(".gz"):
             place_gz(local, target, name)
@@ -243,6 +287,8 @@ def _download_dataset(
                 local.unlink(missing_ok=True)
         else:
             os.replace(local, target)  # same filesystem: an atomic rename
+        files[final_name(name)] = file_sha256(target) if name.endswith(".gz") else digest
+        write_source_record(dest, repo_id, commit, files)  # after each file: a rerun resumes
         logger.info(f"wrote {target}")
         done.append(target)
     if not keep_compressed:

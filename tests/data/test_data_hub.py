@@ -5,6 +5,7 @@ errors offline (HF_HUB_OFFLINE=1) or with an unreachable endpoint."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import socket
 import time
 from pathlib import Path
@@ -25,22 +26,41 @@ REMOTE = {
 }
 
 
-class FakeHub:
-    """Stands in for the hub: lists REMOTE and 'downloads' into local_dir like hf_hub_download."""
+COMMIT = "c0ffee" + "0" * 34
 
-    def __init__(self, monkeypatch, files=None, fail=None):
+
+class FakeHub:
+    """Stands in for the hub: `main` names `commit`; lists REMOTE, gives the sha256 of its `.gz`
+    files (as the hub does for LFS files) and 'downloads' into local_dir like hf_hub_download."""
+
+    def __init__(self, monkeypatch, files=None, fail=None, commit=COMMIT, hashes=None):
         self.files = dict(REMOTE if files is None else files)
         self.fail = dict(fail or {})  # file name -> exception to raise once
-        self.calls: list[tuple[str, Path]] = []
-        monkeypatch.setattr(hub, "probe_hub", lambda repo_id, timeout_s=10.0: None)
-        monkeypatch.setattr(
-            hub, "list_dataset_files", lambda repo_id, revision=None: sorted(self.files)
+        self.calls: list[tuple[str, Path, str]] = []
+        self.commit = commit
+        self.resolved: list[str | None] = []  # the revisions asked to resolve
+        self.hashes = (
+            {n: hashlib.sha256(b).hexdigest() for n, b in self.files.items() if n.endswith(".gz")}
+            if hashes is None
+            else hashes
         )
+        monkeypatch.setattr(hub, "probe_hub", lambda repo_id, timeout_s=10.0: None)
+        monkeypatch.setattr(hub, "dataset_commit", self.dataset_commit)
+        monkeypatch.setattr(hub, "list_dataset_files", self.list_files)
         monkeypatch.setattr("huggingface_hub.hf_hub_download", self.download)
+
+    def dataset_commit(self, repo_id, revision=None):
+        self.resolved.append(revision)
+        return (revision if revision and len(revision) == 40 else self.commit), dict(self.hashes)
+
+    def list_files(self, repo_id, revision=None):
+        assert revision is not None and len(revision) == 40  # always a commit
+        return sorted(self.files)
 
     def download(self, repo_id, filename, repo_type=None, revision=None, local_dir=None):
         assert repo_type == "dataset"
-        self.calls.append((filename, Path(local_dir)))
+        assert revision is not None and len(revision) == 40  # always a commit, never `main`
+        self.calls.append((filename, Path(local_dir), revision))
         if filename in self.fail:
             raise self.fail.pop(filename)
         path = Path(local_dir) / filename
@@ -61,7 +81,11 @@ def test_download_decompress_and_skip(monkeypatch, tmp_path):
     assert paths == [dest / "unified_a.jsonl", dest / "unified_b.jsonl"]
     assert (dest / "unified_a.jsonl").read_bytes() == gzip.decompress(REMOTE["unified_a.jsonl.gz"])
     assert (dest / "unified_b.jsonl").read_bytes() == REMOTE["unified_b.jsonl"]
-    assert sorted(p.name for p in dest.iterdir()) == ["unified_a.jsonl", "unified_b.jsonl"]
+    assert sorted(p.name for p in dest.iterdir()) == [
+        hub.SOURCE_FILE,
+        "unified_a.jsonl",
+        "unified_b.jsonl",
+    ]
     assert [c[0] for c in fake.calls] == ["unified_a.jsonl.gz", "unified_b.jsonl"]
     # A rerun finds both complete and downloads nothing.
     assert hub.download_dataset("laion/OIG", dest, "unified_*") == paths
@@ -134,7 +158,7 @@ def test_missing_repo_and_unmatched_glob(monkeypatch, tmp_path):
     def not_found(repo_id, revision=None):
         raise _http_error(hf_errors.RepositoryNotFoundError, 404)
 
-    monkeypatch.setattr(hub, "list_dataset_files", not_found)
+    monkeypatch.setattr(hub, "dataset_commit", not_found)
     with pytest.raises(UserError, match="was not found on the hub"):
         hub.download_dataset("no/such", tmp_path, "*")
 

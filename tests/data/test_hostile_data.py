@@ -125,6 +125,7 @@ def test_a_full_disk_while_decompressing_keeps_the_download(small_disk, monkeypa
     assert len(payload) < 200_000
     monkeypatch.setattr(hub, "probe_hub", lambda repo_id, timeout_s=10.0: None)
     monkeypatch.setattr(hub, "list_dataset_files", lambda repo_id, revision=None: ["big.jsonl.gz"])
+    monkeypatch.setattr(hub, "dataset_commit", lambda repo_id, revision=None: ("0" * 40, {}))
 
     def download(repo_id, filename, repo_type=None, revision=None, local_dir=None):
         path = Path(local_dir) / filename
