@@ -303,6 +303,11 @@ def pretrained_parser(folder: str, doc: str | None = None) -> argparse.ArgumentP
         "--dtype", choices=DTYPE_CHOICES, default=spec.dtype, help=f"default {spec.dtype}"
     )
     p.add_argument("--overwrite", action="store_true", help="redo an already prepared folder")
+    p.add_argument(
+        "--revision",
+        help="hub branch, tag or commit to download (default: the commit recorded in the output "
+        "folder's openchatkit-source.json, else main's, resolved to a commit and recorded)",
+    )
     return p
 
 
@@ -317,6 +322,7 @@ def run_prepare_pretrained(args: argparse.Namespace, folder: str, script_dir: Pa
         model_name=args.model_name,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        revision=args.revision,
     )
     print(out)
     return 0
