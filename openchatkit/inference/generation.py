@@ -9,8 +9,9 @@ with less per-token overhead than `generate` (benchmarks/bench_bot.py measures b
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -89,9 +90,23 @@ def generate_token_ids(
     if hasattr(model, "generate_ids"):  # a backend: llama.cpp, or a torch model with its cache
         yield from model.generate_ids(input_ids, settings, eos_token_ids, generator)
         return
-    eos = set(eos_token_ids)
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-    past = out.past_key_values
+    yield from decode(model, out, settings, eos_token_ids, generator)
+
+
+def decode(
+    model: torch.nn.Module,
+    out,
+    settings: GenerationSettings,
+    eos_token_ids: Iterable[int],
+    generator: torch.Generator | None = None,
+    on_fed: Callable[[int, Any], None] | None = None,
+) -> Iterator[int]:
+    """The decode loop after the prompt's forward `out` (logits of its last position, its KV
+    cache): pick a token, stop at EOS (not yielded) or `settings.max_tokens`, feed it back with
+    the cache. `on_fed(token, out)` runs once a yielded token is in the cache."""
+    eos = set(eos_token_ids)
+    device = out.logits.device
     for step in range(settings.max_tokens):
         token = pick_next_token(out.logits[0, -1], settings, generator)
         if token in eos:
@@ -99,9 +114,15 @@ def generate_token_ids(
         yield token
         if step + 1 == settings.max_tokens:
             return
-        next_ids = torch.tensor([[token]], device=input_ids.device)
-        out = model(input_ids=next_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
+        next_ids = torch.tensor([[token]], device=device)
+        out = model(
+            input_ids=next_ids,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if on_fed is not None:
+            on_fed(token, out)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -132,6 +153,10 @@ class TorchChatModel:
     def reset(self) -> None:
         self.past, self.cached = None, []
 
+    def _fed(self, token: int, out) -> None:
+        self.past = out.past_key_values
+        self.cached.append(token)
+
     @torch.inference_mode()
     def generate_ids(
         self,
@@ -147,7 +172,6 @@ class TorchChatModel:
             past, keep = None, 0
         elif keep < past.get_seq_length():
             past.crop(keep)
-        eos = set(eos_token_ids)
         self.past, self.cached = None, []
         try:
             out = self.model(
@@ -158,19 +182,7 @@ class TorchChatModel:
             )
             self.past, self.cached = out.past_key_values, ids
             self.last_evaluated = len(ids) - keep
-            for step in range(settings.max_tokens):
-                token = pick_next_token(out.logits[0, -1], settings, generator)
-                if token in eos:
-                    return
-                yield token
-                if step + 1 == settings.max_tokens:
-                    return
-                next_ids = torch.tensor([[token]], device=input_ids.device)
-                out = self.model(
-                    input_ids=next_ids, past_key_values=self.past, use_cache=True, logits_to_keep=1
-                )
-                self.past = out.past_key_values
-                self.cached.append(token)
+            yield from decode(self.model, out, settings, eos_token_ids, generator, on_fed=self._fed)
         except GeneratorExit:  # the consumer stopped (stop string): the cache is consistent
             raise
         except BaseException:  # Ctrl-C may land between a step and its bookkeeping
