@@ -228,38 +228,26 @@ def main(argv: list[str] | None = None) -> int:
             load_in_8bit=args.load_in_8bit,
             adapter=args.adapter,
         )
-    retriever = None
-    if args.retrieval is not None:
-        from openchatkit.models.loading import quiet_transformers
-        from openchatkit.retrieval import RetrievalIndex
+    from openchatkit.cli.chat import load_moderation, load_retrieval
+    from openchatkit.models.embedded import is_embedded_name
 
-        try:
-            with quiet_transformers():  # the embedder's "Loading weights" bar is not chat
-                retriever = RetrievalIndex.load(args.retrieval)
-        except UserError as err:
-            raise UserError(f"--retrieval: {err}") from err
-    moderator = None
-    if args.moderation is not None:
-        from openchatkit.inference.moderator import load_moderator
-        from openchatkit.models.embedded import is_embedded_name
-
-        # The llama.cpp backend's model is no torch module: the moderator loads its own.
-        same = backend == "torch" and (
+    retriever = load_retrieval(args.retrieval)
+    # The llama.cpp backend's model is no torch module: the moderator loads its own.
+    same = args.moderation is not None and (
+        backend == "torch"
+        and (
             args.moderation == args.model
             or (is_embedded_name(args.moderation) and is_embedded_name(args.model))
         )
-        try:
-            moderator = load_moderator(
-                args.moderation,
-                device=args.device,
-                dtype=args.dtype,
-                gpu_id=args.gpu_id,
-                examples=args.moderation_examples,
-                loaded=loaded if same else None,
-            )
-        except UserError as err:  # name the flag the user gave, not the loader's --model
-            msg = str(err).removeprefix("--model").lstrip(": ")
-            raise UserError(f"--moderation: {msg}") from err
+    )
+    moderator = load_moderation(
+        args.moderation,
+        args.device,
+        args.dtype,
+        args.gpu_id,
+        args.moderation_examples,
+        loaded=loaded if same else None,
+    )
     from openchatkit.inference.session import ChatSession
 
     settings = decoding_settings(args, loaded.generation_defaults)

@@ -107,31 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     if loaded.context_window <= args.max_tokens_cap:
         args.max_tokens_cap = loaded.context_window - 1
         args.max_tokens = min(args.max_tokens, args.max_tokens_cap)
-    retriever = None
-    if args.retrieval is not None:
-        from openchatkit.models.loading import quiet_transformers
-        from openchatkit.retrieval import RetrievalIndex
+    from openchatkit.cli.chat import load_moderation, load_retrieval
 
-        try:
-            with quiet_transformers():
-                retriever = RetrievalIndex.load(args.retrieval)
-        except UserError as err:
-            raise UserError(f"--retrieval: {err}") from err
-    moderator = None
-    if args.moderation is not None:
-        from openchatkit.moderation import load_moderator
-
-        try:
-            moderator = load_moderator(
-                args.moderation,
-                device=args.device,
-                dtype=args.dtype,
-                gpu_id=args.gpu_id,
-                examples=args.moderation_examples,
-            )
-        except UserError as err:
-            msg = str(err).removeprefix("--model").lstrip(": ")
-            raise UserError(f"--moderation: {msg}") from err
+    retriever = load_retrieval(args.retrieval)
+    # Always its own copy: the batching manager changes the chat model's attention while it runs.
+    moderator = load_moderation(
+        args.moderation, args.device, args.dtype, args.gpu_id, args.moderation_examples
+    )
 
     from openchatkit.inference.server import ChatService, ServerConfig, default_settings
     from openchatkit.inference.server_app import run_server

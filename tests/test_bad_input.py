@@ -517,6 +517,8 @@ CASES: list[Case] = [
     # -- inference/serve.py, tools/export_gguf.py, training/simulate.py ------------------------
     C("inference/serve.py", "--port", "99999", needles="--port"),
     C("inference/serve.py", "--model", "{w}/nope", needles="--model"),
+    C("inference/serve.py", "--model", "{hf}", "--moderation", "{w}/nope", needles="--moderation"),
+    C("inference/serve.py", "--model", "{hf}", "--retrieval", "{w}/nope", needles="--retrieval"),
     C(
         "tools/export_gguf.py",
         "--model",
