@@ -138,3 +138,16 @@ def _reset_loguru() -> None:
 
     logger.remove()
     logger.add(lambda message: sys.stderr.write(message))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs for disk-full cases (needs root and mount rights, as in the project's container)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()}): disk-full case")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -26,19 +26,6 @@ from openchatkit.fileio import OutputError, atomic_dir, atomic_file, check_outpu
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (needs root and mount rights, as in the project's container)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)  # fmt: skip
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()}): disk-full case")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def _fill(folder: Path) -> None:
     """Fill the file system of `folder` to the last byte."""
     with open(folder / "filler", "wb", buffering=0) as f:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -105,19 +104,6 @@ def test_plot_metrics_refuses_a_nested_line_in_one_line(tmp_path):
 
 
 # -- a full disk while decompressing (finding 8) ------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (needs root and mount rights, as in the project's container)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)  # fmt: skip
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()}): disk-full case")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_full_disk_while_decompressing_keeps_the_download(small_disk, monkeypatch):
