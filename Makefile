@@ -16,7 +16,7 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 # pip on some machines warns once per package about missing local index folders: noise.
 QUIET := { grep -v "^WARNING: Location" || true; }
 
-.PHONY: install chat serve eval test test-slow test-all lint format demo demo-lora demo-moderation bench clean gpu-wheels test-compat
+.PHONY: install chat serve eval test test-slow test-all lint format demo demo-lora demo-moderation demo-moderation-lm bench clean gpu-wheels test-compat
 
 # llama.cpp (the bot's fast CPU backend, GGUF export tests) through llama-cpp-python, built from
 # its sdist for any x86-64 CPU with AVX2: GGML_NATIVE=OFF, because -march=native (the default)
@@ -81,7 +81,12 @@ demo-lora: install
 	bash training/finetune-smollm2-135m-lora-cpu.sh
 
 # Fine-tunes the embedded model into a moderation classifier, then prints held-out accuracy.
+# The encoder moderation model (MiniLM + classification head, ~2 min of CPU); the causal-LM
+# recipe (SmolLM2-135M fine-tuned in the GPT-JT-Moderation format) is demo-moderation-lm.
 demo-moderation: install
+	bash training/train-moderation-classifier-cpu.sh
+
+demo-moderation-lm: install
 	bash training/finetune-moderation-smollm2-cpu.sh
 
 # The wheels benchmarks/gpu_check.sh needs on the lent GPU machine (Python 3.12, torch 2.11+cu130,

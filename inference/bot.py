@@ -91,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--moderation-threshold",
         type=float,
         metavar="P",
-        help="refuse when p(needs intervention) >= P (default: the tuned INTERVENTION_THRESHOLD)",
+        help="refuse when p(needs intervention) >= P (default: the moderation model's own, tuned "
+        "on its held-out split; a causal LM's: INTERVENTION_THRESHOLD)",
     )
     p.add_argument(
         "--moderation-examples", metavar="FILE.jsonl", help="few-shot examples (text, label)"

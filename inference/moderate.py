@@ -13,8 +13,10 @@ generated, so the answer is deterministic.
     python inference/moderate.py --model huggingface_models/SmolLM2-135M-moderation-demo --eval ...
 One GPU, the original's 6B model:
     python inference/moderate.py --model togethercomputer/GPT-JT-Moderation-6B --gpu-id 0 "text"
-MODEL: an HF folder, a hub id, the embedded model (default), or a trainer checkpoint folder
-(converted on the fly).
+The encoder kind (a sentence encoder with a classification head, `make demo-moderation`):
+    python inference/moderate.py --model huggingface_models/MiniLM-moderation-demo --eval ...
+MODEL: a folder written by training/train_moderation_classifier.py, an HF folder, a hub id, the
+embedded model (default), or a trainer checkpoint folder (converted on the fly).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         metavar="P",
         help="with --eval: the bot policy's p(needs intervention) threshold to report "
-        "(default: the bot's, openchatkit.moderation.INTERVENTION_THRESHOLD)",
+        "(default: the model's own, as the bot uses it: an encoder model's tuned threshold, a "
+        "causal LM's openchatkit.moderation.INTERVENTION_THRESHOLD)",
     )
     p.add_argument(
         "--sweep",
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from openchatkit import moderation as mod
+    from openchatkit.errors import UserError
     from openchatkit.evaluation.moderation_metrics import (
         evaluate,
         format_policy,
@@ -97,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     records = mod.read_labelled(args.eval) if args.eval else None
     texts = mod.read_texts(args.input) if args.input else None
     if args.examples:
+        from openchatkit.inference.encoder_moderator import is_encoder_moderator
+
+        if is_encoder_moderator(args.model):
+            raise UserError(
+                f"--examples: {args.model} is an encoder moderation model (a classification "
+                "head, no few-shot prompt)"
+            )
         mod.read_examples(args.examples)
     moderator = load_moderator(
         args.model,
@@ -111,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate([lab for _, lab in records], [r.label for r in results])
         report["model"] = moderator.name
         truth, probs = [lab for _, lab in records], [r.probabilities for r in results]
-        report["policy"] = policy_figures(truth, probs, args.threshold)
+        threshold = moderator.threshold if args.threshold is None else args.threshold
+        report["policy"] = policy_figures(truth, probs, threshold)
         if args.sweep:
             steps = [round(0.05 * k, 2) for k in range(1, 20)]
             report["sweep"] = [policy_figures(truth, probs, t) for t in steps]

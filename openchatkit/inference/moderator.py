@@ -22,6 +22,7 @@ from openchatkit.errors import UserError
 from openchatkit.moderation import (
     DEFAULT_EXAMPLES,
     HEADER,
+    INTERVENTION_THRESHOLD,
     LABELS,
     format_example,
     read_examples,
@@ -57,6 +58,9 @@ class Moderator:
         self.device = torch.device(device or next(model.parameters()).device)
         self.batch_size = max(1, int(batch_size))
         self.name = name
+        # The bot's refusal rule for this kind: refuse when p(needs intervention) >= threshold
+        # (an encoder moderation model carries its own, tuned when it was trained).
+        self.threshold = INTERVENTION_THRESHOLD
         config = getattr(model, "config", None)
         self.context_window = int(
             context_window
@@ -254,10 +258,30 @@ def load_moderator(
     examples: str | Path | None = None,
     batch_size: int = 8,
     loaded=None,
-) -> Moderator:
-    """A Moderator on MODEL: an HF folder, hub id, the embedded model, or a trainer checkpoint /
-    layer-sharded folder (converted in memory, `openchatkit.models.any_model`). `loaded` reuses
-    an already loaded `LoadedModel` (the bot's chat model as its own moderator)."""
+):
+    """A moderator on MODEL, of either kind, with the same API (`classify_many`, `classify`,
+    `name`, `threshold`):
+
+    - a folder written by `training/train_moderation_classifier.py` (it holds
+      `moderation_classifier.json`): an `EncoderModerator`, a sentence encoder with a
+      classification head (`openchatkit.inference.encoder_moderator`);
+    - otherwise a causal LM `Moderator`: an HF folder, hub id, the embedded model, or a trainer
+      checkpoint / layer-sharded folder (converted in memory, `openchatkit.models.any_model`).
+      `loaded` reuses an already loaded `LoadedModel` (the bot's chat model as its own
+      moderator).
+    """
+    from openchatkit.inference.encoder_moderator import (
+        is_encoder_moderator,
+        load_encoder_moderator,
+    )
+
+    if is_encoder_moderator(name):
+        if examples is not None:
+            raise UserError(
+                f"{name} is an encoder moderation model (a classification head, no few-shot "
+                "prompt): few-shot examples apply to causal LM moderators only"
+            )
+        return load_encoder_moderator(name, device=device, gpu_id=gpu_id, batch_size=batch_size)
     from openchatkit.models.any_model import load_any_model
 
     shots = read_examples(examples) if examples is not None else None

@@ -161,7 +161,7 @@ class ChatSession:
         self.retrieval_on = retriever is not None
         self.last_hits: list = []
         # An openchatkit.inference.moderator.Moderator, or None. A turn is refused when p(needs
-        # intervention) >= moderation_threshold (None: openchatkit.moderation.INTERVENTION_THRESHOLD).
+        # intervention) >= moderation_threshold (None: the moderator's own threshold).
         self.moderator = moderator
         self.moderation_on = moderator is not None
         self.moderation_threshold = moderation_threshold
@@ -341,14 +341,18 @@ class ChatSession:
     def moderate(self, who: str, text: str) -> tuple[str, bool] | None:
         """Classify `text` (who: "user" or "bot"): (label, refuse), or None when moderation is
         off. Refuse as `openchatkit.moderation.refuses` decides: when p(needs intervention) >=
-        moderation_threshold (None: INTERVENTION_THRESHOLD), whatever the top label."""
+        moderation_threshold (None: the moderator's own `threshold`, INTERVENTION_THRESHOLD for
+        a causal LM moderator), whatever the top label."""
         if self.moderator is None or not self.moderation_on:
             return None
         if who == "user":
             self.moderation_notes = []
         label, probs = self.moderator.classify(text)
         self.moderation_notes.append(f"{who} {label} {probs[label]:.2f}")
-        return label, refuses(probs, self.moderation_threshold)
+        threshold = self.moderation_threshold
+        if threshold is None:  # an encoder moderation model carries the one tuned with it
+            threshold = getattr(self.moderator, "threshold", None)
+        return label, refuses(probs, threshold)
 
     def review_answer(self, answer: str) -> str:
         verdict = self.moderate("bot", answer) if answer else None
