@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from openchatkit.errors import UserError
@@ -66,6 +67,16 @@ DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
     ("People like you are worthless and nobody should listen to you.", "needs caution"),
     ("I want to make my neighbour suffer for what he did to me.", "needs intervention"),
 )
+
+
+@dataclass
+class Classification:
+    """One result of a moderator (either kind): the most likely label, its probability, and all
+    five probabilities."""
+
+    label: str
+    probability: float
+    probabilities: dict[str, float]
 
 
 def refuses(probabilities: dict[str, float], threshold: float | None = None) -> bool:

@@ -99,6 +99,7 @@ BENCH = "benchmarks/bench_model_load.py"
 LAUNCH = "training/launch.py"
 PLAN = "training/plan.py"
 MODERATE = "inference/moderate.py"
+MOD_TRAIN = "training/train_moderation_classifier.py"
 EVAL = "evaluation/eval.py"
 COMPARE = "evaluation/compare.py"
 
@@ -495,6 +496,37 @@ CASES: list[Case] = [
     C(MODERATE, "hi", "--model", "{w}/f", files={"f": "x"}, needles="is a file"),
     C(MODERATE, "--input", "{w}/nope.jsonl", "--model", "{hf}", needles=("--input", "no such")),
     C(MODERATE, "hi", "--batch-size", "0", needles="--batch-size"),
+    C(
+        MODERATE,
+        "hi",
+        "--model",
+        "{w}/m",
+        "--examples",
+        "{w}/m/moderation_classifier.json",
+        files={"m/moderation_classifier.json": "{}"},
+        needles=("--examples", "encoder"),
+    ),
+    C(
+        MODERATE,
+        "hi",
+        "--model",
+        "{w}/m",
+        files={"m/moderation_classifier.json": "{not json"},
+        needles=("moderation_classifier.json", "cannot read"),
+    ),
+    # -- training/train_moderation_classifier.py (the encoder moderation kind) ------------------
+    C(MOD_TRAIN, needles="--output"),
+    C(
+        MOD_TRAIN,
+        "--output",
+        "{w}/out",
+        "--train",
+        "{w}/nope.jsonl",
+        needles=("--train", "no such"),
+    ),
+    C(MOD_TRAIN, "--output", "{w}/out", "--valid", "{notjson}", needles=("--valid", "bad line")),
+    C(MOD_TRAIN, "--output", "{w}/out", "--c", "0", needles="--c"),
+    C(MOD_TRAIN, "--output", "{w}/f", files={"f": "x"}, needles=("output", "not a folder")),
     # -- inference/bot.py ------------------------------------------------------------------------
     C(BOT, "--max-tokens", "0", needles="--max-tokens"),
     C(BOT, "--temperature", "-1", needles="--temperature"),

@@ -31,8 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from openchatkit.errors import UserError
-from openchatkit.inference.moderator import Classification
-from openchatkit.moderation import LABELS
+from openchatkit.moderation import LABELS, Classification
 
 KIND = "encoder-classifier"
 CONFIG_FILE = "moderation_classifier.json"

@@ -15,27 +15,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from openchatkit.errors import UserError
-from openchatkit.moderation import (
+from openchatkit.moderation import (  # Classification: the result type of both kinds
     DEFAULT_EXAMPLES,
     HEADER,
     INTERVENTION_THRESHOLD,
     LABELS,
+    Classification,
     format_example,
     read_examples,
 )
-
-
-@dataclass
-class Classification:
-    """One result: the most likely label, its probability, and all five probabilities."""
-
-    label: str
-    probability: float
-    probabilities: dict[str, float]
 
 
 class Moderator:
