@@ -307,3 +307,16 @@ def test_bot_moderation_dir(trained_folder, tiny_chat_folder, cli):
     assert "moderation: user needs intervention" in proc.stderr, proc.stderr
     assert "chat model not called" in proc.stderr
     assert "moderation: user casual" in proc.stderr
+
+
+def test_chat_entry_points_load_the_folder(tmp_path, tiny_encoder):
+    """bot.py and serve.py load --moderation through openchatkit/cli/chat.py."""
+    from openchatkit.cli.chat import load_moderation
+
+    encoder, tokenizer = tiny_encoder
+    mod = EncoderModerator(encoder, tokenizer, *random_head(16), threshold=0.3, device="cpu")
+    folder = save_encoder_moderator(tmp_path / "m", mod, ".")
+    loaded = load_moderation(str(folder), "cpu", "auto", 0, None)
+    assert isinstance(loaded, EncoderModerator) and loaded.threshold == 0.3
+    with pytest.raises(UserError, match=r"^--moderation: .*few-shot examples"):
+        load_moderation(str(folder), "cpu", "auto", 0, str(tmp_path / "shots.jsonl"))
