@@ -4,7 +4,9 @@
 # `inference/moderate.py --eval` the fine-tuned model's accuracy and the bot policy's figures
 # (recall of `needs intervention`, casual messages refused) on the held-out intent families
 # (valid.jsonl, with a threshold sweep) and on the hand-written check set (check.jsonl), and the
-# base model's on the check set. No GPU, no network; goal under 10 minutes on 2 cores (`make demo-moderation-lm`; `make demo-moderation` is the encoder recipe, train-moderation-classifier-cpu.sh).
+# base model's on the check set. No GPU, no network; goal under 10 minutes on 2 cores
+# (`make demo-moderation-lm`; `make demo-moderation` is the encoder recipe,
+# train-moderation-classifier-cpu.sh).
 #
 #   bash training/finetune-moderation-smollm2-cpu.sh
 #   python inference/moderate.py --model huggingface_models/SmolLM2-135M-moderation-demo "I hate Mondays"
