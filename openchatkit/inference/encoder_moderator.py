@@ -88,8 +88,10 @@ class EncoderModerator:
         labels = tuple(labels)
         if sorted(labels) != sorted(LABELS):
             raise UserError(f"moderation labels {list(labels)} are not the five: {list(LABELS)}")
-        if tuple(weight.shape) != (len(labels), weight.shape[1]) or tuple(bias.shape) != (
-            len(labels),
+        if (
+            weight.dim() != 2
+            or weight.shape[0] != len(labels)
+            or tuple(bias.shape) != (len(labels),)
         ):
             raise UserError(
                 f"moderation head of shape {tuple(weight.shape)} + {tuple(bias.shape)} does not "
@@ -109,7 +111,7 @@ class EncoderModerator:
 
     def embed(self, texts: Sequence[str]):
         """(len(texts), dim) float32 tensor: mean-pooled, L2-normalised encoder states. Runs
-        under the caller's grad mode (training fine-tunes through it)."""
+        under the caller's grad mode (the training script calls it under inference_mode)."""
         import torch
 
         # Batches of similar lengths (longest first) waste little on padding; rows go back to

@@ -214,6 +214,19 @@ def test_bad_folders_are_one_line_errors(tmp_path, tiny_encoder):
     (folder / HEAD_FILE).write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="cannot read"):
         load_encoder_moderator(folder)
+    from safetensors.torch import save_file
+
+    for name, head, needle in (
+        ("flat", {"weight": torch.zeros(80), "bias": torch.zeros(5)}, "does not match"),
+        ("wide", {"weight": torch.zeros(5, 17), "bias": torch.zeros(5)}, "head width 17"),
+        ("extra", {"weight": torch.zeros(5, 16), "bias": torch.zeros(5), "x": torch.zeros(1)},
+         "exactly"),
+    ):  # fmt: skip
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        save_file(head, str(folder / HEAD_FILE))
+        with pytest.raises(UserError, match=needle):
+            load_encoder_moderator(folder)
     with pytest.raises(UserError, match="few-shot examples apply to causal LM"):
         load_moderator(str(good), examples=str(tmp_path / "shots.jsonl"))
 
