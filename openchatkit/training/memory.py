@@ -170,6 +170,11 @@ def stage_tokens_bytes(shape: ModelShape, setup: TrainSetup, stage: int) -> dict
             loss = working
     # A layer's backward: its recomputed activations (checkpointing) plus its working set.
     backward = (full_layer if recomputed else 0.0) + backward_working_bytes(shape, e)
+    if last and not head_recomputed(setup):
+        # The layers' backward comes after the loss's, which has released this micro-batch's
+        # loss buffers (counted in `logits`): only the excess is a transient (the 32K recipe's
+        # last stage: 3.9 GiB of fp32 softmax gone before a 7.3 GiB layer backward).
+        backward = max(0.0, backward - logits)
     return {"kept": kept, "logits": logits, "backward": backward, "loss": loss}
 
 

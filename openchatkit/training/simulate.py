@@ -230,6 +230,41 @@ def cuda_moves(sim: DeviceSim) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def adapter_moves() -> Iterator[None]:
+    """peft moves each new adapter to its base layer's device and dtype with `Module.to`, which
+    for fake parameters swaps them in place (`torch.utils.swap_tensors`) and fails on the fake
+    mode's weak references: while adapters are injected, `Module.to` converts each parameter and
+    buffer and registers the result anew instead (the tensors a swap would give, through
+    `cuda_moves`' `.to`; a tensor already there in its dtype is kept)."""
+    original = torch.nn.Module.to
+
+    def convert(t: torch.Tensor, device: Any, dtype: Any) -> torch.Tensor:
+        cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if device is not None and t.device != torch.device(device):
+            t = t.to(device)
+        return t if t.dtype == cast else t.to(cast)
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        for module in self.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    new = convert(p.detach(), device, dtype)
+                    if new is not p.detach() and new is not p:
+                        module._parameters[name] = torch.nn.Parameter(new, p.requires_grad)
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = convert(b, device, dtype)
+        return self
+
+    torch.nn.Module.to = to
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original
+
+
+@contextlib.contextmanager
 def phases(sim: DeviceSim) -> Iterator[None]:
     """Label what runs inside `torch.autograd.backward` as the backward (recomputed layers
     included); the engine's step phases are set by `simulate_rank`."""
@@ -345,7 +380,8 @@ def simulate_rank(config: Any, hf_config: Any, rank: int, steps: int = 2) -> Ran
                 if config.lora is not None:
                     from openchatkit.models.lora import apply_lora
 
-                    apply_lora(stage, config.lora, seed=config.seed)
+                    with adapter_moves():
+                        apply_lora(stage, config.lora, seed=config.seed)
                 stage.set_activation_checkpointing(config.activation_checkpointing)
             with sim.context("setup", "masters"):
                 engine = TrainEngine(stage, layout, config, device=device)
