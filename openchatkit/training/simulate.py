@@ -28,14 +28,22 @@ fp32 transient of building a stage (built in fp32, then cast) is left out: it is
 training, and a run that loads weights never makes it. `.item()` on a fake tensor answers 1:
 token counts, the grad norm and the loss are not values here, so every step is applied.
 
-8-bit Adam and NF4 (QLoRA) call bitsandbytes' kernels, which fake tensors cannot run: those
-recipes are not simulated (`simulate_recipe` raises `ValueError` naming the flag); the
-planner counts them from their documented layout.
+LoRA runs as is (peft's adapters on the fake stage; `adapter_moves` registers the adapters it
+moves to the device anew, where `Module.to` would swap fake parameters and fail). 8-bit Adam and
+NF4 (QLoRA) call bitsandbytes' kernels, which fake tensors cannot run: they are counted, not
+simulated. The rank runs an unquantized base in the run's dtype and torch's AdamW, and the bytes
+at its peak then get NF4 with double quantisation for the layers' linear weights (0.5 + 1/64 +
+4/16384 bytes per weight) and bitsandbytes' blockwise 8-bit state for AdamW's (2 bytes per
+parameter + two fp32 absmax per 256-element block; 32-bit state under 4096 elements)
+(`layout_counted` names what was counted; the script prints it). Not seen that way:
+bitsandbytes' dequantized copy of one weight during a 4-bit matmul (one linear's weight in the
+compute dtype, freed after it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import traceback
@@ -48,6 +56,9 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from openchatkit.training.memory import NF4_BYTES_PER_WEIGHT
+from openchatkit.training.optim import EIGHT_BIT
 
 GIB = 1024**3
 PHASES = ("forward", "backward", "step", "save")
@@ -230,6 +241,41 @@ def cuda_moves(sim: DeviceSim) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def adapter_moves() -> Iterator[None]:
+    """peft moves each new adapter to its base layer's device and dtype with `Module.to`, which
+    for fake parameters swaps them in place (`torch.utils.swap_tensors`) and fails on the fake
+    mode's weak references: while adapters are injected, `Module.to` converts each parameter and
+    buffer and registers the result anew instead (the tensors a swap would give, through
+    `cuda_moves`' `.to`; a tensor already there in its dtype is kept)."""
+    original = torch.nn.Module.to
+
+    def convert(t: torch.Tensor, device: Any, dtype: Any) -> torch.Tensor:
+        cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if device is not None and t.device != torch.device(device):
+            t = t.to(device)
+        return t if t.dtype == cast else t.to(cast)
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        for module in self.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    new = convert(p.detach(), device, dtype)
+                    if new is not p.detach() and new is not p:
+                        module._parameters[name] = torch.nn.Parameter(new, p.requires_grad)
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = convert(b, device, dtype)
+        return self
+
+    torch.nn.Module.to = to
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original
+
+
+@contextlib.contextmanager
 def phases(sim: DeviceSim) -> Iterator[None]:
     """Label what runs inside `torch.autograd.backward` as the backward (recomputed layers
     included); the engine's step phases are set by `simulate_rank`."""
@@ -313,9 +359,12 @@ def simulate_rank(config: Any, hf_config: Any, rank: int, steps: int = 2) -> Ran
     from openchatkit.models.stage import StageModel
     from openchatkit.training.engine import TrainEngine
 
-    if config.optimizer != "adam" or config.load_in_4bit:
-        flag = "--load-in-4bit" if config.load_in_4bit else f"--optimizer {config.optimizer}"
-        raise ValueError(f"{flag}: bitsandbytes kernels cannot run on fake tensors (see docs)")
+    counted = layout_counted(config)
+    if counted:
+        # bitsandbytes' kernels cannot run on fake tensors: run an unquantized base and torch's
+        # AdamW, then count NF4 and the 8-bit state from their layout (`_count_layout`).
+        config = dataclasses.replace(config, load_in_4bit=False, optimizer="adam")
+        four_bit, eight_bit = "NF4" in " ".join(counted), any("8-bit" in c for c in counted)
     layout = ParallelLayout(config.pp, config.dp, rank)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.precision]
     device = torch.device("cuda", 0)
@@ -342,10 +391,17 @@ def simulate_rank(config: Any, hf_config: Any, rank: int, steps: int = 2) -> Ran
                     dtype=dtype,
                     device=device,
                 )
+                # The layers' linear weights, before any adapter (NF4 under QLoRA).
+                linear_numel = sum(
+                    m.weight.numel()
+                    for m in stage.layers.modules()
+                    if isinstance(m, torch.nn.Linear)
+                )
                 if config.lora is not None:
                     from openchatkit.models.lora import apply_lora
 
-                    apply_lora(stage, config.lora, seed=config.seed)
+                    with adapter_moves():
+                        apply_lora(stage, config.lora, seed=config.seed)
                 stage.set_activation_checkpointing(config.activation_checkpointing)
             with sim.context("setup", "masters"):
                 engine = TrainEngine(stage, layout, config, device=device)
@@ -359,10 +415,55 @@ def simulate_rank(config: Any, hf_config: Any, rank: int, steps: int = 2) -> Ran
                 state, masters = engine.state_dict()
                 weights = {k: v.to("cpu", copy=True) for k, v in stage.state_dict().items()}
                 del state, masters, weights
-        return RankResult(rank, layout.pp_rank, sim.peak, sim.peak_phase, sim.peak_parts)
+            parts = dict(sim.peak_parts)
+            if counted:
+                trainable = [p.numel() for p in stage.parameters() if p.requires_grad]
+                adam_bytes = sim.by_category["optimizer"]  # all of AdamW's state, allocated
+                _count_layout(
+                    parts, four_bit, eight_bit, linear_numel, dtype, trainable, adam_bytes
+                )
+        return RankResult(rank, layout.pp_rank, sum(parts.values()), sim.peak_phase, parts)
     finally:
         if layout.is_distributed:
             dist.destroy_process_group()
+
+
+def layout_counted(config: Any) -> list[str]:
+    """What a run of `config` counts from a documented layout instead of simulating (empty:
+    everything is simulated)."""
+    out = []
+    if config.load_in_4bit:
+        out.append(f"NF4 base weights ({NF4_BYTES_PER_WEIGHT:.4f} bytes per weight)")
+    if config.optimizer in EIGHT_BIT:
+        out.append("8-bit Adam state (2 bytes per parameter + 8 per 256-element block)")
+    return out
+
+
+def _count_layout(
+    parts: dict[str, int],
+    four_bit: bool,
+    eight_bit: bool,
+    linear_numel: int,
+    dtype: torch.dtype,
+    trainable: list[int],
+    adam_bytes: int,
+) -> None:
+    """Replace, in the bytes at the peak, the unquantized layer linears by NF4 with double
+    quantisation (bitsandbytes' `Params4bit` default, as `quantize_linear_4bit` makes them) and
+    AdamW's state by bitsandbytes' blockwise 8-bit state (two uint8 moments and two fp32
+    absmax per 256-element block; fp32 moments for tensors under 4096 elements)."""
+    from openchatkit.training.memory import BNB_MIN_8BIT_SIZE
+
+    if four_bit:
+        element = torch.empty((), dtype=dtype).element_size()
+        nf4 = math.ceil(linear_numel * NF4_BYTES_PER_WEIGHT)
+        parts["weights"] = parts.get("weights", 0) - linear_numel * element + nf4
+    if eight_bit and parts.get("optimizer", 0) and adam_bytes:
+        state = sum(
+            8 * n if n < BNB_MIN_8BIT_SIZE else 2 * n + 8 * math.ceil(n / 256) for n in trainable
+        )
+        # The share of AdamW's state alive at the peak, in 8-bit.
+        parts["optimizer"] = math.ceil(parts["optimizer"] * state / adam_bytes)
 
 
 def _instrument(engine: Any, sim: DeviceSim) -> None:
