@@ -141,3 +141,14 @@ def test_a_damaged_checkpoint_or_unknown_architecture_is_one_line(
     (bert / "manifest.json").write_text(json.dumps({**manifest, "architecture": "bert"}))
     proc = in_process(BOT, "--model", bert, *GREEDY, log_level="WARNING")
     cli.assert_one_line_error(proc, "bert")
+
+
+def test_serve_loads_through_the_same_loader(models, tmp_path, in_process, cli):
+    # serve.py's --model goes through the same loader: a damaged checkpoint is the same one line
+    # (naming --model), before any server starts.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(models["ckpt"] / "checkpoint_2", damaged)
+    with open(damaged / "layer_00000.safetensors", "r+b") as f:
+        f.truncate(64)
+    proc = in_process("inference/serve.py", "--model", damaged, "--device", "cpu")
+    cli.assert_one_line_error(proc, "--model", "incomplete trainer checkpoint")
