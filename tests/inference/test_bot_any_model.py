@@ -28,15 +28,19 @@ def trainer_meta(folder, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("any_model"))
+
+
+def build_models(root) -> dict:
     """{"hf": a tiny random llama HF folder (word tokenizer), "sharded": its layer-sharded form,
     "ckpt": a trainer --checkpoint-path holding it as checkpoint_2 (with `latest`), "lora": a
-    LoRA run's --checkpoint-path whose checkpoint_3 holds adapters (B not zero) on "sharded"}."""
+    LoRA run's --checkpoint-path whose checkpoint_3 holds adapters (B not zero) on "sharded"},
+    under `root`."""
     from openchatkit.models.convert import convert_hf_to_sharded
     from openchatkit.models.lora import LoraSettings, apply_lora, save_adapter_checkpoint
     from openchatkit.models.stage import StageModel
     from tests.models.conftest import save_tiny_model, save_tiny_tokenizer
 
-    root = tmp_path_factory.mktemp("any_model")
     hf = save_tiny_tokenizer(save_tiny_model(root / "hf", "llama", num_layers=2, seed=3))
     sharded = root / "sharded"
     convert_hf_to_sharded(hf, sharded, "llama")
