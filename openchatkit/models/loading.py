@@ -1,7 +1,7 @@
 """Load a causal LM and its tokenizer for chatting: from a local HF folder, the hub, or the embedded
-default model, on the device, dtype and memory budget the user asked for. The other MODEL forms
-(layer-sharded folders, trainer and LoRA checkpoints) go through `models/any_model.py`, which
-calls this for these."""
+default model, on the device, dtype and memory budget the user asked for. Callers load through
+`models/any_model.py` (every MODEL form), which hands these forms to `load_chat_model` and builds
+layer-sharded folders and trainer or LoRA checkpoints in memory."""
 
 from __future__ import annotations
 
