@@ -9,7 +9,7 @@ holds its forward, backward, clipping, optimizer, scheduler and zero_grad; its b
 before it, as ours are built before the loop. The ratio is taken per pair (HF step i over our step i) and its median reported
 with the spread. An extra side of our engine shows what its CPU LoRA dropout is worth:
 `--also-torch-dropout` puts peft's `nn.Dropout` back (no `LoraDropout`,
-openchatkit/models/dropout.py).
+openchatkit/models/lora/dropout.py).
 
 Same model (embedded SmolLM2-135M-Instruct, fp32), same packed batches in the same order, LoRA
 r=16 alpha 32 dropout 0.05 on q/k/v/o, AdamW lr 2e-4, clip 1.0, threads as the environment says.
@@ -53,7 +53,7 @@ R, ALPHA, DROP, TARGETS = 16, 32, 0.05, ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Ours: the trainer's engine, one process (pp=1 x dp=1).
 from openchatkit.cli.train import config_with_defaults
 from openchatkit.distributed.layout import ParallelLayout
-from openchatkit.models.dropout import LoraDropout
+from openchatkit.models.lora.dropout import LoraDropout
 from openchatkit.models.lora import apply_lora
 from openchatkit.models.stage import StageModel
 from openchatkit.training.config import read_model_shape

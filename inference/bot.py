@@ -6,6 +6,8 @@ Run (the embedded SmolLM2-135M-Instruct by default; nothing is downloaded):
     python inference/bot.py --model gguf/model.q8_0.gguf      # a GGUF file (tools/export_gguf.py)
     python inference/bot.py --prompt "What is the capital of France?" --no-sample
     printf 'Hello\n/quit\n' | python inference/bot.py         # one line per turn
+A trainer's output as it is (its latest checkpoint; a LoRA run's adapters on their base):
+    python inference/bot.py --model model_ckpts/smollm2-lora --backend torch
 One GPU:
     python inference/bot.py --model togethercomputer/RedPajama-INCITE-Chat-3B-v1 --gpu-id 0
 With a moderation model (each message and answer labelled first; see inference/moderate.py):
@@ -36,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model",
         default=None,
-        help="local HF folder, hub id, or GGUF file (default: the embedded model)",
+        help="local HF folder, hub id, GGUF file, layer-sharded folder, or trainer checkpoint "
+        "(full or LoRA: loaded in memory; default: the embedded model)",
     )
     p.add_argument(
         "--backend",
@@ -216,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
 
         loaded = load_gguf_with_transformers(args.model, args.device, args.dtype)
     else:
-        from openchatkit.models.loading import load_chat_model
+        from openchatkit.models.any_model import load_any_model
 
-        # A bad --model is found before torch and transformers are imported.
-        loaded = load_chat_model(
+        # Any MODEL form (HF, hub, embedded, layer-sharded, trainer or LoRA checkpoint); a bad
+        # --model is found before torch and transformers are imported.
+        loaded = load_any_model(
             args.model,
             device=args.device,
             dtype=args.dtype,

@@ -29,7 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="serve.py", description="OpenAI-compatible chat server with a chat page at /."
     )
-    p.add_argument("--model", default=None, help="local HF folder or hub id (default: embedded)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local HF folder, hub id, layer-sharded folder or trainer checkpoint (full or LoRA) "
+        "(default: embedded)",
+    )
     p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter on top of --model")
     p.add_argument("--backend", choices=["torch", "llama.cpp"], default="torch")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -99,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             "reach this address can use the model",
             file=sys.stderr,
         )
-    from openchatkit.models.loading import load_chat_model
+    from openchatkit.models.any_model import load_any_model
 
-    loaded = load_chat_model(
+    loaded = load_any_model(
         args.model, device=args.device, dtype=args.dtype, gpu_id=args.gpu_id, adapter=args.adapter
     )
     if loaded.context_window <= args.max_tokens_cap:

@@ -179,7 +179,7 @@ def run_to_hf(args: argparse.Namespace, arch: str | None) -> int:
         resolve_checkpoint,
         trained_stage_sizes,
     )
-    from openchatkit.models.lora import read_adapter_meta
+    from openchatkit.models.lora.checkpoint import read_adapter_meta
 
     is_lora = read_adapter_meta(resolve_checkpoint(args.ckpt_path)) is not None
     if is_lora and not args.merge_lora:
@@ -190,8 +190,15 @@ def run_to_hf(args: argparse.Namespace, arch: str | None) -> int:
     if args.merge_lora and not is_lora:
         raise UserError(f"--merge-lora: --ckpt-path {args.ckpt_path} is not a LoRA checkpoint")
     if is_lora:
+        from openchatkit.models.lora.merge import merge_checkpoint_to_hf
+
         check_output_dir(Path(args.save_path), args.overwrite)
-        return _merge_lora_checkpoint(args, arch)
+        out, said = merge_checkpoint_to_hf(
+            args.ckpt_path, args.save_path, arch, args.config_name, args.chat_format
+        )
+        print(said, file=sys.stderr)
+        print(out)
+        return 0
     # Output first, as convert_sharded_to_hf checks it (the same error wins either way).
     check_output_dir(Path(args.save_path), args.overwrite)
     folder, manifest = read_sharded_source(args.ckpt_path, args.config_name)
@@ -217,71 +224,6 @@ def run_to_hf(args: argparse.Namespace, arch: str | None) -> int:
         # A trainer checkpoint: say how it was trained, not the trivial inferred split.
         layout = f"trained as {len(trained)} stages: {' + '.join(map(str, trained))} layers"
     print(f"{manifest.num_layers} layers ({layout}) -> HF", file=sys.stderr)
-    print(out)
-    return 0
-
-
-def _merge_lora_checkpoint(args: argparse.Namespace, arch: str | None) -> int:
-    """LoRA checkpoint -> its base converted to HF, the adapter exported, merged: all in a
-    temporary folder beside the output, which appears whole."""
-    import shutil
-    import tempfile
-
-    from openchatkit.models.convert import convert_sharded_to_hf
-    from openchatkit.models.lora import (
-        export_peft,
-        locate_base,
-        merge_into_hf,
-        read_adapter_checkpoint,
-    )
-    from openchatkit.models.registry import (
-        MODEL_TYPES,
-        converter_script,
-        get_architecture,
-        name_for_model_type,
-        read_model_type,
-    )
-
-    _, meta, settings, tensors = read_adapter_checkpoint(args.ckpt_path)
-    # The base the adapters were trained on, checked by content as the trainer's resume does.
-    base_dir = locate_base(meta, f"--ckpt-path {args.ckpt_path}")
-    base_type = read_model_type(base_dir)
-    ours = name_for_model_type(base_type)
-    if arch is None:  # the generic script: the base's architecture
-        if ours is None:
-            raise UserError(
-                f"--ckpt-path {args.ckpt_path}: its base model {base_dir} is a {base_type!r} "
-                f"model; the converter knows {', '.join(MODEL_TYPES.values())}"
-            )
-        arch = ours
-    if base_type != MODEL_TYPES[arch]:
-        raise UserError(
-            f"--ckpt-path {args.ckpt_path}: its base model {base_dir} is {base_type}, not "
-            f"{MODEL_TYPES[arch]}" + (f"; use {converter_script('to_hf', ours)}" if ours else "")
-        )
-    out = Path(args.save_path)
-    created = out.parent  # the outermost parent folder this run creates, removed on failure
-    while not created.parent.exists():
-        created = created.parent
-    made = not created.exists()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
-    try:
-        base = convert_sharded_to_hf(
-            base_dir, work / "base", arch, config_name=args.config_name,
-            chat_format=args.chat_format,
-        )  # fmt: skip
-        adapter = export_peft(
-            tensors, settings, get_architecture(arch), meta["base_model"], work / "adapter"
-        )
-        merge_into_hf(base, adapter, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        if made:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"{meta['base_model']} + LoRA r={settings.r} ({args.ckpt_path}) -> HF", file=sys.stderr)
     print(out)
     return 0
 

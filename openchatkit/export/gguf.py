@@ -281,20 +281,11 @@ def _plan_checkpoint(path: Path, model: str):
         gguf_arch_for(model_type, f"--model {model} (its base {base_dir})")
 
         def merge(work: Path) -> Path:
-            from openchatkit.models.lora import (
-                export_peft,
-                merge_into_hf,
-                read_adapter_checkpoint,
-            )
-            from openchatkit.models.registry import get_architecture, name_for_model_type
+            from openchatkit.models.lora.merge import merge_checkpoint_to_hf
 
-            _, meta_, settings, tensors = read_adapter_checkpoint(path)
-            arch = name_for_model_type(model_type)
-            base = convert_sharded_to_hf(base_dir, work / "base", arch)
-            peft = export_peft(
-                tensors, settings, get_architecture(arch), meta_["base_model"], work / "adapter"
-            )
-            return merge_into_hf(base, peft, work / "lora-merged")
+            # The converter's own merge (tools/convert_to_hf.py --merge-lora), into `work`.
+            merged, _ = merge_checkpoint_to_hf(path, work / "lora-merged")
+            return merged
 
         return merge
     _, manifest = read_sharded_source(path)

@@ -8,6 +8,7 @@ with less per-token overhead than `generate` (benchmarks/bench_bot.py measures b
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,44 @@ class GenerationSettings:
     @property
     def greedy(self) -> bool:
         return not self.sample or self.temperature <= 0
+
+
+def parse_on_off(value: str) -> bool:
+    """on/off (true/false, yes/no, 1/0) as a bool; ValueError otherwise."""
+    v = value.lower()
+    if v in ("on", "true", "yes", "1"):
+        return True
+    if v in ("off", "false", "no", "0"):
+        return False
+    raise ValueError("expected on or off")
+
+
+def parse_seed(value: str) -> int | None:
+    return None if value.lower() == "none" else int(value)
+
+
+def checked(parse, ok, why):
+    """`parse` followed by a range check: ValueError(`why`) when `ok(value)` is false."""
+
+    def convert(value: str):
+        v = parse(value)
+        if not ok(v):
+            raise ValueError(why)
+        return v
+
+    return convert
+
+
+# GenerationSettings field -> parser of its text (the bot's /set NAME VALUE, a saved chat's
+# settings); each raises ValueError with the reason.
+SETTERS = {
+    "temperature": checked(float, lambda v: 0 <= v < math.inf, "must be >= 0 and finite"),
+    "top_k": checked(int, lambda v: v >= 0, "must be >= 0 (0 turns it off)"),
+    "top_p": checked(float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "max_tokens": checked(int, lambda v: v >= 1, "must be >= 1"),
+    "sample": parse_on_off,
+    "seed": parse_seed,
+}
 
 
 @dataclass

@@ -8,13 +8,13 @@ file nested too deep, Ctrl-C) is one line and the session goes on. `/load` reads
 files of at most MAX_LOAD_BYTES, opened without blocking (a FIFO or device is refused, not read);
 `/save` writes one named file, new transcripts 0600, and replaces a file only when it is a saved
 chat (keeping its mode) or with `/save!`. On a terminal, text from the model, a loaded chat or a
-retrieved passage is shown with control characters escaped (`openchatkit.terminal`).
+retrieved passage is shown with control characters escaped (`openchatkit.terminal`). The saved
+chat's record and its files are transcript.py's; the settings' text forms are generation.py's.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import stat
 import sys
@@ -24,15 +24,23 @@ from typing import TextIO
 from openchatkit.conversation import Message, PromptFormat, clean_text, fit_to_window
 from openchatkit.fileio import describe_os_error
 from openchatkit.inference.generation import (
+    SETTERS,
     GenerationSettings,
     GenerationStats,
     chat_backend,
+    checked,
+    parse_on_off,
     stream_text,
 )
 from openchatkit.inference.transcript import (
+    MAX_LOAD_BYTES,
+    NEW_TRANSCRIPT_MODE,
+    SAVE_FORMAT,
+    chat_record,
     is_saved_chat,
     one_path,
     read_small_file,
+    validate_saved,
     write_private,
 )
 from openchatkit.models.loading import LoadedModel
@@ -44,11 +52,6 @@ from openchatkit.moderation import (
     refuses,
 )
 from openchatkit.terminal import escape_controls, is_terminal
-
-SAVE_FORMAT = "openchatkit-chat"
-MAX_LOAD_BYTES = 64 * 2**20  # a saved chat larger than this is not one
-MAX_MODEL_NAME = 256  # characters of a saved chat's "model" field
-NEW_TRANSCRIPT_MODE = 0o600  # like readline's history file: chats are private
 
 HELP = """\
 Commands:
@@ -92,40 +95,6 @@ class TurnPlan:
     hits: list = field(default_factory=list)  # retrieved passages (retrieval Hit objects)
 
 
-def _parse_bool(value: str) -> bool:
-    v = value.lower()
-    if v in ("on", "true", "yes", "1"):
-        return True
-    if v in ("off", "false", "no", "0"):
-        return False
-    raise ValueError("expected on or off")
-
-
-def _parse_seed(value: str) -> int | None:
-    return None if value.lower() == "none" else int(value)
-
-
-def _check(parse, ok, why):
-    def convert(value: str):
-        v = parse(value)
-        if not ok(v):
-            raise ValueError(why)
-        return v
-
-    return convert
-
-
-# /set NAME → parser of VALUE; each raises ValueError with the reason.
-SETTERS = {
-    "temperature": _check(float, lambda v: 0 <= v < math.inf, "must be >= 0 and finite"),
-    "top_k": _check(int, lambda v: v >= 0, "must be >= 0 (0 turns it off)"),
-    "top_p": _check(float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "max_tokens": _check(int, lambda v: v >= 1, "must be >= 1"),
-    "sample": _parse_bool,
-    "seed": _parse_seed,
-}
-
-
 class ChatSession:
     """One conversation with a loaded model."""
 
@@ -135,8 +104,8 @@ class ChatSession:
         settings: GenerationSettings | None = None,
         system: str | None = None,
         stream: bool = True,
-        out: TextIO = sys.stdout,
-        err: TextIO = sys.stderr,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
         retriever=None,
         retrieval_k: int = 3,
         moderator=None,
@@ -148,6 +117,9 @@ class ChatSession:
         self.system = system
         self.stream = stream
         self.verbose = True
+        # The streams of the call, not of the import (a default bound at import time would
+        # keep writing to whatever sys.stdout was then, e.g. a closed test capture).
+        out, err = out or sys.stdout, err or sys.stderr
         self.out, self.err = out, err
         # Escape control characters in shown text: on a terminal (None), always or never.
         self.escape_out = is_terminal(out) if escape is None else escape
@@ -370,7 +342,7 @@ class ChatSession:
             )
             return
         try:
-            self.moderation_on = _parse_bool(arg)
+            self.moderation_on = parse_on_off(arg)
         except ValueError:
             self.err.write("usage: /moderation on|off\n")
             return
@@ -457,9 +429,9 @@ class ChatSession:
             return
         key, value = parts
         if key == "verbose":
-            setter = _parse_bool
+            setter = parse_on_off
         elif key == "retrieval_k":
-            setter = _check(int, lambda v: v >= 1, "must be >= 1")
+            setter = checked(int, lambda v: v >= 1, "must be >= 1")
         elif key in SETTERS:
             setter = SETTERS[key]
         else:
@@ -510,7 +482,7 @@ class ChatSession:
             self.err.write("/retrieval: no index; start the bot with --retrieval INDEX_DIR\n")
             return
         try:
-            self.retrieval_on = _parse_bool(arg)
+            self.retrieval_on = parse_on_off(arg)
         except ValueError:
             self.err.write("usage: /retrieval on|off\n")
             return
@@ -553,14 +525,7 @@ class ChatSession:
         if not path.parent.is_dir():
             self.err.write(f"{command}: cannot write {path}: folder {path.parent} does not exist\n")
             return
-        record = {
-            "format": SAVE_FORMAT,
-            "version": 1,
-            "model": self.loaded.name,
-            "system": self.system,
-            "settings": self.settings.as_dict(),
-            "messages": self.messages,
-        }
+        record = chat_record(self.loaded.name, self.system, self.settings, self.messages)
         try:
             write_private(path, json.dumps(record, indent=2) + "\n", mode)
         except OSError as exc:
@@ -581,7 +546,7 @@ class ChatSession:
             return
         try:
             record = json.loads(read_small_file(path, MAX_LOAD_BYTES))
-            messages, settings, system = _validate_saved(record)
+            messages, settings, system = validate_saved(record)
         except FileNotFoundError:
             self.err.write(f"/load {path}: no such file\n")
             return
@@ -601,34 +566,3 @@ class ChatSession:
         if record.get("model") and record["model"] != self.loaded.name:
             note = f"; it was saved with model {self.shown(record['model'], True)}"
         self.err.write(f"(loaded {len(messages)} messages from {path}{note})\n")
-
-
-def _validate_saved(record) -> tuple[list[Message], GenerationSettings, str | None]:
-    """Check a /save record; ValueError says what is wrong."""
-    if not isinstance(record, dict) or record.get("format") != SAVE_FORMAT:
-        raise ValueError(f'no "format": "{SAVE_FORMAT}" field')
-    messages = record.get("messages")
-    if not isinstance(messages, list):
-        raise ValueError("'messages' is not a list")
-    for i, m in enumerate(messages):
-        if (
-            not isinstance(m, dict)
-            or m.get("role") not in ("user", "assistant")
-            or not isinstance(m.get("content"), str)
-        ):
-            raise ValueError(f"message {i} is not {{role: user|assistant, content: text}}")
-    settings = GenerationSettings()
-    for key, value in (record.get("settings") or {}).items():
-        if key not in SETTERS:
-            raise ValueError(f"unknown setting '{key}'")
-        try:
-            setattr(settings, key, SETTERS[key](str(value) if value is not None else "none"))
-        except ValueError as exc:
-            raise ValueError(f"setting {key}={value!r}: {exc}") from exc
-    system = record.get("system")
-    if system is not None and not isinstance(system, str):
-        raise ValueError("'system' is not text")
-    model = record.get("model")
-    if model is not None and not (isinstance(model, str) and len(model) <= MAX_MODEL_NAME):
-        raise ValueError(f"'model' is not a name of at most {MAX_MODEL_NAME} characters")
-    return messages, settings, system

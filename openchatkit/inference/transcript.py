@@ -1,6 +1,7 @@
-"""Files of the REPL's `/save` and `/load`: one path from the command's words, a bounded
-read that never blocks (a FIFO, a device or a huge file is refused before it is read), and a
-write that never exposes a transcript with wider permissions than it will have.
+"""Files of the REPL's `/save` and `/load`: the saved chat's record (built, and checked field by
+field when loaded), one path from the command's words, a bounded read that never blocks (a FIFO,
+a device or a huge file is refused before it is read), and a write that never exposes a
+transcript with wider permissions than it will have.
 """
 
 from __future__ import annotations
@@ -13,7 +14,28 @@ import stat
 import tempfile
 from pathlib import Path
 
+from openchatkit.conversation import Message
 from openchatkit.fileio import temp_prefix
+from openchatkit.inference.generation import SETTERS, GenerationSettings
+
+SAVE_FORMAT = "openchatkit-chat"
+MAX_LOAD_BYTES = 64 * 2**20  # a saved chat larger than this is not one
+MAX_MODEL_NAME = 256  # characters of a saved chat's "model" field
+NEW_TRANSCRIPT_MODE = 0o600  # like readline's history file: chats are private
+
+
+def chat_record(
+    model: str, system: str | None, settings: GenerationSettings, messages: list[Message]
+) -> dict:
+    """What /save writes: format, model name, system message, settings and the turns."""
+    return {
+        "format": SAVE_FORMAT,
+        "version": 1,
+        "model": model,
+        "system": system,
+        "settings": settings.as_dict(),
+        "messages": messages,
+    }
 
 
 def one_path(arg: str, command: str) -> Path | None:
@@ -74,3 +96,34 @@ def write_private(path: Path, text: str, mode: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def validate_saved(record) -> tuple[list[Message], GenerationSettings, str | None]:
+    """Check a /save record; ValueError says what is wrong."""
+    if not isinstance(record, dict) or record.get("format") != SAVE_FORMAT:
+        raise ValueError(f'no "format": "{SAVE_FORMAT}" field')
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        raise ValueError("'messages' is not a list")
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ("user", "assistant")
+            or not isinstance(m.get("content"), str)
+        ):
+            raise ValueError(f"message {i} is not {{role: user|assistant, content: text}}")
+    settings = GenerationSettings()
+    for key, value in (record.get("settings") or {}).items():
+        if key not in SETTERS:
+            raise ValueError(f"unknown setting '{key}'")
+        try:
+            setattr(settings, key, SETTERS[key](str(value) if value is not None else "none"))
+        except ValueError as exc:
+            raise ValueError(f"setting {key}={value!r}: {exc}") from exc
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError("'system' is not text")
+    model = record.get("model")
+    if model is not None and not (isinstance(model, str) and len(model) <= MAX_MODEL_NAME):
+        raise ValueError(f"'model' is not a name of at most {MAX_MODEL_NAME} characters")
+    return messages, settings, system

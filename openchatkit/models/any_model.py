@@ -1,6 +1,11 @@
-"""Any MODEL argument, loaded: the embedded model, an HF folder or hub id, or — converted in memory,
-nothing written — a layer-sharded folder or a trainer `--checkpoint-path` (its latest checkpoint,
-a LoRA checkpoint with its base). `evaluation/eval.py` and the moderator load through it.
+"""Any MODEL argument, loaded: the one loader behind the bot, the server, `evaluation/eval.py` and
+the moderator. The embedded model, an HF folder or hub id go to `models/loading.py`; a
+layer-sharded folder or a trainer `--checkpoint-path` (its latest checkpoint, or a LoRA checkpoint
+with its base) is converted in memory, nothing written, into the model the converter would write.
+
+Flags that only make sense for a model read from HF files (-g/-r offload and --load-in-8bit, which
+transformers applies while it reads the weights) are refused in one line for the in-memory forms,
+naming the converter that makes an HF folder of them.
 """
 
 from __future__ import annotations
@@ -9,15 +14,22 @@ from pathlib import Path
 
 from openchatkit import checkpoints
 from openchatkit.errors import UserError
-from openchatkit.models.loading import LoadedModel, load_chat_model, pick_device, pick_dtype
+from openchatkit.models.loading import (
+    LoadedModel,
+    load_chat_model,
+    pick_device,
+    pick_dtype,
+    read_generation_defaults,
+)
 
 # HF checkpoint key -> the model's parameter name, where transformers 5 renames on load.
 MODULE_NAMES = {"embed_out.weight": "lm_head.weight"}
 
 
 def is_sharded_source(name: str | None) -> bool:
-    """A local folder in the layer-sharded format, a checkpoint_<step>/ or a trainer
-    --checkpoint-path (a folder with `latest` or checkpoint_<step>/ folders)."""
+    """A local folder in the layer-sharded format, a checkpoint_<step>/ (full weights or LoRA
+    adapters) or a trainer --checkpoint-path (a folder with `latest` or checkpoint_<step>/
+    folders)."""
     if not name:
         return False
     path = Path(name).expanduser()
@@ -25,6 +37,7 @@ def is_sharded_source(name: str | None) -> bool:
         return False
     return (
         (path / "manifest.json").is_file()
+        or (path / "adapter.json").is_file()  # a LoRA checkpoint_<step>/: no manifest
         or (path / "latest").exists()
         or (path / "layer_00000.safetensors").is_file()
         or any(path.glob("checkpoint_*/meta.json"))
@@ -48,15 +61,43 @@ def load_any_model(
     dtype: str = "auto",
     adapter: str | None = None,
     gpu_id: int = 0,
+    gpu_vram: list[str] | None = None,
+    cpu_ram: float | None = None,
+    load_in_8bit: bool = False,
 ) -> LoadedModel:
     """Load any MODEL, with a PEFT `adapter` on top when given; user mistakes
     are one-line UserErrors. A LoRA trainer checkpoint brings its own base and adapters."""
     if not is_sharded_source(name):
-        return load_chat_model(name, device=device, dtype=dtype, adapter=adapter, gpu_id=gpu_id)
+        return load_chat_model(
+            name,
+            device=device,
+            dtype=dtype,
+            gpu_id=gpu_id,
+            gpu_vram=gpu_vram,
+            cpu_ram=cpu_ram,
+            load_in_8bit=load_in_8bit,
+            adapter=adapter,
+        )
     assert name is not None
     source = Path(name).expanduser()
+    for flag, value in (
+        ("-g/--gpu-vram", gpu_vram),
+        ("-r/--cpu-ram", cpu_ram),
+        ("--load-in-8bit", load_in_8bit),
+    ):
+        if value:
+            # transformers offloads and quantizes while it reads HF weight files; this model is
+            # built in memory from another layout.
+            what = describe_source(source)
+            merge = " --merge-lora" if what == "a LoRA checkpoint" else ""
+            raise UserError(
+                f"{flag}: --model {name} is {what}, built in memory, where {flag} does not "
+                f"apply; convert it to an HF folder first: python tools/convert_to_hf.py "
+                f"--ckpt-path {name}{merge} --save-path huggingface_models/{source.name}"
+            )
     folder = checkpoint_folder(source)
-    from openchatkit.models.lora import attach_adapter, read_adapter_meta
+    from openchatkit.models.lora.checkpoint import read_adapter_meta
+    from openchatkit.models.lora.peft_io import attach_adapter
 
     if read_adapter_meta(folder) is not None:
         if adapter is not None:
@@ -72,6 +113,17 @@ def load_any_model(
     return loaded
 
 
+def describe_source(path: Path) -> str:
+    """'a LoRA checkpoint', 'a trainer checkpoint' or 'a layer-sharded folder', for messages."""
+    if (path / "adapter.json").is_file() or any(path.glob("checkpoint_*/adapter.json")):
+        return "a LoRA checkpoint"
+    if (path / "meta.json").is_file() or (path / "latest").exists():
+        return "a trainer checkpoint"
+    if any(path.glob("checkpoint_*/meta.json")):
+        return "a trainer checkpoint"
+    return "a layer-sharded folder"
+
+
 def checkpoint_folder(source: Path) -> Path:
     """The folder a sharded source names: a trainer --checkpoint-path without `latest` gives its
     newest complete checkpoint; `latest` and checkpoint_<step>/ resolve as the converter does."""
@@ -79,7 +131,7 @@ def checkpoint_folder(source: Path) -> Path:
 
     if not (source / "latest").exists() and checkpoints.is_checkpoint_root(source):
         source = checkpoints.find_latest(source, require_files=False) or source
-    return resolve_checkpoint(source)
+    return resolve_checkpoint(source, "--model")
 
 
 def load_lora_checkpoint(
@@ -88,11 +140,8 @@ def load_lora_checkpoint(
     """A LoRA trainer checkpoint, in memory: the base model its adapter.json names (checked by
     content fingerprint, as the trainer's resume checks it) with the adapters applied through
     peft, the same model as `tools/export_lora.py` + `--adapter` on the converted base."""
-    from openchatkit.models.lora import (
-        locate_base,
-        peft_model_from_tensors,
-        read_adapter_checkpoint,
-    )
+    from openchatkit.models.lora.checkpoint import locate_base, read_adapter_checkpoint
+    from openchatkit.models.lora.peft_io import peft_model_from_tensors
     from openchatkit.models.registry import get_architecture, read_model_type
 
     what = f"--model {source}"
@@ -131,9 +180,9 @@ def load_sharded_in_memory(
     if not (source / "latest").exists() and checkpoints.is_checkpoint_root(source):
         # Named "run/checkpoint_N" as when `latest` names it.
         found = checkpoints.find_latest(source, require_files=False)
-        folder, manifest = read_sharded_source(found or source)
+        folder, manifest = read_sharded_source(found or source, flag="--model")
     else:
-        folder, manifest = read_sharded_source(source)
+        folder, manifest = read_sharded_source(source, flag="--model")
     sharded.check_files(folder, manifest)
     try:
         config = AutoConfig.from_pretrained(folder)
@@ -185,4 +234,13 @@ def load_sharded_in_memory(
     window = getattr(config, "max_position_embeddings", None) or 2048
     # A trainer run is named by its folder and the checkpoint taken: "my-run/checkpoint_40".
     display = folder.name if folder == source else f"{source.name}/{folder.name}"
-    return LoadedModel(model, tokenizer, display, dev, str(torch_dtype).split(".")[-1], int(window))
+    return LoadedModel(
+        model,
+        tokenizer,
+        display,
+        dev,
+        str(torch_dtype).split(".")[-1],
+        int(window),
+        # The converter copies generation_config.json: the HF folder's decoding defaults.
+        read_generation_defaults(str(folder)),
+    )

@@ -179,13 +179,13 @@ def _check_chat_format(chat_format: str | None) -> str | None:
 # -- layer-sharded (or trainer checkpoint) -> HF ------------------------------------------------
 
 
-def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
+def resolve_checkpoint(ckpt: str | os.PathLike, flag: str = "--ckpt-path") -> Path:
     """The folder holding layer files: CKPT itself, or the checkpoint a `latest` file inside
     CKPT names (`checkpoint_<step>` or a step number, a folder directly inside CKPT: a `latest`
-    leading anywhere else is refused)."""
+    leading anywhere else is refused). `flag` names the user's flag in errors."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
-        raise UserError(f"--ckpt-path {ckpt} is not a folder")
+        raise UserError(f"{flag} {ckpt} is not a folder")
     latest = ckpt / checkpoints.LATEST
     if not sharded.is_sharded_folder(ckpt) and (latest.exists() or latest.is_symlink()):
         named = checkpoints.read_latest(ckpt)
@@ -198,7 +198,7 @@ def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
     return ckpt
 
 
-def check_trainer_checkpoint(folder: Path) -> None:
+def check_trainer_checkpoint(folder: Path, flag: str = "--ckpt-path") -> None:
     """A trainer checkpoint (meta.json) is converted only when the trainer would resume from
     it: manifest.json present and every file meta.json lists there with its size."""
     if not (folder / checkpoints.META).is_file():
@@ -210,8 +210,8 @@ def check_trainer_checkpoint(folder: Path) -> None:
         problem = "manifest.json is missing"
     if problem is not None:
         raise UserError(
-            f"--ckpt-path {folder}: incomplete trainer checkpoint ({problem}); the trainer "
-            "skips it too: convert an earlier checkpoint_<step>/"
+            f"{flag} {folder}: incomplete trainer checkpoint ({problem}); the trainer "
+            "skips it too: give an earlier checkpoint_<step>/"
         )
 
 
@@ -225,13 +225,13 @@ def trained_stage_sizes(folder: Path) -> list[int] | None:
 
 
 def read_sharded_source(
-    ckpt: str | os.PathLike, config_name: str | None = None
+    ckpt: str | os.PathLike, config_name: str | None = None, flag: str = "--ckpt-path"
 ) -> tuple[Path, sharded.Manifest]:
     """Resolve CKPT to its folder and manifest. Per-layer files without a manifest are described
     from the config (`config_name`, else the folder's config.json). The chat format comes from the
     manifest, else from a trainer checkpoint's meta.json."""
-    folder = resolve_checkpoint(ckpt)
-    check_trainer_checkpoint(folder)
+    folder = resolve_checkpoint(ckpt, flag)
+    check_trainer_checkpoint(folder, flag)
     if sharded.is_sharded_folder(folder):
         manifest = sharded.read_manifest(folder)
     elif (folder / sharded.layer_file(0)).is_file() and (
@@ -246,14 +246,14 @@ def read_sharded_source(
         )
     else:
         raise UserError(
-            f"--ckpt-path {ckpt} is neither a layer-sharded folder (manifest.json) nor a trainer "
+            f"{flag} {ckpt} is neither a layer-sharded folder (manifest.json) nor a trainer "
             f"checkpoint (checkpoint_<step>/ or a folder with `latest`)"
         )
     found = len(list(folder.glob("layer_*.safetensors")))
     if found > manifest.num_layers:
         what = f"config {config_name or folder}" if manifest.dtype == "" else "its manifest.json"
         raise UserError(
-            f"--ckpt-path {folder} holds {found} layer files but {what} says {manifest.num_layers} layers"
+            f"{flag} {folder} holds {found} layer files but {what} says {manifest.num_layers} layers"
         )
     meta = folder / "meta.json"
     if manifest.chat_format is None and meta.is_file():

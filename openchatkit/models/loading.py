@@ -1,5 +1,7 @@
-"""Load a causal LM and its tokenizer for chatting: from a local folder, the hub, or the embedded
-default model, on the device, dtype and memory budget the user asked for."""
+"""Load a causal LM and its tokenizer for chatting: from a local HF folder, the hub, or the embedded
+default model, on the device, dtype and memory budget the user asked for. Callers load through
+`models/any_model.py` (every MODEL form), which hands these forms to `load_chat_model` and builds
+layer-sharded folders and trainer or LoRA checkpoints in memory."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from openchatkit.errors import UserError
 from openchatkit.hub import check_hub_repo, is_cached
 from openchatkit.models.embedded import EMBEDDED_MODEL_NAME, ensure_embedded_model, is_embedded_name
 from openchatkit.models.quiet import quiet_transformers  # also imported from here by callers
-from openchatkit.models.registry import converter_script
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -46,9 +47,6 @@ def resolve_model(name: str | None) -> tuple[str, str]:
             raise UserError(f"--model: {name} is a file; give the model's folder")
         if not path.is_dir():
             raise UserError(f"--model: folder {name} does not exist")
-        hint = _sharded_hint(path)
-        if hint:
-            raise UserError(f"--model: {name} is {hint}")
         if not (path / "config.json").is_file():
             raise UserError(f"--model: {name} has no config.json; is it an HF model folder?")
         return str(path), path.name
@@ -63,45 +61,6 @@ def check_hub_id(name: str, flag: str = "--model") -> None:
         raise UserError(f"{flag}: '{name}' is neither a folder nor a hub id like org/name")
     if not is_cached(name):
         check_hub_repo(name, what=flag)
-
-
-def _sharded_hint(path: Path) -> str | None:
-    """What to say when `path` is a trainer checkpoint folder or a layer-sharded model: the bot
-    loads HF folders, and the converter makes one."""
-    import json
-
-    checkpoint_root = (path / "latest").is_file() or any(path.glob("checkpoint_*/meta.json"))
-    sharded = (path / "manifest.json").is_file()
-    # A LoRA checkpoint (adapter.json) holds adapters only; its manifest is its base's.
-    lora = next(iter(sorted(path.glob("checkpoint_*/adapter.json"))), path / "adapter.json")
-    if not (checkpoint_root or sharded or lora.is_file()):
-        return None
-    arch = None
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
-        manifest = next(iter(sorted(path.glob("checkpoint_*/manifest.json"))), manifest)
-    try:
-        if lora.is_file():
-            manifest = Path(json.loads(lora.read_text())["base_model"]) / "manifest.json"
-        arch = json.loads(manifest.read_text()).get("architecture")  # our name: llama, qwen2...
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        pass
-    script = converter_script("to_hf", arch if isinstance(arch, str) else None)
-    what = "a trainer checkpoint folder" if checkpoint_root else "a layer-sharded model folder"
-    if (path / "meta.json").is_file():
-        what = "a trainer checkpoint"
-    if lora.is_file():
-        return (
-            f"{what} holding LoRA adapters only, not an HF model; export the adapter with python "
-            f"tools/export_lora.py --ckpt-path {path} --save-path adapters/{path.name} and give "
-            f"it as --adapter with the HF form of its base as --model, or merge: python "
-            f"{script} --ckpt-path {path} --merge-lora --save-path "
-            f"huggingface_models/{path.name}"
-        )
-    return (
-        f"{what}, not an HF model; convert it first: python {script} "
-        f"--ckpt-path {path} --save-path huggingface_models/{path.name}"
-    )
 
 
 def parse_gpu_vram(entries: list[str] | None) -> dict[int, str]:
@@ -259,7 +218,7 @@ def load_chat_model(
     if "device_map" not in kwargs:
         model.to(dev)
     if adapter is not None:
-        from openchatkit.models.lora import attach_adapter
+        from openchatkit.models.lora.peft_io import attach_adapter
 
         model = attach_adapter(model, adapter)
         display = f"{display} + adapter {Path(adapter).name}"

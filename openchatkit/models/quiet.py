@@ -1,5 +1,5 @@
 """`quiet_transformers`: transformers' warnings and per-tensor progress bars off while a model
-loads. A module of its own so that the loaders (`models/loading.py`, `models/lora.py`, the
+loads. A module of its own so that the loaders (`models/loading.py`, `models/lora/merge.py`, the
 evaluation and export code) share it without importing each other."""
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ import re
 import signal
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +300,7 @@ class Run:
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self, step: int) -> None:
+        from openchatkit.models.lora.checkpoint import save_adapter_checkpoint
         from openchatkit.models.stage import save_stage
 
         layout, rank0, config = self.layout, self.rdv.rank == 0, self.config
@@ -312,7 +312,14 @@ class Run:
             if config.lora is None:
                 save_stage(self.stage, tmp, write_metadata=layout.is_first_stage)
             else:
-                save_adapter_checkpoint(self.stage, tmp, layout.pp_rank, config)
+                save_adapter_checkpoint(
+                    self.stage,
+                    tmp,
+                    layout.pp_rank,
+                    config.lora,
+                    config.model_name,
+                    config.tokenizer_name,
+                )
             state, masters = self.engine.state_dict()
             ckpt.write_stage_state(tmp, layout.pp_rank, state, masters)
         ckpt.write_rank_state(tmp, layout.rank)
@@ -444,43 +451,13 @@ class Run:
 
 def check_resume_kind(folder: Path, config: TrainConfig) -> None:
     """Refuse to resume a LoRA run from full weights or the other way round, adapters trained
-    on another base model, or optimizer state another `--optimizer` cannot take (one line
-    naming both)."""
-    from openchatkit.models.lora import base_fingerprint, read_adapter_meta
+    on another base model (openchatkit/models/lora/checkpoint.py), or optimizer state another
+    `--optimizer` cannot take (one line naming both)."""
+    from openchatkit.models.lora.checkpoint import check_lora_resume
 
-    meta = read_adapter_meta(folder)
-    if config.lora is None and meta is not None:
-        raise UserError(
-            f"--checkpoint-path {config.checkpoint_path}: {folder.name} holds LoRA adapters; "
-            "resume with the same --lora-r, or use a new --checkpoint-path for full fine-tuning"
-        )
-    if config.lora is not None and meta is None:
-        raise UserError(
-            f"--checkpoint-path {config.checkpoint_path}: {folder.name} holds full weights, not "
-            "LoRA adapters; use a new --checkpoint-path for a LoRA run"
-        )
-    if meta is not None and config.lora is not None:
-        # The adapter's shape and function: r, alpha, targets, bias. Dropout only acts in
-        # training, like the learning rate, and may change on resume.
-        saved = meta.get("lora", {})
-        now = asdict(config.lora)
-        changed = [
-            f"{key} {_lora_value(saved.get(key))} -> {_lora_value(now[key])}"
-            for key in ("r", "alpha", "target_modules", "bias")
-            if _lora_value(saved.get(key)) != _lora_value(now[key])
-        ]
-        if changed:
-            raise UserError(
-                f"--checkpoint-path {config.checkpoint_path}: {folder.name} holds adapters with "
-                f"other LoRA settings ({'; '.join(changed)}); resume with the same --lora-* "
-                "flags or use a new --checkpoint-path"
-            )
-    if meta is not None and meta["base_fingerprint"] != base_fingerprint(config.model_name):
-        raise UserError(
-            f"--checkpoint-path {config.checkpoint_path}: its adapters were trained on "
-            f"{meta['base_model']} (fingerprint {meta['base_fingerprint']}), not on "
-            f"--model-name {config.model_name}; give that base or a new --checkpoint-path"
-        )
+    check_lora_resume(
+        folder, config.lora, config.model_name, f"--checkpoint-path {config.checkpoint_path}"
+    )
     # Last, so a checkpoint of the wrong kind gets that advice first.
     saved_optimizer = ckpt.read_meta(folder).get("args", {}).get("optimizer")
     if saved_optimizer and _optimizer_family(saved_optimizer) != _optimizer_family(
@@ -500,28 +477,6 @@ def _optimizer_family(name: str) -> str:
     from openchatkit.training.optim import EIGHT_BIT
 
     return "8bit-adam" if name in EIGHT_BIT else name
-
-
-def _lora_value(value):
-    """A LoRA setting as comparable text: target lists in any order, alpha 32 == 32.0."""
-    if isinstance(value, (list, tuple)):
-        return ",".join(sorted(map(str, value)))
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{float(value):g}"
-    return str(value)
-
-
-def save_adapter_checkpoint(stage, folder: Path, pp_rank: int, config: TrainConfig) -> None:
-    """A LoRA checkpoint's model part: this stage's adapters; stage 0 adds adapter.json (the
-    settings, the base model and its fingerprint) and the tokenizer files."""
-    from openchatkit.fileio import write_json
-    from openchatkit.models import sharded
-    from openchatkit.models.lora import ADAPTER_META, adapter_meta, save_adapter_stage
-
-    save_adapter_stage(stage, folder, pp_rank, config.lora.bias)
-    if pp_rank == 0:
-        write_json(folder / ADAPTER_META, adapter_meta(config.lora, config.model_name))
-        sharded.copy_tokenizer_files(config.tokenizer_name, folder)
 
 
 def maybe_fault(point: str, step: int, rank: int) -> None:

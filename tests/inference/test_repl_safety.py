@@ -129,7 +129,7 @@ def test_ctrl_c_during_a_command_keeps_the_session(session, tmp_path, monkeypatc
         raise KeyboardInterrupt
 
     saved.write_text(json.dumps({"format": "openchatkit-chat", "messages": []}))
-    monkeypatch.setattr(session_module, "_validate_saved", interrupted)
+    monkeypatch.setattr(session_module, "validate_saved", interrupted)
     _reset(err)
     assert s.handle_line(f"/load {saved}") is True
     assert "interrupted" in _one_line(err)

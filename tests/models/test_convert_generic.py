@@ -2,7 +2,7 @@
 architecture from their input: every registered architecture (Qwen2 and Mistral included, which
 have no script of their own) goes HF -> layer-sharded -> HF bit-identically through them, run as
 a user runs them for Qwen2 and Mistral (the CLI contract), through `main(argv)` in this process
-for the rest; and every hint naming a converter names one that exists.
+for the rest.
 """
 
 from __future__ import annotations
@@ -168,19 +168,6 @@ def test_generic_to_hf_reads_a_trainer_checkpoint_folder(tmp_path, tiny_hf, in_p
     proc = in_process(TO_HF, "--ckpt-path", root, "--save-path", tmp_path / "back")
     assert proc.returncode == 0, proc.stderr
     assert_same_weights(hf, tmp_path / "back")
-
-
-@pytest.mark.parametrize("name", [*architecture_names(), "bert"])
-def test_bot_hint_names_a_converter_that_exists(name, tmp_path, cli):
-    from openchatkit.models.loading import _sharded_hint
-
-    folder = tmp_path / "sharded"
-    folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({"architecture": name}))
-    hint = _sharded_hint(folder)
-    script = hint.split("python ", 1)[1].split()[0]
-    assert (cli.REPO / script).is_file(), hint
-    assert script.startswith("tools/convert_to_hf"), hint
 
 
 def test_generic_to_hf_merges_a_lora_checkpoint_of_its_base_architecture(

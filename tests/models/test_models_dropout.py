@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from openchatkit.models.dropout import LEVELS, LoraDropout, dropout_mask, use_fast_dropout
+from openchatkit.models.lora.dropout import LEVELS, LoraDropout, dropout_mask, use_fast_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])

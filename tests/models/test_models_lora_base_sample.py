@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from openchatkit.errors import UserError
-from openchatkit.models.lora import BASE_SAMPLE, _sample, check_base_sample
+from openchatkit.models.lora.peft_io import BASE_SAMPLE, _sample, check_base_sample
 
 KEY = "layers.0.q.weight"
 

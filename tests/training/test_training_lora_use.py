@@ -1,6 +1,7 @@
 """LoRA beyond the default: trained biases (`--lora-bias all|lora_only`) exported in PEFT's own
-keys and merged, and a LoRA trainer checkpoint given directly to `evaluation/eval.py --model`
-(base from adapter.json, fingerprint-checked, adapters applied in memory).
+keys and merged, and a LoRA trainer checkpoint given directly to `evaluation/eval.py --model` and
+`inference/bot.py --model` (base from adapter.json, fingerprint-checked, adapters applied in
+memory).
 
 Tiny GPT-NeoX (it has biases, in every linear and norm), 2 steps per run.
 """
@@ -193,7 +194,15 @@ def test_locate_base_falls_back_to_the_absolute_path(tiny, tmp_path, monkeypatch
         locate_base({**meta, "base_model_abs": str(tmp_path / "nope")}, "--model x")
 
 
-def test_bot_hints_at_export_for_a_lora_checkpoint(cli, neox):
-    r = cli.run("inference/bot.py", "--model", neox["run"]("all")[0], "--prompt", "hi")
-    cli.assert_one_line_error(r, "LoRA adapters only", "tools/export_lora.py", "--adapter",
-                              "convert_to_hf_gptneox.py", "--merge-lora")  # fmt: skip
+def test_bot_chats_with_a_lora_checkpoint_as_with_its_exported_adapter(neox, in_process):
+    # The trainer's own LoRA checkpoint (trained biases too) as --model: the bot answers as
+    # with the base's HF folder and the exported PEFT adapter (tools/export_lora.py).
+    ckpt, adapter = neox["run"]("all")
+    greedy = ["--prompt", "hello there", "--no-sample", "--max-tokens", "8", "--no-stream",
+              "--backend", "torch", "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    direct = in_process("inference/bot.py", "--model", ckpt, *greedy, log_level="WARNING")
+    assert direct.returncode == 0, direct.stderr
+    exported = in_process("inference/bot.py", "--model", neox["hf"], "--adapter", adapter,
+                          *greedy, log_level="WARNING")  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    assert direct.stdout.strip() and direct.stdout == exported.stdout
