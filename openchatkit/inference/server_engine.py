@@ -47,6 +47,62 @@ class SamplingParams:
         )
 
 
+def fast_greedy_rows(processors) -> None:
+    """Give the manager's per-request logits processors (temperature, top-k, top-p, each a
+    full pass over the vocabulary, the top-k and top-p ones a full sort of it) a short way for
+    greedy requests: their row becomes the argmax alone (0, -inf elsewhere; the manager's
+    softmax and multinomial then pick it for certain, as its top-k 1 would). Only the rows
+    that sample go through the processors, and a top-k or top-p no sampling row uses
+    (k = vocabulary, p = 1) is skipped. Same tokens; on a CPU the sorts cost as much as a
+    quarter of a decode step of a 135M model at 8 requests."""
+    import torch
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingLogitsProcessorList,
+        ContinuousBatchingTopKLogitsWarper,
+        ContinuousBatchingTopPLogitsWarper,
+    )
+
+    class FastGreedyRows(ContinuousBatchingLogitsProcessorList):
+        def __call__(self, input_ids, scores, args):
+            kinds = [p for p in self.logits_processor if hasattr(p, "supported_kwargs")]
+            if len(kinds) != len(self.logits_processor) or not kinds:
+                return super().__call__(input_ids, scores, args)  # a processor we do not know
+            rows = scores.size(0)
+            args = args[:, :rows]
+            top_k = next(
+                (
+                    args[i]
+                    for i, p in enumerate(kinds)
+                    if isinstance(p, ContinuousBatchingTopKLogitsWarper)
+                ),
+                None,
+            )
+            if top_k is None:
+                return super().__call__(input_ids, scores, args)
+            greedy = top_k == 1
+            out = torch.full_like(scores, float("-inf"))
+            out.scatter_(1, scores.argmax(dim=-1, keepdim=True), 0.0)
+            sample = (~greedy).nonzero().flatten()
+            if sample.numel():
+                sub, sub_args = scores[sample], args[:, sample]
+                for i, p in enumerate(kinds):
+                    arg = sub_args[i]
+                    if isinstance(p, ContinuousBatchingTopKLogitsWarper) and bool(
+                        (arg >= scores.size(1)).all()
+                    ):
+                        continue
+                    if isinstance(p, ContinuousBatchingTopPLogitsWarper) and bool(
+                        (arg.view(torch.float32) >= 1.0).all()
+                    ):
+                        continue
+                    sub = p(sub, arg)
+                out[sample] = sub
+            return out
+
+    if type(processors) is ContinuousBatchingLogitsProcessorList:
+        processors.__class__ = FastGreedyRows
+
+
 class TorchBackend:
     """transformers' continuous batching manager on the chat model (CPU or one GPU).
 
@@ -104,6 +160,7 @@ class TorchBackend:
         self.manager = self.model.init_continuous_batching(
             generation_config=gen, continuous_batching_config=cb
         )
+        fast_greedy_rows(self.manager.logit_processor)
         self.manager.start()
 
     def stop(self) -> None:
