@@ -4,6 +4,8 @@ argmax alone, sampling rows get exactly what the processors give them, in a mixe
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -62,6 +64,7 @@ def test_mixed_batch_same_as_the_processors(seed):
         Row(temperature=0.5, top_k=64, top_p=1.0),  # nothing to filter
     ]
     want, got = run([plain, fast], rows, scores)
+    assert not fast.all_greedy  # the sampler samples
     for r in (0, 2):  # greedy: the argmax alone survives, as top-k 1 leaves it
         assert torch.equal(torch.isfinite(got[r]), torch.isfinite(want[r]))
         assert int(got[r].argmax()) == int(scores[r].argmax())
@@ -92,4 +95,32 @@ def test_all_greedy_skips_the_processors(monkeypatch):
         monkeypatch.setattr(cls, "__call__", boom)
     scores = torch.randn(3, 64)
     (got,) = run([fast], [Row(temperature=1.0, top_k=1, top_p=1.0)] * 3, scores)
-    assert torch.equal(got.argmax(dim=-1), scores.argmax(dim=-1))
+    assert fast.all_greedy and torch.equal(got, scores)
+    # The manager's sampler then takes the argmax, without softmax or multinomial.
+    from transformers.generation.continuous_batching.model_runner import ModelRunner
+
+    monkeypatch.setattr(torch, "multinomial", boom)
+    runner = SimpleNamespace(logit_processor=fast, return_logprobs=False, do_sample=True)
+    output_ids = torch.full((2, 8), -1, dtype=torch.int32)
+    ModelRunner._sample(runner, got[None], output_ids)
+    assert output_ids[0, :3].tolist() == scores.argmax(dim=-1).tolist()
+
+
+def test_sampling_rows_still_sample(monkeypatch):
+    """A batch with a sampling row goes through the manager's own softmax and multinomial."""
+    from transformers.generation.continuous_batching.model_runner import ModelRunner
+
+    from openchatkit.inference.server_engine import fast_greedy_rows
+
+    fast = processors()
+    fast_greedy_rows(fast)
+    scores = torch.randn(2, 64)
+    rows = [Row(temperature=1.0, top_k=1, top_p=1.0), Row(temperature=1.0, top_k=64, top_p=1.0)]
+    (got,) = run([fast], rows, scores)
+    calls = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runner = SimpleNamespace(logit_processor=fast, return_logprobs=False, do_sample=True)
+    output_ids = torch.full((2, 8), -1, dtype=torch.int32)
+    ModelRunner._sample(runner, got[None], output_ids)
+    assert calls and output_ids[0, 0] == int(scores[0].argmax())
