@@ -348,3 +348,20 @@ def test_serve_py_llama_cpp_sigterm_drains(tiny_gguf, free_port):
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_seeded_sampling_repeats(cpp_served):
+    """temperature, top_p, top_k and seed reach the bot's sampler: the same seed gives the same
+    answer, and sampling is not greedy decoding."""
+    _, service, _, _, client, _ = cpp_served
+    ask = dict(model=service.model_name, messages=[{"role": "user", "content": "Go on"}])
+    ask.update(max_tokens=16, temperature=1.5, top_p=0.95, seed=7)
+    first = client.chat.completions.create(**ask).choices[0].message.content
+    again = client.chat.completions.create(**ask).choices[0].message.content
+    assert first == again
+    others = {
+        client.chat.completions.create(**{**ask, "seed": s}).choices[0].message.content
+        for s in range(8, 12)
+    }
+    greedy = client.chat.completions.create(**{**ask, "temperature": 0}).choices[0].message
+    assert len(others | {first}) > 1 and others | {first} != {greedy.content}
