@@ -7,8 +7,8 @@ a client that went away) cancels the request. The torch backend batches with tra
 continuous batching manager (`model.init_continuous_batching()`, what `transformers serve
 --continuous-batching` runs): a new request joins the running batch at the next step, long
 prompts are prefilled in chunks between decode steps, and KV blocks of a shared prompt prefix
-(a conversation's next turn) are reused. A llama.cpp backend plugs in with the same three
-methods (`stream` may run its blocking loop in a thread).
+(a conversation's next turn) are reused. The llama.cpp backend (server_llamacpp.py) has the same
+interface and runs its blocking loop in a thread.
 """
 
 from __future__ import annotations

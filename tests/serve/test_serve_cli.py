@@ -33,7 +33,7 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["--max-queue", "0"], "--max-queue"),
         (["--api-key", " "], "--api-key"),
         (["--moderation-threshold", "0.5"], "--moderation"),
-        (["--backend", "llama.cpp", "--model", "/tmp"], "--backend llama.cpp runs GGUF files"),
+        (["--backend", "llama.cpp", "--model", "/tmp"], "--backend llama.cpp"),
         (["--ctx-size", "0"], "--ctx-size"),
         (["--retrieval", "/nonexistent/index"], "/nonexistent/index"),
         (["--feedback", "/nonexistent/dir/fb.jsonl"], "/nonexistent/dir"),
