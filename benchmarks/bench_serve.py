@@ -5,6 +5,7 @@ Run:
     python benchmarks/bench_serve.py                         # 3 repeats, 1 and 8 clients
     python benchmarks/bench_serve.py --repeats 1 --requests 1 --max-tokens 16   # a quick look
     python benchmarks/bench_serve.py --only ours             # skip the peer
+    python benchmarks/bench_serve.py --backend llama.cpp     # ours on llama.cpp (the GGUF)
 
 Each repeat runs both servers one after the other (order alternating between repeats), each
 started fresh, warmed up with one request, then loaded by C concurrent streaming clients that each
@@ -12,6 +13,11 @@ send R chat requests (distinct prompts, greedy, max_tokens T). Per server and C:
 tokens/s (generated tokens of all clients / wall time) and time to first token (p50, p95 over
 requests), median and spread (min..max) over the repeats. Ours also reports time to first token
 at turn 1 and turn 10 of one conversation (prefix KV reuse). Figures need a quiet machine.
+
+The end of the output sets each figure against issue 28's goals (ratios are taken within a
+repeat, then the median over repeats): ours at the most clients >= 3x ours at one client;
+p95 time to first token there <= 2 s; against the peer there, tokens/s >= 1.2x and p50 time
+to first token <= 1.0x; turn 10's time to first token <= 1.3x turn 1's.
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str, model: str, port: int, dtype: str) -> subprocess.Popen:
+def start(kind: str, model: str, port: int, dtype: str, backend: str) -> subprocess.Popen:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if kind == "ours":
-        cmd = [sys.executable, str(REPO / "inference" / "serve.py"), "--model", model]
-        cmd += ["--port", str(port), "--dtype", dtype]
+        cmd = [sys.executable, str(REPO / "inference" / "serve.py"), "--port", str(port)]
+        cmd += ["--backend", backend]
+        if backend == "torch":
+            cmd += ["--model", model, "--dtype", dtype]
     else:
         cmd = [str(Path(sys.executable).parent / "transformers"), "serve", model]
         cmd += ["--continuous-batching", "--port", str(port), "--host", "127.0.0.1"]
@@ -138,6 +146,13 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--only", choices=["ours", "peer"], default=None)
+    p.add_argument(
+        "--backend",
+        choices=["torch", "llama.cpp"],
+        default="torch",
+        help="ours: torch on the embedded model's folder (the goals' setting), or llama.cpp on "
+        "the embedded model as serve.py loads it",
+    )
     args = p.parse_args()
     from openchatkit.models.embedded import ensure_embedded_model
 
@@ -148,7 +163,7 @@ def main() -> int:
         order = kinds if rep % 2 == 0 else kinds[::-1]
         for kind in order:
             port = free_port()
-            proc = start(kind, model, port, args.dtype)
+            proc = start(kind, model, port, args.dtype, args.backend)
             url = f"http://127.0.0.1:{port}"
             name = None if kind == "ours" else model
             try:
@@ -167,7 +182,42 @@ def main() -> int:
     print("\nmedian (min..max) over", args.repeats, "repeats")
     for key, values in sorted(table.items(), key=str):
         print(" ".join(map(str, key)), summary(values))
+    print(f"\ngoals (issue 28; ours = {args.backend} backend)")
+    for line in goal_lines(table, min(args.clients), max(args.clients)):
+        print(line)
     return 0
+
+
+def goal_lines(table: dict, one: int, many: int) -> list[str]:
+    """Each goal: the median of its per-repeat ratio (or value), the goal, met or not."""
+
+    def ratios(a, b):
+        xs, ys = table.get(a, []), table.get(b, [])
+        return [x / y for x, y in zip(xs, ys, strict=False) if y]
+
+    rows = [
+        (f"ours {many} clients / 1 client, tokens/s", ratios(("ours", many, "tokens_per_s"),
+         ("ours", one, "tokens_per_s")), ">=", 3.0),
+        (f"ours p95 TTFT at {many} clients (s)", table.get(("ours", many, "ttft_p95"), []),
+         "<=", 2.0),
+        (f"ours / peer tokens/s at {many} clients", ratios(("ours", many, "tokens_per_s"),
+         ("peer", many, "tokens_per_s")), ">=", 1.2),
+        (f"ours / peer p50 TTFT at {many} clients", ratios(("ours", many, "ttft_p50"),
+         ("peer", many, "ttft_p50")), "<=", 1.0),
+        ("ours TTFT turn 10 / turn 1", table.get(("ours", "turns", "t10/t1"), []), "<=", 1.3),
+    ]  # fmt: skip
+    out = []
+    for name, values, op, goal in rows:
+        if not values:
+            out.append(f"  {name}: not measured (goal {op} {goal})")
+            continue
+        value = statistics.median(values)
+        met = value >= goal if op == ">=" else value <= goal
+        spread = f"{min(values):.2f}..{max(values):.2f}"
+        out.append(
+            f"  {name}: {value:.2f} ({spread}), goal {op} {goal}: {'met' if met else 'NOT met'}"
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Run (the embedded SmolLM2-135M-Instruct by default; nothing is downloaded):
     python inference/serve.py --model huggingface_models/SmolLM2-135M-demo --feedback fb.jsonl
     python inference/serve.py --moderation huggingface_models/SmolLM2-135M-moderation-demo \
         --retrieval wiki_index
+    python inference/serve.py --backend llama.cpp --model model.q8_0.gguf --max-batch 8
     python inference/serve.py --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
 Any OpenAI client talks to it:
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
@@ -36,7 +37,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: embedded)",
     )
     p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter on top of --model")
-    p.add_argument("--backend", choices=["torch", "llama.cpp"], default="torch")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "llama.cpp"],
+        default="auto",
+        help="auto (default): the bot's choice (inference/bot.py --help); llama.cpp runs GGUF "
+        "files and the embedded model as parallel sequences",
+    )
+    p.add_argument(
+        "--ctx-size",
+        type=int,
+        default=4096,
+        help="llama.cpp: KV tokens per request, i.e. its window (4096; at most the model's); "
+        "--max-batch of them are allocated",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--gpu-id", type=int, default=0, help="CUDA device index (default 0)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
@@ -68,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--max-batch", args.max_batch),
         ("--max-queue", args.max_queue),
         ("--retrieval-k", args.retrieval_k),
+        ("--ctx-size", args.ctx_size),
     ):
         if value < 1:
             p.error(f"{flag} must be >= 1")
@@ -84,11 +99,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def load_model(args: argparse.Namespace):
+    """(LoadedModel, a function making the backend) for --model and --backend, chosen by the
+    bot's rule (openchatkit/inference/backends.py choose_backend)."""
+    from openchatkit.inference.backends import choose_backend, is_gguf_path
+
+    torch_flags = bool(args.device == "cuda" or args.dtype != "auto" or args.adapter)
+    backend = choose_backend(args.model, args.backend, torch_flags)
+    if backend == "llama.cpp":
+        for flag, value in (("--adapter", args.adapter), ("--device cuda", args.device == "cuda")):
+            if value:
+                raise UserError(f"{flag} is for --backend torch (llama.cpp runs the GGUF as is)")
+        from openchatkit.inference.server_llamacpp import LlamaCppBackend, load_llamacpp_for_server
+
+        loaded = load_llamacpp_for_server(args.model, args.ctx_size)
+        return loaded, lambda: LlamaCppBackend(
+            loaded.model, loaded.context_window, max_batch=args.max_batch
+        )
+    if is_gguf_path(args.model):
+        from openchatkit.inference.backends import load_gguf_with_transformers
+
+        loaded = load_gguf_with_transformers(args.model, args.device, args.dtype)
+    else:
+        from openchatkit.models.any_model import load_any_model
+
+        loaded = load_any_model(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            gpu_id=args.gpu_id,
+            adapter=args.adapter,
+        )
+    from openchatkit.inference.server_engine import TorchBackend
+
+    return loaded, lambda: TorchBackend(
+        loaded.model, loaded.context_window, max_batch=args.max_batch
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.backend != "torch":
-        raise UserError("--backend llama.cpp: not in this build yet; use --backend torch")
     if args.retrieval is not None and not Path(args.retrieval).is_dir():
         raise UserError(f"--retrieval: no such index folder {args.retrieval}")
     if args.feedback is not None:
@@ -104,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             "reach this address can use the model",
             file=sys.stderr,
         )
-    from openchatkit.models.any_model import load_any_model
-
-    loaded = load_any_model(
-        args.model, device=args.device, dtype=args.dtype, gpu_id=args.gpu_id, adapter=args.adapter
-    )
+    loaded, make_backend = load_model(args)
     if loaded.context_window <= args.max_tokens_cap:
         args.max_tokens_cap = loaded.context_window - 1
         args.max_tokens = min(args.max_tokens, args.max_tokens_cap)
@@ -122,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from openchatkit.inference.server import ChatService, ServerConfig, default_settings
     from openchatkit.inference.server_app import run_server
-    from openchatkit.inference.server_engine import TorchBackend
 
     config = ServerConfig(
         api_key=args.api_key,
@@ -134,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         feedback=args.feedback,
         defaults=default_settings(loaded.generation_defaults, args.max_tokens),
     )
-    backend = TorchBackend(loaded.model, loaded.context_window, max_batch=args.max_batch)
+    backend = make_backend()
     service = ChatService(loaded, backend, config, retriever=retriever, moderator=moderator)
     where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(

@@ -148,7 +148,13 @@ class ChatService:
 
         def work():
             with self._aux_lock:
-                return session.plan_turn(req.user)
+                plan = session.plan_turn(req.user)
+                if plan.prompt and not plan.refused and not plan.too_long:
+                    # Tokenized here, in this worker thread, not on the event loop that
+                    # streams the other answers.
+                    tok = self.loaded.tokenizer
+                    plan.prompt_ids = tok(plan.prompt, add_special_tokens=False)["input_ids"]
+                return plan
 
         plan = await asyncio.to_thread(work)
         if plan.too_long:
@@ -175,7 +181,9 @@ class ChatService:
         """The answer's text as it is generated, as the REPL shows it: no leading whitespace,
         trailing whitespace only once text follows it, never part of a stop string."""
         tok = self.loaded.tokenizer
-        ids = tok(plan.prompt, add_special_tokens=False)["input_ids"]
+        ids = getattr(plan, "prompt_ids", None)
+        if ids is None:
+            ids = tok(plan.prompt, add_special_tokens=False)["input_ids"]
         params = SamplingParams.from_settings(session.settings, self.eos)
         stats.prompt_tokens = len(ids)
         decoder = IncrementalDecoder(tok)

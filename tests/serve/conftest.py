@@ -235,4 +235,10 @@ def training_helpers():
 @pytest.fixture(scope="session")
 def server_kit():
     """The helpers above for tests that start their own server."""
-    return SimpleNamespace(build_service=build_service, ServerThread=ServerThread)
+    return SimpleNamespace(
+        build_service=build_service,
+        ServerThread=ServerThread,
+        RecordingBackend=RecordingBackend,
+        ScriptedModerator=ScriptedModerator,
+        ScriptedRetriever=ScriptedRetriever,
+    )
