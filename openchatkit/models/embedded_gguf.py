@@ -104,7 +104,11 @@ def embedded_llamacpp_file(
         if _is_valid(file, want):  # another process wrote it while this one waited
             return file
         from openchatkit.export.gguf import export_gguf
+        from openchatkit.models.embedded import check_replaceable, embedded_model_dir
 
+        # The export reads the converted HF folder: a user's folder in its place is refused (one
+        # line) before anything is announced or written.
+        check_replaceable(embedded_model_dir())
         again = file.exists() or _record_path(file).exists()
         say(
             f"{'re-exporting (the cached file is damaged or outdated)' if again else 'first use'}"
