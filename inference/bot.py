@@ -273,8 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     interactive = sys.stdin.isatty()
     extra = f", retrieval from {args.retrieval} ({len(retriever)} passages)" if retriever else ""
     extra += f", moderation by {moderator.name}" if moderator else ""
+    # Which backend runs, and for llama.cpp which file (the embedded model's cached export).
+    runs = f"llama.cpp from {loaded.model.path}" if backend == "llama.cpp" else "torch"
+    from openchatkit.inference.llamacpp import binding_available
+
+    if args.backend == "auto" and not torch_flags and not binding_available():
+        if is_embedded_name(args.model) or is_gguf_path(args.model):
+            runs += " (llama.cpp, several times faster on a CPU, needs llama-cpp-python: `make install`)"
     print(
-        f"OpenChatKit bot: {loaded.name} on {loaded.device} ({loaded.dtype}), "
+        f"OpenChatKit bot: {loaded.name} on {runs}, {loaded.device} ({loaded.dtype}), "
         f"{session.format.name} format, {loaded.context_window}-token window{extra}.\n"
         "Type /help for commands, /quit or Ctrl-D to leave.",
         file=sys.stderr,

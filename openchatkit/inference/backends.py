@@ -1,8 +1,9 @@
 """Which backend runs the chat model, and loading a GGUF file for either.
 
-- `llama.cpp`: GGUF files (`--model FILE.gguf`, and with `--backend llama.cpp` the embedded
-  model's own Q4_1 file) through llama-cpp-python (openchatkit/inference/llamacpp.py). The
-  default for GGUF files when the binding is installed: several times faster on a CPU.
+- `llama.cpp`: GGUF files (`--model FILE.gguf`) and the embedded model (its f16 export, made
+  once into the user's cache: openchatkit/models/embedded_gguf.py) through llama-cpp-python
+  (openchatkit/inference/llamacpp.py). The default for both when the binding is installed:
+  several times faster on a CPU.
 - `torch`: HF folders and hub ids, or a GGUF file transformers can read (dequantised to fp32).
 
 Both give a `LoadedModel` the one chat session (session.py) drives; only `.model` differs.
@@ -31,10 +32,11 @@ def choose_backend(model: str | None, backend: str = "auto", torch_flags: bool =
 
     gguf_source = is_gguf_path(model) or is_embedded_name(model)
     if backend == "auto":
-        # The embedded model stays on torch by default: its Q4_1 file run by llama.cpp (q8_1
-        # activations) flips a close greedy choice on "What is the capital of France?" (logit
-        # margin 0.08 in fp32) and answers in French, where torch's dequantised fp32 says Paris.
-        if torch_flags or not is_gguf_path(model) or not binding_available():
+        # The embedded model runs on llama.cpp from its f16 export, not its shipped Q4_1 file:
+        # llama.cpp runs Q4_1 (and q8_0) with 8-bit activations, which flips a close greedy
+        # choice on "What is the capital of France?" (logit margin 0.08 in fp32) and answers in
+        # French, where torch and the f16 export say Paris (openchatkit/models/embedded_gguf.py).
+        if torch_flags or not gguf_source or not binding_available():
             return "torch"  # transformers reads some GGUF files; it says so when it cannot
         return "llama.cpp"
     if backend == "llama.cpp" and not gguf_source:
@@ -48,7 +50,8 @@ def choose_backend(model: str | None, backend: str = "auto", torch_flags: bool =
 def load_llamacpp_chat_model(
     model: str | None, n_ctx: int | None = None, threads: int | None = None
 ) -> LoadedModel:
-    """A GGUF file (or the embedded model's) loaded in llama.cpp, with its own tokenizer."""
+    """A GGUF file, or the embedded model's cached f16 export (written on first use), loaded in
+    llama.cpp with its own tokenizer."""
     from openchatkit.inference.llamacpp import (
         LlamaCppModel,
         LlamaCppTokenizer,
@@ -57,12 +60,12 @@ def load_llamacpp_chat_model(
     from openchatkit.models.embedded import (
         EMBEDDED_GENERATION_DEFAULTS,
         EMBEDDED_MODEL_NAME,
-        embedded_gguf_path,
         is_embedded_name,
     )
+    from openchatkit.models.embedded_gguf import embedded_llamacpp_file
 
     embedded = is_embedded_name(model)
-    path = embedded_gguf_path() if embedded else Path(str(model)).expanduser()
+    path = embedded_llamacpp_file() if embedded else Path(str(model)).expanduser()
     if not path.is_file():
         raise UserError(f"--model {model}: no such file")
     cpp = LlamaCppModel(path, n_ctx=n_ctx, n_threads=threads)

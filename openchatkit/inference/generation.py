@@ -210,7 +210,9 @@ class TorchChatModel:
         if past is None or keep == 0 or not hasattr(past, "crop"):
             past, keep = None, 0
         elif keep < past.get_seq_length():
-            past.crop(keep)
+            # A negative count removes that many tokens from the end, in every transformers
+            # version with `crop` (a positive one meant "keep this many", and now raises).
+            past.crop(keep - past.get_seq_length())
         self.past, self.cached = None, []
         try:
             out = self.model(
@@ -231,11 +233,8 @@ class TorchChatModel:
 
 def chat_backend(model, keep_cache: bool = False):
     """What the chat session generates with: a backend object as is (llama.cpp keeps its cache
-    across turns); a torch model as is, or with `keep_cache` wrapped in `TorchChatModel`.
-
-    The session does not wrap torch models yet: tests/moderation/test_moderation_bot.py reads
-    each turn's whole prompt from the model's forward inputs, which a cache that feeds only the
-    new tokens changes. bench_bot.py measures the wrapped model."""
+    across turns); a torch model as is, or with `keep_cache` (the session's default) wrapped in
+    `TorchChatModel`, so the next turn evaluates only its new tokens."""
     if hasattr(model, "generate_ids") or not keep_cache:
         return model
     return TorchChatModel(model)

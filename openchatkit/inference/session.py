@@ -139,7 +139,7 @@ class ChatSession:
         self.moderation_threshold = moderation_threshold
         self.moderation_notes: list[str] = []  # this turn's labels, for the stats line
         # The model as the decode loop drives it, keeping the KV cache between turns.
-        self.chat_model = chat_backend(loaded.model)
+        self.chat_model = chat_backend(loaded.model, keep_cache=True)
 
     # ---- prompt building -------------------------------------------------------------
     def _with_system(self, messages: list[Message], extra: str | None = None) -> list[Message]:

@@ -72,8 +72,10 @@ def test_missing_or_empty_folder_is_converted_a_file_or_symlink_refused(tmp_path
 def test_the_bot_without_model_refuses_in_one_line(tmp_path, cli):
     dest = tmp_path / "huggingface_models" / embedded.EMBEDDED_MODEL_NAME
     files = _user_folder(dest)
-    proc = cli.run(
-        "inference/bot.py", "--prompt", "hi", env=cli.user_env(OPENCHATKIT_HOME=str(tmp_path))
-    )
-    cli.assert_one_line_error(proc, "did not write")
-    assert {p.name: p.read_text() for p in dest.iterdir()} == files
+    # Both backends need the converted folder: torch loads it, llama.cpp exports its GGUF file
+    # from it on first use (an empty cache folder here; a valid cached file needs no folder).
+    env = cli.user_env(OPENCHATKIT_HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    for backend in ("torch", "auto"):
+        proc = cli.run("inference/bot.py", "--prompt", "hi", "--backend", backend, env=env)
+        cli.assert_one_line_error(proc, "did not write")
+        assert {p.name: p.read_text() for p in dest.iterdir()} == files

@@ -37,8 +37,8 @@ def test_session_commands_and_stats_on_llamacpp(cpp_loaded, tmp_path):
     session, out, err = make_session(cpp_loaded)
     assert session.chat_model is cpp_loaded.model  # the backend itself, no torch wrapper
     session.handle_line("What is the capital of France?")
-    # (Not "Paris": the Q4_1 file flips a close first token; see backends.choose_backend.)
-    assert out.getvalue().strip()
+    # The embedded model's f16 export (the shipped Q4_1 file answers in French here).
+    assert "Paris" in out.getvalue()
     assert "[prompt " in err.getvalue() and "tokens/s" in err.getvalue()
     session.handle_line(f"/save {tmp_path / 'chat.json'}")
     saved = json.loads((tmp_path / "chat.json").read_text())

@@ -55,7 +55,9 @@ def moderators(char_tokenizer, make_tiny_llama):
 
 
 class Recorder:
-    """Counts the chat model's forward calls and keeps each turn's prompt (first call)."""
+    """Counts the chat model's forward calls, and keeps each turn's whole prompt as the session
+    hands it to the model's backend (`watch`): with the cross-turn KV cache the forward itself
+    sees only the tokens the cache lacks."""
 
     def __init__(self, model, tokenizer):
         self.calls, self.prompts, self.tokenizer = 0, [], tokenizer
@@ -63,9 +65,15 @@ class Recorder:
 
     def hook(self, module, args, kwargs):
         self.calls += 1
-        ids = kwargs["input_ids"]
-        if ids.shape[1] > 1:
-            self.prompts.append(self.tokenizer.decode(ids[0].tolist()))
+
+    def watch(self, chat_model):
+        inner = chat_model.generate_ids
+
+        def generate_ids(input_ids, *args, **kwargs):
+            self.prompts.append(self.tokenizer.decode(input_ids[0].tolist()))
+            return inner(input_ids, *args, **kwargs)
+
+        chat_model.generate_ids = generate_ids
 
 
 @pytest.fixture
@@ -84,6 +92,7 @@ def chat(char_tokenizer, make_tiny_llama):
             moderator=moderator,
             moderation_threshold=threshold,
         )
+        recorder.watch(session.chat_model)
         return session, recorder, out, err
 
     return make
