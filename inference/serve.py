@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from openchatkit.cli import run_main
 from openchatkit.errors import UserError
@@ -84,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.backend != "torch":
         raise UserError("--backend llama.cpp: not in this build yet; use --backend torch")
-    if args.retrieval is not None and not Path(args.retrieval).is_dir():
-        raise UserError(f"--retrieval: no such index folder {args.retrieval}")
+    from openchatkit.cli.chat import check_chat_paths
+
+    check_chat_paths(args.retrieval, args.moderation, args.adapter)  # before the model loads
     if args.feedback is not None:
         from openchatkit.inference.server_feedback import FeedbackLog
 
