@@ -68,8 +68,14 @@ serve: install
 eval: install
 	$(PY) evaluation/eval.py $(ARGS)
 
+# `make test` runs one pytest worker per core (pytest-xdist, -n auto: 2 on a 2-core machine), so
+# one worker's waits (subprocess start-up, sleeps, sockets) overlap the other's computing.
+# --dist loadfile keeps each test file on one worker: a file's module fixtures are built once.
+# TEST_JOBS=0 runs everything in this one process (e.g. to time a single test or use --pdb).
+TEST_JOBS ?= auto
+
 test: install
-	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not gpu" -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: install
 	$(PY) -m pytest -q -m "slow and not gpu" $(PYTEST_ARGS)

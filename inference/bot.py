@@ -186,11 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.retrieval is not None and not Path(args.retrieval).is_dir():  # before the model
-        raise UserError(f"--retrieval: no such index folder {args.retrieval}")
-    if args.moderation and args.moderation.startswith(("/", "./", "../", "~")):
-        if not Path(args.moderation).expanduser().is_dir():  # before loading the chat model
-            raise UserError(f"--moderation: folder {args.moderation} does not exist")
+    from openchatkit.cli.chat import check_chat_paths
+
+    check_chat_paths(args.retrieval, args.moderation, args.adapter)  # before the model loads
     from openchatkit.inference.backends import choose_backend, is_gguf_path
 
     torch_flags = bool(
@@ -275,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     extra += f", moderation by {moderator.name}" if moderator else ""
     # Which backend runs, and for llama.cpp which file (the embedded model's cached export).
     runs = f"llama.cpp from {loaded.model.path}" if backend == "llama.cpp" else "torch"
-    from openchatkit.inference.llamacpp import binding_available
+    from openchatkit.inference.backends import binding_available
 
     if args.backend == "auto" and not torch_flags and not binding_available():
         if is_embedded_name(args.model) or is_gguf_path(args.model):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from openchatkit.cli import run_main
 from openchatkit.errors import UserError
@@ -140,8 +139,9 @@ def load_model(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.retrieval is not None and not Path(args.retrieval).is_dir():
-        raise UserError(f"--retrieval: no such index folder {args.retrieval}")
+    from openchatkit.cli.chat import check_chat_paths
+
+    check_chat_paths(args.retrieval, args.moderation, args.adapter)  # before the model loads
     if args.feedback is not None:
         from openchatkit.inference.server_feedback import FeedbackLog
 

@@ -32,14 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pathlib import Path
 
+    from openchatkit.cli.chat import check_adapter_folder
     from openchatkit.errors import UserError
-    from openchatkit.models.convert import check_output_dir
-    from openchatkit.models.lora import merge_into_hf
+    from openchatkit.fileio import check_output_folder
 
+    # The folders first: a typo is told before torch is imported.
     if not (Path(args.base) / "config.json").is_file():
         raise UserError(f"--base {args.base}: not an HF model folder (no config.json)")
     out = Path(args.save_path)
-    check_output_dir(out, args.overwrite)
+    check_output_folder(out, args.overwrite)
+    check_adapter_folder(args.adapter)
+    from openchatkit.models.lora import merge_into_hf
+
     merge_into_hf(args.base, args.adapter, out)
     print(out)
     return 0

@@ -23,11 +23,18 @@ def is_gguf_path(name: str | None) -> bool:
     return name is not None and name.lower().endswith(".gguf")
 
 
+def binding_available() -> bool:
+    """True when llama-cpp-python is importable (found without importing it, or torch: the
+    backend choice comes before a bad --model is refused, which must stay fast)."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def choose_backend(model: str | None, backend: str = "auto", torch_flags: bool = False) -> str:
     """'torch' or 'llama.cpp' for `--model` and `--backend`. UserError for a model the chosen
     backend cannot run. `torch_flags`: the user gave flags only torch honours (--device cuda,
     --dtype, -g, -r, --load-in-8bit, --adapter): `auto` then means torch."""
-    from openchatkit.inference.llamacpp import binding_available
     from openchatkit.models.embedded import is_embedded_name
 
     gguf_source = is_gguf_path(model) or is_embedded_name(model)

@@ -36,13 +36,6 @@ _LOG_ERROR = 4
 _log_callback = None  # kept referenced: llama.cpp holds the raw pointer
 
 
-def binding_available() -> bool:
-    """True when llama-cpp-python is importable (found without importing it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
 def _lib():
     try:
         import llama_cpp.llama_cpp as L

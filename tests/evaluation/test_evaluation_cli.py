@@ -43,7 +43,10 @@ def bad_inputs(tmp_path):
     ]
 
 
-def test_bad_inputs_are_one_line_errors(cli, tmp_path):
+def test_bad_inputs_are_one_line_errors(cli, tmp_path, in_process):
+    """Each case through eval.py's main(argv) in this process (the same run_main and
+    assertions; the subprocess table of tests/test_bad_input.py proves eval.py's contract as a
+    process), then one case that fails late as a real process."""
     env = cli.user_env(HF_HUB_OFFLINE="1")
     default_out = cli.REPO / "eval_results"
     existed = default_out.exists()
@@ -52,7 +55,7 @@ def test_bad_inputs_are_one_line_errors(cli, tmp_path):
         # appear there, whether or not the default folder already exists.
         out = tmp_path / f"out{i}"
         extra = [] if "--output" in args else ["--output", str(out)]
-        proc = cli.run(EVAL, *args, *extra, env=env, timeout=120)
+        proc = in_process(EVAL, *args, *extra, env={"HF_HUB_OFFLINE": "1"})
         cli.assert_one_line_error(proc, *needles)
         assert not out.exists(), args
     assert default_out.exists() == existed  # nothing written for any of them

@@ -14,7 +14,8 @@ def run_bot(cli):
     """run_bot(args, stdin="", env_extra=None, timeout=300): the bot as a user runs it."""
 
     def run_bot(args, stdin="", env_extra=None, timeout=300):
-        env = cli.user_env(OMP_NUM_THREADS="2", **(env_extra or {}))
+        # One BLAS thread, as under `make test`: two threads spin against the other pytest worker.
+        env = cli.user_env(**(env_extra or {}))
         return cli.run(BOT, *args, env=env, stdin=stdin, timeout=timeout)
 
     return run_bot

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ctrl_c_stops_answer_and_keeps_session(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "HOME": str(tmp_path)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}  # as under make test
     child = pexpect.spawn(
         sys.executable,
         [str(REPO / "inference" / "bot.py"), "--max-tokens", "400", "--seed", "1"],
