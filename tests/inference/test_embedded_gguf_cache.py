@@ -120,14 +120,14 @@ def test_cache_folder_follows_xdg(monkeypatch, tmp_path):
 
 
 def test_embedded_model_defaults_to_llamacpp_when_the_binding_is_installed(monkeypatch):
-    import openchatkit.inference.llamacpp as llamacpp
+    import openchatkit.inference.backends as backends
     from openchatkit.inference.backends import choose_backend
 
     for name in (None, "embedded", "SmolLM2-135M-Instruct"):
         assert choose_backend(name, "auto") == "llama.cpp"
         assert choose_backend(name, "auto", torch_flags=True) == "torch"
     assert choose_backend("some/folder", "auto") == "torch"
-    monkeypatch.setattr(llamacpp, "binding_available", lambda: False)
+    monkeypatch.setattr(backends, "binding_available", lambda: False)
     assert choose_backend(None, "auto") == "torch"
 
 
