@@ -136,8 +136,3 @@ def parse_task_spec(spec: str, flag: str = "--task-name") -> list[TaskEntry]:
         TaskEntry(name=n, weight=w, probability=w / total, kind=k, files=f, format=fmt)
         for n, w, k, f, fmt in parsed
     ]
-
-
-def normalised_weights(entries: list[TaskEntry]) -> list[float]:
-    """The probabilities of `entries`, summing to one."""
-    return [e.probability for e in entries]

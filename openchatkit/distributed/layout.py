@@ -113,11 +113,6 @@ class ParallelLayout:
         """Global rank of stage 0 of this replica."""
         return self.pp_peers[0]
 
-    @property
-    def last_stage_rank(self) -> int:
-        """Global rank of the last stage of this replica."""
-        return self.pp_peers[-1]
-
     def describe_rank(self, rank: int) -> str:
         """Any rank of the job with its place, for messages: "rank 3 (stage 1, replica 1)"."""
         return f"rank {rank} (stage {rank % self.pp}, replica {rank // self.pp})"

@@ -134,19 +134,6 @@ def apply_search_params(index: Any, params: dict[str, Any]) -> None:
         node = faiss.downcast_index(inner) if inner is not None else None
 
 
-def is_ivf(index: Any) -> bool:
-    """Whether `index` is, or wraps, an inverted-file index."""
-    import faiss
-
-    node = faiss.downcast_index(index)
-    while node is not None:
-        if isinstance(node, faiss.IndexIVF):
-            return True
-        inner = getattr(node, "base_index", None) or getattr(node, "index", None)
-        node = faiss.downcast_index(inner) if inner is not None else None
-    return False
-
-
 def read_faiss_index(path: Path, mmap: bool | None = None) -> Any:
     """Read an index file; memory-mapped read-only when `mmap` (None: when large or IVF).
 

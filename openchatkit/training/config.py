@@ -177,10 +177,6 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         return self.global_batch_sequences * self.seq_length
 
-    @property
-    def world_size_needed(self) -> int:
-        return self.pp * self.dp
-
     def summary(self) -> dict[str, Any]:
         """Values derived from the flags, printed at start and stored in meta.json."""
         return {
