@@ -5,7 +5,7 @@ Same model (the embedded SmolLM2-135M-Instruct), same chat prompt, greedy, 128 n
 ignored on every side so each produces exactly 128), alternating, median of --repeats:
 - torch: the bot's decode loop vs `model.generate`, in float32 and bfloat16;
 - llama.cpp (the file the bot runs by default for the embedded model: its f16 export cached by
-  openchatkit/models/embedded_gguf.py, written on first use; or --gguf FILE): the bot's loop on
+  openchatkit/inference/embedded_gguf.py, written on first use; or --gguf FILE): the bot's loop on
   the llama.cpp backend vs a raw loop over the binding's `llama_decode` with an argmax (no Python
   tokenizer or stop-string work) vs the bot's torch backend (fp32), same prompt and thread count
   (--threads; torch gets as many), alternating; the ratios against the issue's goals
@@ -198,9 +198,9 @@ def _chat_prompt(tokenizer) -> str:
 def bench_llamacpp(args, threads: int) -> None:
     import torch
 
+    from openchatkit.inference.embedded_gguf import embedded_llamacpp_file
     from openchatkit.inference.generation import GenerationSettings, GenerationStats, stream_text
     from openchatkit.inference.llamacpp import LlamaCppModel, LlamaCppTokenizer
-    from openchatkit.models.embedded_gguf import embedded_llamacpp_file
     from openchatkit.models.loading import load_chat_model
 
     torch.set_num_threads(threads)  # the same thread count on every side

@@ -1,7 +1,7 @@
 """Which backend runs the chat model, and loading a GGUF file for either.
 
 - `llama.cpp`: GGUF files (`--model FILE.gguf`) and the embedded model (its f16 export, made
-  once into the user's cache: openchatkit/models/embedded_gguf.py) through llama-cpp-python
+  once into the user's cache: openchatkit/inference/embedded_gguf.py) through llama-cpp-python
   (openchatkit/inference/llamacpp.py). The default for both when the binding is installed:
   several times faster on a CPU.
 - `torch`: HF folders and hub ids, or a GGUF file transformers can read (dequantised to fp32).
@@ -42,7 +42,7 @@ def choose_backend(model: str | None, backend: str = "auto", torch_flags: bool =
         # The embedded model runs on llama.cpp from its f16 export, not its shipped Q4_1 file:
         # llama.cpp runs Q4_1 (and q8_0) with 8-bit activations, which flips a close greedy
         # choice on "What is the capital of France?" (logit margin 0.08 in fp32) and answers in
-        # French, where torch and the f16 export say Paris (openchatkit/models/embedded_gguf.py).
+        # French, where torch and the f16 export say Paris (openchatkit/inference/embedded_gguf.py).
         if torch_flags or not gguf_source or not binding_available():
             return "torch"  # transformers reads some GGUF files; it says so when it cannot
         return "llama.cpp"
@@ -59,6 +59,7 @@ def load_llamacpp_chat_model(
 ) -> LoadedModel:
     """A GGUF file, or the embedded model's cached f16 export (written on first use), loaded in
     llama.cpp with its own tokenizer."""
+    from openchatkit.inference.embedded_gguf import embedded_llamacpp_file
     from openchatkit.inference.llamacpp import (
         LlamaCppModel,
         LlamaCppTokenizer,
@@ -69,7 +70,6 @@ def load_llamacpp_chat_model(
         EMBEDDED_MODEL_NAME,
         is_embedded_name,
     )
-    from openchatkit.models.embedded_gguf import embedded_llamacpp_file
 
     embedded = is_embedded_name(model)
     path = embedded_llamacpp_file() if embedded else Path(str(model)).expanduser()

@@ -1,4 +1,4 @@
-"""The embedded model's GGUF export for llama.cpp (openchatkit/models/embedded_gguf.py): written
+"""The embedded model's GGUF export for llama.cpp (openchatkit/inference/embedded_gguf.py): written
 once into the user's cache with a message, reused silently after a size + sha256 check, written
 again when damaged or outdated; and the bot's default backend for the embedded model."""
 
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from openchatkit.models.embedded_gguf import (
+from openchatkit.inference.embedded_gguf import (
     EMBEDDED_LLAMACPP_TYPE,
     embedded_llamacpp_file,
     gguf_cache_dir,
