@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 from openchatkit.cli import run_main
-from openchatkit.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -201,35 +200,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     backend = choose_backend(args.model, args.backend, torch_flags)
     if backend == "llama.cpp":
-        from openchatkit.inference.backends import load_llamacpp_chat_model
+        from openchatkit.inference.backends import (
+            load_llamacpp_chat_model,
+            refuse_torch_only_flags,
+        )
 
-        for flag, value in (
-            ("--adapter", args.adapter),
-            ("-g/--gpu-vram", args.gpu_vram),
-            ("-r/--cpu-ram", args.cpu_ram),
-            ("--load-in-8bit", args.load_in_8bit),
-        ):
-            if value:
-                raise UserError(f"{flag} is for --backend torch (llama.cpp runs the GGUF as is)")
+        refuse_torch_only_flags(
+            {
+                "--adapter": args.adapter,
+                "-g/--gpu-vram": args.gpu_vram,
+                "-r/--cpu-ram": args.cpu_ram,
+                "--load-in-8bit": args.load_in_8bit,
+            }
+        )
         loaded = load_llamacpp_chat_model(args.model)
-    elif is_gguf_path(args.model):
-        from openchatkit.inference.backends import load_gguf_with_transformers
-
-        loaded = load_gguf_with_transformers(args.model, args.device, args.dtype)
     else:
-        from openchatkit.models.any_model import load_any_model
+        from openchatkit.inference.backends import load_torch_chat_model
 
-        # Any MODEL form (HF, hub, embedded, layer-sharded, trainer or LoRA checkpoint); a bad
-        # --model is found before torch and transformers are imported.
-        loaded = load_any_model(
+        loaded = load_torch_chat_model(
             args.model,
             device=args.device,
             dtype=args.dtype,
             gpu_id=args.gpu_id,
+            adapter=args.adapter,
             gpu_vram=args.gpu_vram,
             cpu_ram=args.cpu_ram,
             load_in_8bit=args.load_in_8bit,
-            adapter=args.adapter,
         )
     from openchatkit.cli.chat import load_moderation, load_retrieval
     from openchatkit.models.embedded import is_embedded_name

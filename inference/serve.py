@@ -101,34 +101,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_model(args: argparse.Namespace):
     """(LoadedModel, a function making the backend) for --model and --backend, chosen by the
     bot's rule (openchatkit/inference/backends.py choose_backend)."""
-    from openchatkit.inference.backends import choose_backend, is_gguf_path
+    from openchatkit.inference.backends import (
+        choose_backend,
+        load_torch_chat_model,
+        refuse_torch_only_flags,
+    )
 
     torch_flags = bool(args.device == "cuda" or args.dtype != "auto" or args.adapter)
     backend = choose_backend(args.model, args.backend, torch_flags)
     if backend == "llama.cpp":
-        for flag, value in (("--adapter", args.adapter), ("--device cuda", args.device == "cuda")):
-            if value:
-                raise UserError(f"{flag} is for --backend torch (llama.cpp runs the GGUF as is)")
+        refuse_torch_only_flags({"--adapter": args.adapter, "--device cuda": args.device == "cuda"})
         from openchatkit.inference.server_llamacpp import LlamaCppBackend, load_llamacpp_for_server
 
         loaded = load_llamacpp_for_server(args.model, args.ctx_size)
         return loaded, lambda: LlamaCppBackend(
             loaded.model, loaded.context_window, max_batch=args.max_batch
         )
-    if is_gguf_path(args.model):
-        from openchatkit.inference.backends import load_gguf_with_transformers
-
-        loaded = load_gguf_with_transformers(args.model, args.device, args.dtype)
-    else:
-        from openchatkit.models.any_model import load_any_model
-
-        loaded = load_any_model(
-            args.model,
-            device=args.device,
-            dtype=args.dtype,
-            gpu_id=args.gpu_id,
-            adapter=args.adapter,
-        )
+    loaded = load_torch_chat_model(
+        args.model, device=args.device, dtype=args.dtype, gpu_id=args.gpu_id, adapter=args.adapter
+    )
     from openchatkit.inference.server_engine import TorchBackend
 
     return loaded, lambda: TorchBackend(

@@ -54,6 +54,43 @@ def choose_backend(model: str | None, backend: str = "auto", torch_flags: bool =
     return backend
 
 
+def refuse_torch_only_flags(flags: dict[str, object]) -> None:
+    """On the llama.cpp backend: a one-line UserError naming the first of `flags` (flag name ->
+    its value) that was given, since only the torch backend honours them."""
+    for flag, value in flags.items():
+        if value:
+            raise UserError(f"{flag} is for --backend torch (llama.cpp runs the GGUF as is)")
+
+
+def load_torch_chat_model(
+    model: str | None,
+    device: str = "auto",
+    dtype: str = "auto",
+    gpu_id: int = 0,
+    adapter: str | None = None,
+    gpu_vram: list[str] | None = None,
+    cpu_ram: float | None = None,
+    load_in_8bit: bool = False,
+) -> LoadedModel:
+    """The torch backend's model for `--model`: a GGUF file dequantised by transformers, else
+    any MODEL form (HF folder, hub id, embedded, layer-sharded folder, trainer or LoRA
+    checkpoint) through models/any_model.py, which finds a bad --model before importing torch."""
+    if is_gguf_path(model):
+        return load_gguf_with_transformers(model, device, dtype)
+    from openchatkit.models.any_model import load_any_model
+
+    return load_any_model(
+        model,
+        device=device,
+        dtype=dtype,
+        gpu_id=gpu_id,
+        adapter=adapter,
+        gpu_vram=gpu_vram,
+        cpu_ram=cpu_ram,
+        load_in_8bit=load_in_8bit,
+    )
+
+
 def load_llamacpp_chat_model(
     model: str | None, n_ctx: int | None = None, threads: int | None = None
 ) -> LoadedModel:
