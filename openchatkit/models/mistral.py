@@ -9,10 +9,11 @@ SDPA's causal path, while the sequence fits in the window).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from openchatkit.models import llama
-from openchatkit.models.arch import Architecture, full_causal_mask
+from openchatkit.models.arch import full_causal_mask
 from openchatkit.models.shape import ModelShape, standard_sizes
 
 
@@ -67,25 +68,17 @@ def layer_activation_bytes(s: ModelShape, e: int, seq: int) -> float:
     return llama.layer_activation_bytes(s, e, seq) + extra
 
 
-ARCHITECTURE = Architecture(
+# Llama's layout, conversion rules and parameter counts; its own modules, the sliding-window
+# mask, MistralConfig's untied default and the window's extra activation bytes.
+ARCHITECTURE = replace(
+    llama.ARCHITECTURE,
     name="mistral",
     model_type="mistral",
-    rules=llama.RULES,
-    ignored_hf=llama.IGNORED_HF,
-    embed_weight="embed_tokens.weight",
-    lm_head_weight="lm_head.weight",
-    build_embedding=llama.build_embedding,
     build_layer=build_layer,
     build_head=build_head,
     build_rotary=build_rotary,
     causal_mask=causal_mask,
-    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
     default_tied=False,  # MistralConfig's default
     read_sizes=read_sizes,
-    layer_linears=llama.layer_linears,
-    layer_vectors=llama.layer_vectors,
-    head_vectors=lambda s: [s.hidden_size],  # the final RMSNorm
     layer_activation_bytes=layer_activation_bytes,
-    stage_activation_bytes=llama.stage_activation_bytes,
-    final_norm_bytes=llama.final_norm_bytes,
 )

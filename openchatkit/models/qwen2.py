@@ -8,11 +8,11 @@ optional sliding-window layers (`use_sliding_window`, off in every released Qwen
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from openchatkit.errors import UserError
 from openchatkit.models import llama
-from openchatkit.models.arch import Architecture
 from openchatkit.models.shape import ModelShape
 
 
@@ -50,24 +50,15 @@ def layer_vectors(s: ModelShape) -> list[int]:
     return [s.hidden_size] * 2 + [s.heads * s.head_dim, s.kv_dim, s.kv_dim]
 
 
-ARCHITECTURE = Architecture(
+# Llama's layout, conversion rules and activation bytes (a bias add keeps nothing more for the
+# backward); its own modules, the q, k, v biases and Qwen2Config's untied default.
+ARCHITECTURE = replace(
+    llama.ARCHITECTURE,
     name="qwen2",
     model_type="qwen2",
-    rules=llama.RULES,
-    ignored_hf=llama.IGNORED_HF,
-    embed_weight="embed_tokens.weight",
-    lm_head_weight="lm_head.weight",
-    build_embedding=llama.build_embedding,
     build_layer=build_layer,
     build_head=build_head,
     build_rotary=build_rotary,
-    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
     default_tied=False,  # Qwen2Config's default
-    layer_linears=llama.layer_linears,
     layer_vectors=layer_vectors,
-    head_vectors=lambda s: [s.hidden_size],  # the final RMSNorm
-    # A bias add keeps nothing more for the backward: Llama's bytes.
-    layer_activation_bytes=llama.layer_activation_bytes,
-    stage_activation_bytes=llama.stage_activation_bytes,
-    final_norm_bytes=llama.final_norm_bytes,
 )
