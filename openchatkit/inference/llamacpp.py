@@ -119,6 +119,7 @@ class LlamaCppModel:
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             L.llama_model_free(self.model)
+            self.model = None  # close() (from __del__) must not free it again
             raise UserError(f"--model {path}: llama.cpp cannot make a context of {self.n_ctx}")
         self.memory = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(n_batch, 0, 1)
@@ -129,13 +130,19 @@ class LlamaCppModel:
         self.chat_template = _meta(L, self.model, "tokenizer.chat_template")
         self.name = _meta(L, self.model, "general.name") or path.stem
 
-    def close(self) -> None:
-        L = self.L
+    def free_context(self) -> None:
+        """Free the single-sequence context and its batch, keeping the weights (the server makes
+        its own context with several sequences on the same model)."""
         if getattr(self, "ctx", None):
-            L.llama_batch_free(self.batch)
-            L.llama_free(self.ctx)
-            L.llama_model_free(self.model)
+            self.L.llama_batch_free(self.batch)
+            self.L.llama_free(self.ctx)
             self.ctx = None
+
+    def close(self) -> None:
+        self.free_context()
+        if getattr(self, "model", None):
+            self.L.llama_model_free(self.model)
+            self.model = None
 
     def __del__(self):
         try:

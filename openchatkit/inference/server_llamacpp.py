@@ -325,15 +325,6 @@ class LlamaCppBackend:
                 req.next_token = token
 
 
-def drop_own_context(cpp) -> None:
-    """Free the single-sequence context `LlamaCppModel` made for the bot (the server makes its
-    own with several sequences); the weights stay loaded for the life of the process."""
-    if getattr(cpp, "ctx", None):
-        cpp.L.llama_batch_free(cpp.batch)
-        cpp.L.llama_free(cpp.ctx)
-        cpp.ctx = None  # LlamaCppModel.close() then frees nothing
-
-
 def load_llamacpp_for_server(model: str | None, window: int):
     """(LoadedModel, window) for `serve.py --backend llama.cpp`: the GGUF file (or the embedded
     model's) as the bot loads it, its window `window` tokens at most (its training window)."""
@@ -343,5 +334,5 @@ def load_llamacpp_for_server(model: str | None, window: int):
     cpp = loaded.model
     train = int(cpp.L.llama_model_n_ctx_train(cpp.model)) or window
     loaded.context_window = min(window, train)
-    drop_own_context(cpp)
+    cpp.free_context()  # the server's context (LlamaCppBackend.start) has several sequences
     return loaded
