@@ -200,7 +200,11 @@ def bench_llamacpp(args, threads: int) -> None:
 
     from openchatkit.inference.embedded_gguf import embedded_llamacpp_file
     from openchatkit.inference.generation import GenerationSettings, GenerationStats, stream_text
-    from openchatkit.inference.llamacpp import LlamaCppModel, LlamaCppTokenizer
+    from openchatkit.inference.llamacpp import (
+        LlamaCppModel,
+        LlamaCppTokenizer,
+        cpu_backend_variant,
+    )
     from openchatkit.models.loading import load_chat_model
 
     torch.set_num_threads(threads)  # the same thread count on every side
@@ -239,8 +243,10 @@ def bench_llamacpp(args, threads: int) -> None:
     for _ in range(args.repeats):  # alternate so drift hits every side equally
         for k, f in sides.items():
             runs[k].append(f())
+    variant = cpu_backend_variant() or "linked-in"
     print(
-        f"\nllama.cpp: {Path(path).name}, {threads} threads, prompt {ids.shape[1]} tokens, "
+        f"\nllama.cpp ({variant} CPU backend): {Path(path).name}, {threads} threads, "
+        f"prompt {ids.shape[1]} tokens, "
         f"{n} new tokens, greedy, median of {args.repeats} (torch {torch.get_num_threads()} threads)"
     )
     med = {k: n / statistics.median(r[0] for r in v) for k, v in runs.items()}

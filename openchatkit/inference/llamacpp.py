@@ -55,8 +55,52 @@ def _lib():
 
         _log_callback = L.llama_log_callback(drop_below_errors)
         L.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        _load_cpu_backend()
         L.llama_backend_init()
     return L
+
+
+def _load_cpu_backend() -> None:
+    """Load ggml's CPU backend when the binding was built with dynamic backends.
+
+    `make install` builds llama.cpp with GGML_BACKEND_DL and GGML_CPU_ALL_VARIANTS: one CPU
+    backend module per x86-64 feature level (libggml-cpu-haswell.so, -icelake, -zen4, ...), and
+    ggml picks the best this CPU runs. They lie in the binding's own lib folder, which ggml does
+    not search by itself: left alone, llama_backend_init would look beside the Python executable
+    and in the working directory, so a library planted in the folder a user chats from would run.
+    A binding built the other way has its CPU backend linked in (registered at load): no-op.
+    """
+    from llama_cpp import _ggml
+
+    # The libggml libllama loaded, found by its soname. Not `_ggml.libggml`: that opens the
+    # wheel's libggml.so, a separate copy of libggml.so.0 (wheels hold no symlinks), whose
+    # backend registry libllama never sees.
+    lib = ctypes.CDLL("libggml.so.0")
+    lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if lib.ggml_backend_reg_count() > 0:
+        return
+    lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_load_all_from_path(str(_ggml.libggml_base_path).encode())
+    if lib.ggml_backend_reg_count() == 0:
+        raise UserError(
+            f"the llama.cpp binding has no CPU backend this CPU can run in {_ggml.libggml_base_path} "
+            "(reinstall it: `make install`)"
+        )
+
+
+def cpu_backend_variant() -> str | None:
+    """The CPU backend module this process loaded ('zen4', 'haswell', ...), None when the CPU
+    backend is linked into libggml (a binding built without dynamic backends). Linux only."""
+    _lib()
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        name = line.rsplit("/", 1)[-1]
+        if name.startswith("libggml-cpu-") and name.endswith(".so"):
+            return name[len("libggml-cpu-") : -len(".so")]
+    return None
 
 
 def default_threads() -> int:
