@@ -215,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         check_model_exists(args.compare, "--compare")
         if same_model(args.model, args.compare) and args.adapter is None:
             raise UserError("--compare names the same model as --model; give a different one")
+    # Before the --data read below, whose module imports torch: a bad --output is told at once.
+    out = output_dir(args)
+    check_writable(out)
+    check_output_free(out, args)
     limit = DEFAULT_LIMIT if args.limit is None else (args.limit or None)  # None: all
     data = args.data or ([str(REPO / DEFAULT_DATA)] if plan.perplexity else [])
     records = None
@@ -229,9 +233,6 @@ def main(argv: list[str] | None = None) -> int:
         from openchatkit.evaluation.runner import read_chat_prompts
 
         prompts = read_chat_prompts(CHAT_PROMPTS)
-    out = output_dir(args)
-    check_writable(out)
-    check_output_free(out, args)
     if not plan.lm_eval:
         # Every task reads local files: `datasets` must not ask the hub about anything.
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output) if args.output else path.with_name("metrics.png")
     if out.suffix.lower() != ".png":
         raise UserError(f"--output {out}: must end in .png")
+    from openchatkit.fileio import check_writable_dir
+
+    # Before matplotlib's import (about a second): an output that cannot be written is told at once.
+    check_writable_dir(out.parent, "--output")
 
     import matplotlib
 

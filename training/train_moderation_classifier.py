@@ -83,8 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
     from openchatkit.fileio import check_output_folder
     from openchatkit.inference.encoder_moderator import (
         DEFAULT_ENCODER,
@@ -102,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     reports = [(path, read_labelled(path, what="--report")) for path in args.report]
     check_output_folder(args.output, args.overwrite)
 
+    # torch and transformers after those checks: bad input is refused without their import.
+    import torch
     from transformers import AutoModel, AutoTokenizer
 
     start = time.perf_counter()

@@ -21,10 +21,10 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
-import torch
 
 from openchatkit.errors import UserError
 from openchatkit.export.gguf_arch import GGUFArch, gguf_arch_for
@@ -36,6 +36,9 @@ from openchatkit.fileio import (
     describe_os_error,
     temp_prefix,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 Q = gguf.GGMLQuantizationType
 # --outtype -> (type of 2-D weights, llama.cpp's file type).
@@ -74,6 +77,8 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: str) -> gguf.GGMLQua
 
 def encode(w: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """A tensor's bytes in GGML type `qtype` (numpy array ready for the writer)."""
+    import torch  # here, not at the top: a bad --model or --out is refused without it
+
     data = w.detach().to(torch.float32).contiguous().numpy()
     if qtype == Q.F32:
         return data

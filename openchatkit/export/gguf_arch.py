@@ -21,12 +21,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
-import torch
 
 from openchatkit.errors import UserError
+
+if TYPE_CHECKING:  # torch only types the transforms here: the checks run without it
+    import torch
 
 # Refused architectures: HF model_type -> why, said in one line.
 REFUSED = {

@@ -184,6 +184,9 @@ def load_encoder_moderator(
     path: str | Path, device: str = "auto", gpu_id: int = 0, batch_size: int = 32
 ) -> EncoderModerator:
     """Load a folder written by `save_encoder_moderator` (UserError naming what is wrong)."""
+    folder = Path(path)
+    config = _read_config(folder)
+    # Imported after the config check: a damaged folder is refused without torch.
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -191,8 +194,6 @@ def load_encoder_moderator(
 
     from openchatkit.models.quiet import quiet_transformers
 
-    folder = Path(path)
-    config = _read_config(folder)
     if device == "auto":
         device = f"cuda:{gpu_id}" if torch.cuda.is_available() else "cpu"
     elif device == "cuda":

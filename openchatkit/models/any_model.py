@@ -168,9 +168,6 @@ def load_sharded_in_memory(
 ) -> LoadedModel:
     """Build the HF model of a layer-sharded folder or trainer checkpoint in memory: every tensor
     through the architecture's key map, exactly as `tools/convert_to_hf_*.py` would write it."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from openchatkit.models import sharded
     from openchatkit.models.convert import read_sharded_source
     from openchatkit.models.hf_weights import SafetensorsFile
@@ -184,6 +181,10 @@ def load_sharded_in_memory(
     else:
         folder, manifest = read_sharded_source(source, flag="--model")
     sharded.check_files(folder, manifest)
+    # Imported after the layout checks above: a damaged checkpoint is refused without them.
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as err:

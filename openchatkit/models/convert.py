@@ -12,9 +12,8 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from loguru import logger
 
 from openchatkit import checkpoints
@@ -36,6 +35,11 @@ from openchatkit.models.registry import (
     name_for_model_type,
     read_model_type,
 )
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported inside the two conversions, after their input checks: a converter (or
+# `--model` given a checkpoint) refuses a bad path, layout or flag without importing it.
 
 CHAT_FORMATS = ("openchatkit",)
 
@@ -115,6 +119,8 @@ def convert_hf_to_sharded(
             if key not in plan.get(name, {}):
                 hf_key = arch.hf_key(part, key, _layer_of(name))[0]
                 raise UserError(f"{hf_dir}: missing checkpoint key {hf_key!r}")
+
+    import torch
 
     # Without --dtype the source's dtype (that of its embedding) is kept, bit for bit.
     target = sharded.parse_dtype(dtype) or weights.dtype(arch.hf_key("embed", arch.embed_weight)[0])
@@ -329,6 +335,8 @@ def convert_sharded_to_hf(
         )
     arch = get_architecture(architecture)
     expected = arch.expected_keys(config)
+
+    import torch
 
     # (hf key, file, our key, transform) for every tensor, checked against the key map.
     entries = []

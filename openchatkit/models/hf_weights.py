@@ -8,14 +8,19 @@ loaded with `mmap=True`. Either way memory holds about one layer, not the model.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from openchatkit.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported inside the functions that make tensors: checking a file's header (a
+# converter's or the bot's refusal of a truncated weight file) then runs without it.
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -51,19 +56,27 @@ def contained_file(folder: str | os.PathLike, name: str, what: str = "model fold
     return path
 
 
-# safetensors dtype codes -> torch dtypes.
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors dtype codes -> torch dtype names (attributes of torch).
+SAFETENSORS_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
+
+
+@functools.cache
+def safetensors_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype codes -> torch dtypes."""
+    import torch
+
+    return {code: getattr(torch, name) for code, name in SAFETENSORS_DTYPE_NAMES.items()}
 
 
 class SafetensorsFile:
@@ -111,9 +124,9 @@ class SafetensorsFile:
 
     def dtype(self, key: str) -> torch.dtype:
         code = self._header[key]["dtype"]
-        if code not in SAFETENSORS_DTYPES:
+        if code not in SAFETENSORS_DTYPE_NAMES:
             raise UserError(f"{self.path}: tensor {key!r} has unsupported dtype {code}")
-        return SAFETENSORS_DTYPES[code]
+        return safetensors_dtypes()[code]
 
     def shape(self, key: str) -> list[int]:
         return list(self._header[key]["shape"])
@@ -123,6 +136,8 @@ class SafetensorsFile:
         return stop - start
 
     def get_tensor(self, key: str) -> torch.Tensor:
+        import torch
+
         info = self._header[key]
         start, stop = info["data_offsets"]
         buf = bytearray(stop - start)
@@ -207,6 +222,8 @@ class _BinShard:
     """A pickled `.bin` shard, memory-mapped so tensors are paged in on use."""
 
     def __init__(self, path: Path):
+        import torch
+
         self.state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
     def keys(self):
@@ -249,7 +266,9 @@ def write_safetensors(
     """Write a safetensors file tensor by tensor: the header from `specs` (key, dtype, shape)
     first, then each tensor `tensors` yields, in the same order. Memory holds one tensor, where
     `safetensors.torch.save_file` holds a byte copy of them all."""
-    codes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    import torch
+
+    codes = {v: k for k, v in safetensors_dtypes().items()}
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key, dtype, shape in specs:

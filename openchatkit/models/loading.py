@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +75,30 @@ def parse_gpu_vram(entries: list[str] | None) -> dict[int, str]:
     return out
 
 
+def cuda_certainly_absent() -> bool:
+    """True when no CUDA device can be visible, known without importing torch (seconds of CPU):
+    the device list is hidden (CUDA_VISIBLE_DEVICES empty or -1), or a Linux host has no GPU
+    device node (NVIDIA's /dev/nvidia*, ROCm's /dev/kfd, WSL's /dev/dxg). False: ask torch."""
+    import glob
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return True
+    if sys.platform.startswith("linux"):
+        nodes = glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/kfd") + glob.glob("/dev/dxg")
+        return not nodes
+    return False
+
+
 def pick_device(device: str, gpu_id: int) -> str:
+    """'cpu' or 'cuda:<gpu_id>' for --device auto|cpu|cuda; UserError when CUDA is asked for and
+    absent. Decided without torch where no GPU can be there, so that a bad flag combination
+    (--device cuda, -g, --load-in-8bit on a CPU host) is refused before the seconds of its import."""
+    if device == "cpu":
+        return "cpu"
+    if cuda_certainly_absent():
+        if device == "cuda":
+            raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+        return "cpu"
     import torch
 
     if device == "auto":
@@ -164,14 +188,24 @@ def load_chat_model(
 
     `adapter`: a PEFT LoRA folder put on top of the model (`tools/export_lora.py`); the name
     then reads "base + adapter"."""
+    # Every check that needs no torch comes first (a user's mistake is told in a fraction of a
+    # second); torch and transformers are imported after them.
     source, display = resolve_model(name)
     max_gpu = parse_gpu_vram(gpu_vram)
     dev = pick_device(device, gpu_id)
-    torch_dtype = pick_dtype(dtype, dev)
     if (max_gpu or cpu_ram) and not dev.startswith("cuda"):
         raise UserError(
             "-g/--gpu-vram and -r/--cpu-ram set GPU memory and CPU offload; no GPU here"
         )
+    if load_in_8bit and not dev.startswith("cuda"):
+        # Measured here: bitsandbytes 0.50 int8 on CPU answered with blank text at
+        # 0.3 tokens/s. bf16 halves memory on CPU without that.
+        raise UserError(
+            "--load-in-8bit needs a CUDA GPU (bitsandbytes int8 on CPU is broken and "
+            "slow); on CPU use --dtype bfloat16 to halve memory"
+        )
+    check_weight_headers(source, display)
+    torch_dtype = pick_dtype(dtype, dev)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -184,13 +218,6 @@ def load_chat_model(
         max_memory = offload_max_memory(max_gpu, cpu_ram, index, total)
         kwargs.update(device_map="auto", max_memory=max_memory)
     if load_in_8bit:
-        if not dev.startswith("cuda"):
-            # Measured here: bitsandbytes 0.50 int8 on CPU answered with blank text at
-            # 0.3 tokens/s. bf16 halves memory on CPU without that.
-            raise UserError(
-                "--load-in-8bit needs a CUDA GPU (bitsandbytes int8 on CPU is broken and "
-                "slow); on CPU use --dtype bfloat16 to halve memory"
-            )
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as err:
@@ -238,6 +265,46 @@ def load_chat_model(
         int(window),
         read_generation_defaults(source),
     )
+
+
+def check_weight_headers(source: str, display: str) -> None:
+    """The safetensors weights of a local folder `source` that transformers would read
+    (`model.safetensors`, else the shards its index lists) have a sound header and all the bytes
+    it describes: header reads only, no torch, so a truncated download is told at once. Anything
+    else (a missing shard, .bin weights, a hub id) is left to transformers' own error."""
+    import json
+
+    from openchatkit.models.hf_weights import SAFE_INDEX, SafetensorsFile, contained_file
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    names = []
+    if (folder / "model.safetensors").is_file():
+        names = ["model.safetensors"]
+    elif (folder / SAFE_INDEX).is_file():
+        try:
+            names = sorted(
+                {
+                    str(n)
+                    for n in json.loads((folder / SAFE_INDEX).read_text())["weight_map"].values()
+                }
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            return  # transformers names the damaged index
+    for name in names:
+        try:
+            path = contained_file(folder, name)
+        except UserError:
+            continue  # transformers refuses it
+        if not path.is_file():
+            continue
+        try:
+            SafetensorsFile(path)
+        except (UserError, OSError) as err:
+            raise UserError(
+                f"--model: cannot load '{display}': a weight file is damaged or truncated ({err})"
+            ) from None
 
 
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p")

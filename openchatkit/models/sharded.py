@@ -19,12 +19,15 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from openchatkit.errors import UserError
 from openchatkit.fileio import write_json
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported inside the functions that make tensors: reading and checking a folder's
+# layout (a converter's refusal of a bad --ckpt-path) then runs without it.
 
 FORMAT = "openchatkit-layer-sharded"
 VERSION = 1
@@ -44,7 +47,8 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the dtypes a folder may hold (torch names)
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
 
 def layer_file(index: int) -> str:
@@ -53,22 +57,31 @@ def layer_file(index: int) -> str:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    for name, value in DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"unsupported dtype {dtype}")
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype {dtype}")
+    return name
+
+
+def check_dtype_name(name: str) -> str:
+    """`fp16`, `float16`, `torch.float16` ... -> its name in DTYPE_NAMES (no torch needed);
+    UserError for any other."""
+    key = str(name).removeprefix("torch.")
+    key = DTYPE_ALIASES.get(key, key)
+    if key not in DTYPE_NAMES:
+        raise UserError(f"unknown dtype {name!r}: use one of float32, float16, bfloat16")
+    return key
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """`fp16`, `float16`, `torch.float16` ... -> torch dtype; None stays None."""
-    if name is None or isinstance(name, torch.dtype):
+    if name is None:
+        return None
+    import torch
+
+    if isinstance(name, torch.dtype):
         return name
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-    key = str(name).removeprefix("torch.")
-    key = aliases.get(key, key)
-    if key not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}: use one of float32, float16, bfloat16")
-    return DTYPES[key]
+    return getattr(torch, check_dtype_name(name))
 
 
 @dataclass
@@ -120,7 +133,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         )
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path}: missing or bad field {err}") from None
-    parse_dtype(manifest.dtype)
+    check_dtype_name(manifest.dtype)
     return manifest
 
 
@@ -145,7 +158,8 @@ def check_files(folder: str | os.PathLike, manifest: Manifest) -> None:
         if not path.is_file():
             raise UserError(f"missing weight file {path}")
         try:
-            with safe_open(str(path), framework="pt") as f:
+            # numpy, not pt: the header check alone, without importing torch (same errors)
+            with safe_open(str(path), framework="numpy") as f:
                 f.keys()
         except Exception as err:  # safetensors raises its own error types for bad headers
             raise UserError(f"unreadable weight file {path} (truncated?): {err}") from None
@@ -159,6 +173,7 @@ def load_tensors(
 ) -> dict[str, torch.Tensor]:
     """Read tensors (all, or `keys`) from one safetensors file; UserError naming the file if it
     is missing, truncated or lacks a key."""
+    import torch
     from safetensors import safe_open
 
     path = Path(path)

@@ -64,10 +64,13 @@ def check_resume_target(config: TrainConfig) -> None:
     search skips it (its files' sizes are checked here, not their hashes: not worth reading
     every file twice)."""
     from openchatkit.checkpoints import find_latest, verify_checkpoint
-    from openchatkit.training.trainer import check_resume_kind
 
     latest = find_latest(config.checkpoint_path, verify=False)
     if latest is not None and verify_checkpoint(latest, hashes=False) is None:
+        # Imported only when resuming (the trainer module imports torch): a new run's other
+        # refusals (a checkpoint folder in use, say) come without it.
+        from openchatkit.training.trainer import check_resume_kind
+
         check_resume_kind(latest, config)
 
 
@@ -76,15 +79,18 @@ def run_locked(config: TrainConfig, rdv: Rendezvous) -> int:
     checkpoint folder) and releases it on any way out (SIGTERM included; the watchdog's exit:
     see trainer). Returns the exit code."""
     from openchatkit.training.lock import CheckpointLock, release_on_sigterm
-    from openchatkit.training.trainer import run_training
 
+    # The lock comes before the trainer's imports (torch): a folder in use is refused at once.
     lock = CheckpointLock.acquire(config.checkpoint_path) if rdv.rank == 0 else None
     if lock is not None:
         release_on_sigterm()
-        from openchatkit.training.checkpoint import remove_stale_temps
-
-        remove_stale_temps(config.checkpoint_path)  # what a killed run left half-written
     try:
+        if lock is not None:
+            from openchatkit.training.checkpoint import remove_stale_temps
+
+            remove_stale_temps(config.checkpoint_path)  # what a killed run left half-written
+        from openchatkit.training.trainer import run_training
+
         return run_training(config, rdv)
     finally:
         if lock is not None:

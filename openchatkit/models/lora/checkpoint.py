@@ -150,14 +150,15 @@ def read_adapter_checkpoint(
 ) -> tuple[Path, dict[str, Any], LoraSettings, dict[str, torch.Tensor]]:
     """A LoRA trainer checkpoint (a `checkpoint_<step>/` or the folder holding `latest`):
     (folder, adapter.json, settings, every adapter tensor by our name)."""
-    from safetensors.torch import load_file
-
     from openchatkit.models.convert import resolve_checkpoint
 
     folder = resolve_checkpoint(ckpt)
     meta = read_adapter_meta(folder)
     if meta is None:
         raise UserError(f"--ckpt-path {ckpt}: not a LoRA checkpoint (no {ADAPTER_META})")
+    # Imported after the checks above: a wrong --ckpt-path is refused without torch.
+    from safetensors.torch import load_file
+
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted(folder.glob("adapter_stage_*.safetensors")):
         try:
