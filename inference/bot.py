@@ -268,7 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     extra = f", retrieval from {args.retrieval} ({len(retriever)} passages)" if retriever else ""
     extra += f", moderation by {moderator.name}" if moderator else ""
     # Which backend runs, and for llama.cpp which file (the embedded model's cached export).
-    runs = f"llama.cpp from {loaded.model.path}" if backend == "llama.cpp" else "torch"
+    if backend == "llama.cpp":
+        from openchatkit.inference.llamacpp import cpu_backend_variant
+
+        variant = cpu_backend_variant()  # the CPU backend llama.cpp picked for this CPU
+        runs = f"llama.cpp{f' ({variant})' if variant else ''} from {loaded.model.path}"
+    else:
+        runs = "torch"
     from openchatkit.inference.backends import binding_available
 
     if args.backend == "auto" and not torch_flags and not binding_available():
