@@ -191,12 +191,14 @@ def test_chat_suite_answers_through_the_bot_session(tiny_loaded):
     assert report.count("- **other:**") == 3
 
 
-def test_compare_checkpoint_with_its_hf_folder_from_the_cli(cli, tiny_model_dir, tmp_path):
+def test_compare_checkpoint_with_its_hf_folder_from_the_cli(in_process, tiny_model_dir, tmp_path):
+    """eval.py --compare through its main(argv) in this process: the script as a real process
+    is test_arc_easy_offline_from_the_cli's run; what this one checks is --compare's output."""
     from openchatkit.models.convert import convert_hf_to_sharded
 
     sharded = convert_hf_to_sharded(tiny_model_dir, tmp_path / "tiny-sharded", "llama")
     out = tmp_path / "out"
-    proc = cli.run(
+    proc = in_process(
         "evaluation/eval.py",
         "--model",
         sharded,
@@ -209,7 +211,7 @@ def test_compare_checkpoint_with_its_hf_folder_from_the_cli(cli, tiny_model_dir,
         "3",
         "--output",
         out,
-        env=cli.user_env(HF_HUB_OFFLINE="1"),
+        env={"HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr
     first = json.loads((out / "results.json").read_text())

@@ -77,6 +77,24 @@ def tiny(request, tmp_path_factory, tokenizer_dir):
     return request.param, make_tiny(folder / "hf", request.param, tokenizer_dir)
 
 
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """exported(outtype) -> the tiny model's GGUF in `outtype`, written once per module: the
+    logit test and the read-back test check the same file (neither writes to it)."""
+    from openchatkit.export.gguf import export_gguf
+
+    kind, folder = tiny
+    base = tmp_path_factory.mktemp(f"gguf-{kind}")
+    files: dict[str, Path] = {}
+
+    def get(outtype: str) -> Path:
+        if outtype not in files:
+            files[outtype] = export_gguf(str(folder), base / f"{kind}.{outtype}.gguf", outtype)
+        return files[outtype]
+
+    return get
+
+
 def torch_steps(folder: Path, ids: list[int], steps: int):
     """Greedy continuation with transformers: (token ids, logits (steps, vocab))."""
     from transformers import AutoModelForCausalLM
@@ -115,13 +133,11 @@ def cpp_steps(path: Path, ids: list[int], steps: int, forced: list[int] | None =
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
-def test_llamacpp_logits_match_torch(tiny, outtype, tmp_path):
+def test_llamacpp_logits_match_torch(tiny, outtype, exported):
     from transformers import AutoTokenizer
 
-    from openchatkit.export.gguf import export_gguf
-
     kind, folder = tiny
-    out = export_gguf(str(folder), tmp_path / f"{kind}.{outtype}.gguf", outtype)
+    out = exported(outtype)
     ids = AutoTokenizer.from_pretrained(folder)(PROMPT)["input_ids"]
     ref_ids, ref = torch_steps(folder, ids, STEPS)
     got_ids, got = cpp_steps(out, ids, STEPS, forced=ref_ids)
@@ -153,13 +169,12 @@ def _block_bound(src: np.ndarray, qtype) -> np.ndarray:
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0", "q4_1"])
-def test_every_tensor_reads_back_within_its_type_bound(tiny, outtype, tmp_path):
-    from openchatkit.export.gguf import export_gguf
+def test_every_tensor_reads_back_within_its_type_bound(tiny, outtype, exported):
     from openchatkit.export.gguf_arch import GGUF_ARCHS
     from openchatkit.models.hf_weights import HFWeights
 
     kind, folder = tiny
-    out = export_gguf(str(folder), tmp_path / f"{kind}.gguf", outtype)
+    out = exported(outtype)
     spec = GGUF_ARCHS[kind]
     names = gguf.get_tensor_name_map(spec.arch, LAYERS)
     weights = HFWeights(folder)

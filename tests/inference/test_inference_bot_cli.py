@@ -1,8 +1,13 @@
-"""inference/bot.py run the way a user runs it, on the embedded SmolLM2 model (greedy)."""
+"""inference/bot.py on the embedded SmolLM2 model (greedy): piped turns, --prompt and --retrieval
+run the way a user runs them (a subprocess each); the cases where what is checked is not the
+process (the decoding defaults, the answer without an index) through `main(argv)` in this
+process, with stdin fed from a string."""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pytest
 
@@ -19,6 +24,18 @@ def run_bot(cli):
         return cli.run(BOT, *args, env=env, stdin=stdin, timeout=timeout)
 
     return run_bot
+
+
+@pytest.fixture
+def bot_in_process(in_process, monkeypatch):
+    """bot_in_process(args, stdin=""): the bot's main(argv) in this process reading `stdin` as
+    from a pipe (not a terminal; TextIOWrapper, which the bot reconfigures, as sys.stdin is)."""
+
+    def call(args, stdin=""):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+        return in_process(BOT, *args, log_level="WARNING")
+
+    return call
 
 
 def test_capital_of_france_piped(tmp_path, run_bot):
@@ -79,9 +96,11 @@ def test_bad_input_exit_2(args, needles, in_process, cli):
     cli.assert_one_line_error(proc, *needles, usage_first=True)
 
 
-def test_retrieval_answers_from_made_up_corpus(tmp_path, run_bot, cli):
+def test_retrieval_answers_from_made_up_corpus(tmp_path, run_bot, bot_in_process, in_process):
     index = tmp_path / "index"
-    build = cli.run(
+    # The index is built in this process: build_index.py as a subprocess is
+    # tests/retrieval/test_retrieval_cli.py's `cli_index`.
+    build = in_process(
         "retrieval/build_index.py",
         "--input",
         "retrieval/sample-corpus",
@@ -97,14 +116,17 @@ def test_retrieval_answers_from_made_up_corpus(tmp_path, run_bot, cli):
     assert "Ignatius Pell" in answer
     assert "Brindlewick" in proc.stdout.split("[1] score")[1]  # /context lists the passage
     # Without the index the model cannot know the made-up name.
-    plain = run_bot(["--no-sample", "--max-tokens", "40"], stdin=script.replace("/context\n", ""))
+    plain = bot_in_process(
+        ["--no-sample", "--max-tokens", "40"], stdin=script.replace("/context\n", "")
+    )
+    assert plain.returncode == 0, plain.stderr
     assert "Ignatius Pell" not in plain.stdout
 
 
-def test_decoding_defaults_from_generation_config_then_flags(run_bot):
+def test_decoding_defaults_from_generation_config_then_flags(bot_in_process):
     # The embedded model's generation_config.json asks for greedy decoding; flags override it.
-    proc = run_bot([], stdin="/hyperparameters\n/quit\n")
+    proc = bot_in_process([], stdin="/hyperparameters\n/quit\n")
     assert proc.returncode == 0, proc.stderr
     assert "sample = False" in proc.stdout and "temperature = 0.6" in proc.stdout
-    proc = run_bot(["--sample", "--temperature", "0.3"], stdin="/hyperparameters\n")
+    proc = bot_in_process(["--sample", "--temperature", "0.3"], stdin="/hyperparameters\n")
     assert "sample = True" in proc.stdout and "temperature = 0.3" in proc.stdout

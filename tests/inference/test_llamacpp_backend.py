@@ -24,6 +24,15 @@ def cpp_loaded():
     return load_llamacpp_chat_model(None, n_ctx=2048, threads=1)
 
 
+@pytest.fixture(scope="module")
+def torch_loaded():
+    """The embedded model on torch in float32, loaded once for the two tests that read it
+    (neither changes it: sessions wrap it)."""
+    from openchatkit.models.loading import load_chat_model
+
+    return load_chat_model(None, device="cpu", dtype="float32")
+
+
 def make_session(loaded, max_tokens=24):
     from openchatkit.inference.generation import GenerationSettings
     from openchatkit.inference.session import ChatSession
@@ -81,12 +90,11 @@ def test_interrupted_step_drops_the_cache(cpp_loaded):
     assert cpp.evaluate(ids[0].tolist()) == ids.shape[1]  # the whole prompt again
 
 
-def test_torch_backend_keeps_its_cache_with_the_same_text(tmp_path):
+def test_torch_backend_keeps_its_cache_with_the_same_text(torch_loaded):
     """The torch backend's cross-turn cache gives the answers a fresh session gives."""
     from openchatkit.inference.generation import chat_backend
-    from openchatkit.models.loading import load_chat_model
 
-    loaded = load_chat_model(None, device="cpu", dtype="float32")
+    loaded = torch_loaded
     session, out, err = make_session(loaded, max_tokens=12)
     session.chat_model = chat_backend(loaded.model, keep_cache=True)
     session.say("Hello!")
@@ -98,15 +106,14 @@ def test_torch_backend_keeps_its_cache_with_the_same_text(tmp_path):
     assert fresh.messages[-1] == session.messages[-1]
 
 
-def test_embedded_model_exported_f16_greedy_equals_torch(tmp_path):
+def test_embedded_model_exported_f16_greedy_equals_torch(tmp_path, torch_loaded):
     from openchatkit.conversation import PromptFormat
     from openchatkit.export.gguf import export_gguf
     from openchatkit.inference.generation import GenerationSettings, stream_text
     from openchatkit.inference.llamacpp import LlamaCppModel, LlamaCppTokenizer
-    from openchatkit.models.loading import load_chat_model
 
     out = export_gguf(None, tmp_path / "smollm2.f16.gguf", "f16")
-    loaded = load_chat_model(None, device="cpu", dtype="float32")
+    loaded = torch_loaded
     cpp = LlamaCppModel(out, n_ctx=1024, n_threads=1)
     cpp_tok = LlamaCppTokenizer(cpp)
     settings = GenerationSettings(max_tokens=32, sample=False)

@@ -1,7 +1,9 @@
-"""The conversion and prepare scripts: round trips and trainer checkpoints run as a user runs
-them, and every bad input (one line on stderr, exit 2, nothing written), most through the
-script's main(argv) in this process (the `in_process` fixture; tests/test_bad_input.py runs
-such cases as subprocesses)."""
+"""The conversion and prepare scripts: round trips run as a user runs them, a trainer checkpoint
+(the `latest` pointer, --fp16) through the converter's main(argv) in this process (the same code
+path as a folder's; tools/convert_to_hf_llama.py on a trainer's run folder runs as a real process
+in tests/training/test_training_lora.py), and every bad input (one line on stderr, exit 2,
+nothing written), most through the script's main(argv) in this process (the `in_process`
+fixture; tests/test_bad_input.py runs such cases as subprocesses)."""
 
 from __future__ import annotations
 
@@ -38,7 +40,9 @@ def llama_sharded(tmp_path, tiny_llama):
     return hf, Path(shutil.copytree(sharded, tmp_path / "sharded"))
 
 
-def test_cli_round_trip_is_exact_and_overwrite_needs_the_flag(tmp_path, tiny_llama, cli):
+def test_cli_round_trip_is_exact_and_overwrite_needs_the_flag(
+    tmp_path, tiny_llama, cli, in_process
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf, _ = tiny_llama
@@ -52,12 +56,14 @@ def test_cli_round_trip_is_exact_and_overwrite_needs_the_flag(tmp_path, tiny_lla
     out = tmp_path / "back"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = cli.run("tools/convert_to_hf_llama.py", "--ckpt-path", sharded, "--save-path", out)
+    # The two refusals in this process (the one-line contract of the real process for a full
+    # --save-path is a row of tests/test_bad_input.py); the conversions around them are real.
+    proc = in_process("tools/convert_to_hf_llama.py", "--ckpt-path", sharded, "--save-path", out)
     cli.assert_one_line_error(proc, str(out), "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     # keep.txt is not something the kit writes: --overwrite refuses too (security finding 18).
     args = ["--ckpt-path", sharded, "--save-path", out, "--overwrite"]
-    proc = cli.run("tools/convert_to_hf_llama.py", *args)
+    proc = in_process("tools/convert_to_hf_llama.py", *args)
     cli.assert_one_line_error(proc, str(out), "keep.txt")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     (out / "keep.txt").rename(out / "config.json")  # an earlier output is replaced whole
@@ -82,7 +88,9 @@ def test_cli_round_trip_is_exact_and_overwrite_needs_the_flag(tmp_path, tiny_lla
     assert tok("w5 w7")["input_ids"] == [5, 7]
 
 
-def test_trainer_checkpoint_with_latest_gets_the_openchatkit_template(tmp_path, tiny_llama, cli):
+def test_trainer_checkpoint_with_latest_gets_the_openchatkit_template(
+    tmp_path, tiny_llama, in_process
+):
     from transformers import AutoTokenizer
 
     _, sharded = tiny_llama
@@ -94,7 +102,7 @@ def test_trainer_checkpoint_with_latest_gets_the_openchatkit_template(tmp_path, 
     torch.save({"state": {}}, ckpt / "optimizer" / "stage_000.pt")
     (ckpt / "meta.json").write_text(json.dumps({"step": 5, "chat_format": "openchatkit"}))
     (root / "latest").write_text("checkpoint_5\n")
-    proc = cli.run(
+    proc = in_process(
         "tools/convert_to_hf_llama.py",
         "--ckpt-path",
         root,

@@ -285,7 +285,7 @@ def trained_folder(tmp_path_factory, cli):
     return out, proc.stdout
 
 
-def test_training_script_writes_a_folder_moderate_py_reads(trained_folder, cli):
+def test_training_script_writes_a_folder_moderate_py_reads(trained_folder, cli, in_process):
     out, stdout = trained_folder
     assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, HEAD_FILE]  # encoder: reference
     config = json.loads((out / CONFIG_FILE).read_text())
@@ -296,7 +296,10 @@ def test_training_script_writes_a_folder_moderate_py_reads(trained_folder, cli):
     assert "accuracy 1.000 (10/10)" in proc.stdout, proc.stdout
     assert f"p(needs intervention) >= {config['threshold']:.2f}" in proc.stdout
     assert "exact accuracy" in stdout and "1.000 (10/10)" in stdout
-    proc = cli.run("inference/moderate.py", "--model", out, "--examples", out / CONFIG_FILE, "hi")
+    # A refusal: in this process (moderate.py's bad input as a real process is in
+    # tests/test_bad_input.py's table; the --eval run above is the real one here).
+    args = ["--model", out, "--examples", out / CONFIG_FILE, "hi"]
+    proc = in_process("inference/moderate.py", *args, log_level="WARNING")
     cli.assert_one_line_error(proc, "--examples")
 
 
@@ -308,12 +311,19 @@ def tiny_chat_folder(tmp_path, char_tokenizer, tiny_llama):
     return folder
 
 
-def test_bot_moderation_dir(trained_folder, tiny_chat_folder, cli):
+def test_bot_moderation_dir(trained_folder, tiny_chat_folder, in_process, monkeypatch):
+    """The bot's main(argv) in this process, stdin as from a pipe: what is checked is the
+    moderation of each turn (the piped bot as a real process is
+    tests/inference/test_inference_bot_cli.py's)."""
+    import io
+    import sys
+
     out, _ = trained_folder
     stdin = "I want to kill myself tonight.\nWhat's a good recipe for banana bread?\n/quit\n"
-    proc = cli.run(
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+    proc = in_process(
         "inference/bot.py", "--model", tiny_chat_folder, "--moderation", out,
-        "--no-sample", "--max-tokens", "3", stdin=stdin,
+        "--no-sample", "--max-tokens", "3", log_level="WARNING",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count(REFUSAL) == 1, proc.stdout  # the second message is answered

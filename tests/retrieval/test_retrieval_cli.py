@@ -1,4 +1,7 @@
-"""The retrieval scripts run as a user runs them: build, search, and one-line errors."""
+"""The retrieval scripts: build and search run as a user runs them (subprocesses); their
+one-line errors through the scripts' main(argv) in this process (the `in_process` fixture),
+with the same assertions; tests/test_bad_input.py runs build_index.py's and search.py's bad
+input as subprocesses, for the "one line, exit 2, no traceback" contract of the real process."""
 
 from __future__ import annotations
 
@@ -74,47 +77,53 @@ def _load_with(shared, load):
     return patched
 
 
-def test_build_errors_are_one_line(tmp_path, cli_index, run, cli):
+def test_build_errors_are_one_line(tmp_path, cli_index, in_process, cli):
     empty = tmp_path / "empty.md"
     empty.write_text("\n")
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\x00\xff\x00binary")
     out = str(tmp_path / "out")
     cli.assert_one_line_error(
-        run(BUILD, "--input", str(tmp_path / "missing"), "--output", out), "no such file"
-    )
-    cli.assert_one_line_error(run(BUILD, "--input", str(empty), "--output", out), "empty corpus")
-    cli.assert_one_line_error(
-        run(BUILD, "--input", str(binary), "--output", out), "blob.txt", "binary"
+        in_process(BUILD, "--input", str(tmp_path / "missing"), "--output", out), "no such file"
     )
     cli.assert_one_line_error(
-        run(BUILD, "--input", str(empty), "--output", str(cli_index)), "exists", "--overwrite"
+        in_process(BUILD, "--input", str(empty), "--output", out), "empty corpus"
     )
     cli.assert_one_line_error(
-        run(BUILD, "--input", str(empty), "--output", out, "--chunk-sentences", "0"),
+        in_process(BUILD, "--input", str(binary), "--output", out), "blob.txt", "binary"
+    )
+    cli.assert_one_line_error(
+        in_process(BUILD, "--input", str(empty), "--output", str(cli_index)),
+        "exists",
+        "--overwrite",
+    )
+    cli.assert_one_line_error(
+        in_process(BUILD, "--input", str(empty), "--output", out, "--chunk-sentences", "0"),
         "--chunk-sentences",
     )
     notes = tmp_path / "notes.txt"
     notes.write_text("Just one sentence here.")
     cli.assert_one_line_error(
-        run(BUILD, "--input", str(notes), "--output", out, "--index-type", "ivfpq"),
+        in_process(BUILD, "--input", str(notes), "--output", out, "--index-type", "ivfpq"),
         "ivfpq needs at least",
     )
     assert not Path(out).exists()  # nothing half-written
 
 
-def test_search_errors_are_one_line(tmp_path, cli_index, run, cli):
-    cli.assert_one_line_error(run(SEARCH, str(tmp_path / "nope"), "q"), "no such index folder")
+def test_search_errors_are_one_line(tmp_path, cli_index, in_process, cli):
+    cli.assert_one_line_error(
+        in_process(SEARCH, str(tmp_path / "nope"), "q"), "no such index folder"
+    )
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "meta.json").write_text((cli_index / "meta.json").read_text())
     cli.assert_one_line_error(
-        run(SEARCH, str(partial), "q"), "missing index.faiss, passages.parquet"
+        in_process(SEARCH, str(partial), "q"), "missing index.faiss, passages.parquet"
     )
-    cli.assert_one_line_error(run(SEARCH, str(cli_index), "q", "-k", "0"), "-k must be >= 1")
+    cli.assert_one_line_error(in_process(SEARCH, str(cli_index), "q", "-k", "0"), "-k must be >= 1")
 
 
-def test_search_refuses_embedder_dimension_mismatch(cli_index, tmp_path, run, cli):
+def test_search_refuses_embedder_dimension_mismatch(cli_index, tmp_path, in_process, cli):
     """Querying a 384-dim MiniLM index with a 32-dim embedder is refused in one line."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -128,7 +137,7 @@ def test_search_refuses_embedder_dimension_mismatch(cli_index, tmp_path, run, cl
     )  # fmt: skip
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    proc = run(SEARCH, str(cli_index), "q", "--embedder", str(folder))
+    proc = in_process(SEARCH, str(cli_index), "q", "--embedder", str(folder))
     cli.assert_one_line_error(
         proc, "gives 32-dim vectors but the index holds 384-dim", "all-MiniLM-L6-v2"
     )

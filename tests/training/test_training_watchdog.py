@@ -198,12 +198,17 @@ def _frozen_rank_is_named(tiny, tt, tmp_path, limit, **flags):
 
 
 def test_frozen_rank_is_named_by_the_others(tiny, tt, tmp_path):
-    """The watchdog with --peer-timeout 20. The default (60 s, checked here) is run for real by
-    the next test, in `make test-slow`."""
+    """The watchdog with --peer-timeout 6. The default (60 s, checked here) is run for real by
+    the next test, in `make test-slow`.
+
+    6 s is sound on a loaded machine: every rank starts its watchdog right after the same
+    collective (`dist.new_group` in Trainer.setup), and heartbeats run in their own thread
+    (every 0.17 s here), which compute does not stop (torch releases the GIL); so a live rank
+    is never 6 s silent, and the test waits the timeout, not training."""
     from openchatkit.cli.train import build_parser
 
     assert build_parser().get_default("peer_timeout") == 60.0
-    _frozen_rank_is_named(tiny, tt, tmp_path, limit=60, peer_timeout=20)
+    _frozen_rank_is_named(tiny, tt, tmp_path, limit=60, peer_timeout=6)
 
 
 @pytest.mark.slow  # ~80 s of waiting for the default timeout
@@ -216,8 +221,11 @@ def test_frozen_rank_is_named_by_the_others_within_120_s(tiny, tt, tmp_path):
 
 
 def test_killed_store_host_is_named_by_the_others_within_120_s(tiny, tt, tmp_path):
-    """Rank 0 (which hosts the rendezvous store) is SIGKILLed at step 3."""
-    procs = _start_ranks(tt, tiny, tmp_path / "ckpt", "step:3@0", peer_timeout=30)
+    """Rank 0 (which hosts the rendezvous store) is SIGKILLed at step 3. --peer-timeout 10 (not
+    the default): the store host is declared dead after three heartbeat periods of failed store
+    calls (period = timeout / 12), so a shorter timeout only shortens the wait; see the frozen
+    rank test for why a short timeout names no live rank."""
+    procs = _start_ranks(tt, tiny, tmp_path / "ckpt", "step:3@0", peer_timeout=10)
     _wait_stopped(procs, 0)
     out = _collect(procs, [1, 2, 3], limit=120)
     for r, (code, err, took) in out.items():
