@@ -178,17 +178,98 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max((ta[k].double() - tb[k].double()).abs().max().item() for k in ta)
 
 
+class _OnFirstUse(dict):
+    """{key: make(key)}, each made on its first lookup."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key):
+        self[key] = self._make(key)
+        return self[key]
+
+
 @pytest.fixture(scope="session")
 def reference(tiny, tmp_path_factory) -> dict[str, Path]:
-    """Single-process (pp=1 x dp=1) runs of both tiny models: the ground truth."""
+    """Single-process (pp=1 x dp=1) runs of the tiny models, {"llama"|"gpt_neox": checkpoint
+    folder}: the ground truth. Each is run on first use (a test session that needs only one
+    pays for one), in this process (`train_in_this_process`: a single-process run; the same
+    weights and losses as the script started by a user)."""
     root = tmp_path_factory.mktemp("reference")
-    out = {}
-    for arch in ("llama", "gpt_neox"):
+
+    def make(arch: str) -> Path:
         ckpt = root / arch
-        r = run_train(train_args(tiny, arch, ckpt))
+        r = train_in_this_process(train_args(tiny, arch, ckpt))
         assert r.returncode == 0, r.stderr[-3000:]
-        out[arch] = ckpt
-    return out
+        return ckpt
+
+    return _OnFirstUse(make)
+
+
+_TRAINER_MODULE: list = []  # training/dist_clm_train.py imported once, for main(argv)
+
+
+def train_in_this_process(args: list[str]) -> subprocess.CompletedProcess:
+    """The trainer's `main(argv)` in this process, as `run_train(args)` runs it in a user's
+    shell (through `openchatkit.cli.run_main`, from the repository root, no torchrun variables,
+    one BLAS thread, wandb offline), its stdout and stderr captured: a CompletedProcess.
+
+    A single-process run starts no process group, and its losses and weights equal a subprocess
+    run's bit for bit; it saves the ~8 CPU-s of an interpreter start importing torch and
+    transformers. The environment, working directory, torch's thread count and the global
+    random states are given back afterwards, so later tests in this process see no change. Use
+    it where the trainer's process contract is not what a test checks: each test file keeps
+    real `run_train` subprocesses for the CLI behaviour it promises."""
+    import contextlib
+    import importlib.util
+    import io
+    import random
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from loguru import logger
+
+    from openchatkit.cli import run_main
+
+    saved_env, cwd = dict(os.environ), os.getcwd()
+    threads = torch.get_num_threads()
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        if not _TRAINER_MODULE:  # its import-time environment changes are undone below
+            spec = importlib.util.spec_from_file_location("_trainer_in_process", TRAIN)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _TRAINER_MODULE.append(module)
+        os.environ.clear()
+        os.environ.update(clean_env())
+        os.chdir(REPO)
+        torch.set_num_threads(1)
+        argv = [str(a) for a in args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run_main(lambda: _TRAINER_MODULE[0].main(argv), TRAIN.name)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+        # run_main pointed loguru at the StringIO; give it a sink that follows sys.stderr.
+        logger.remove()
+        logger.add(lambda message: sys.stderr.write(message))
+    # One process: no group may be left (it would leak into the rest of the session).
+    assert not (dist.is_available() and dist.is_initialized()), err.getvalue()[-3000:]
+    return subprocess.CompletedProcess([str(TRAIN), *argv], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def train_here():
+    """train_in_this_process (above), as a fixture for test modules."""
+    return train_in_this_process
 
 
 @pytest.fixture(scope="session")
