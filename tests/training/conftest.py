@@ -207,20 +207,24 @@ def reference(tiny, tmp_path_factory) -> dict[str, Path]:
     return _OnFirstUse(make)
 
 
-_TRAINER_MODULE: list = []  # training/dist_clm_train.py imported once, for main(argv)
+_SCRIPT_MODULES: dict[Path, object] = {}  # scripts imported once each, for their main(argv)
 
 
-def train_in_this_process(args: list[str]) -> subprocess.CompletedProcess:
-    """The trainer's `main(argv)` in this process, as `run_train(args)` runs it in a user's
-    shell (through `openchatkit.cli.run_main`, from the repository root, no torchrun variables,
-    one BLAS thread, wandb offline), its stdout and stderr captured: a CompletedProcess.
+def main_in_this_process(
+    script: str | Path, *args: object, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`script`'s `main(argv)` in this process, as a user's shell runs it (through
+    `openchatkit.cli.run_main`, from the repository root, in `env`, default `clean_env()`: no
+    torchrun variables, one BLAS thread, wandb offline), stdout and stderr captured: a
+    CompletedProcess. Unlike the `in_process` fixture of tests/conftest.py it needs no test's
+    capture, so module and session fixtures can use it.
 
-    A single-process run starts no process group, and its losses and weights equal a subprocess
-    run's bit for bit; it saves the ~8 CPU-s of an interpreter start importing torch and
-    transformers. The environment, working directory, torch's thread count and the global
-    random states are given back afterwards, so later tests in this process see no change. Use
-    it where the trainer's process contract is not what a test checks: each test file keeps
-    real `run_train` subprocesses for the CLI behaviour it promises."""
+    It saves the ~8 CPU-s of an interpreter start importing torch and transformers. A
+    single-process trainer run starts no process group, and its losses and weights equal a
+    subprocess run's bit for bit. The environment, working directory, torch's thread count
+    and the global random states are given back afterwards, so later tests in this process
+    see no change. Use it where a script's process contract is not what a test checks: each
+    test file keeps real subprocesses for the CLI behaviour it promises."""
     import contextlib
     import importlib.util
     import io
@@ -233,23 +237,24 @@ def train_in_this_process(args: list[str]) -> subprocess.CompletedProcess:
 
     from openchatkit.cli import run_main
 
+    path = (REPO / script).resolve()
     saved_env, cwd = dict(os.environ), os.getcwd()
     threads = torch.get_num_threads()
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()
     out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
     try:
-        if not _TRAINER_MODULE:  # its import-time environment changes are undone below
-            spec = importlib.util.spec_from_file_location("_trainer_in_process", TRAIN)
+        if path not in _SCRIPT_MODULES:  # its import-time environment changes are undone below
+            spec = importlib.util.spec_from_file_location(f"_main_here_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
-            _TRAINER_MODULE.append(module)
+            _SCRIPT_MODULES[path] = module
         os.environ.clear()
-        os.environ.update(clean_env())
+        os.environ.update(clean_env() if env is None else env)
         os.chdir(REPO)
         torch.set_num_threads(1)
-        argv = [str(a) for a in args]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = run_main(lambda: _TRAINER_MODULE[0].main(argv), TRAIN.name)
+            code = run_main(lambda: _SCRIPT_MODULES[path].main(argv), path.name)
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
@@ -263,7 +268,13 @@ def train_in_this_process(args: list[str]) -> subprocess.CompletedProcess:
         logger.add(lambda message: sys.stderr.write(message))
     # One process: no group may be left (it would leak into the rest of the session).
     assert not (dist.is_available() and dist.is_initialized()), err.getvalue()[-3000:]
-    return subprocess.CompletedProcess([str(TRAIN), *argv], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([str(path), *argv], code, out.getvalue(), err.getvalue())
+
+
+def train_in_this_process(args: list[str]) -> subprocess.CompletedProcess:
+    """The trainer's main(argv) in this process (`main_in_this_process`), as `run_train(args)`
+    runs it in one process."""
+    return main_in_this_process(TRAIN, *args)
 
 
 @pytest.fixture
@@ -288,4 +299,5 @@ def tt():
         checkpoint_tensors=checkpoint_tensors,
         max_weight_diff=max_weight_diff,
         free_port=_free_port,
+        main_here=main_in_this_process,
     )
