@@ -16,15 +16,19 @@ LORA = dict(lora_r=4, lora_dropout=0.0)
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny, tt, cli, tmp_path_factory):
-    """A 4-step LoRA run of the tiny tied Llama (checkpoints at 2 and 4) and its HF base."""
+def lora_run(tiny, tt, tmp_path_factory):
+    """A 4-step LoRA run of the tiny tied Llama (checkpoints at 2 and 4), run as a user runs
+    it, and its HF base (convert_to_hf_llama.py's main in this process, `tt.main_here`: its
+    real process is tested in tests/models/test_models_cli.py)."""
     root = tmp_path_factory.mktemp("lora")
     ckpt = root / "ckpt"
     r = tt.run_train(tt.train_args(tiny, "llama", ckpt, **LORA))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainable (LoRA r=4)" in r.stderr
     hf = root / "hf"
-    r = cli.run("tools/convert_to_hf_llama.py", "--ckpt-path", tiny["llama"], "--save-path", hf)
+    r = tt.main_here(
+        "tools/convert_to_hf_llama.py", "--ckpt-path", tiny["llama"], "--save-path", hf
+    )
     assert r.returncode == 0, r.stderr
     return {"ckpt": ckpt, "hf": hf, "root": root}
 
@@ -159,8 +163,9 @@ def _trainer_logits(base, ckpt, ids):
 def test_export_loads_in_peft_and_merge_equals_base_plus_adapter(tiny, cli, lora_run, in_process):
     """The export runs as a user runs it; the merges and the evaluation call their scripts'
     main(argv) in this process (`in_process`): what is checked here is what they write, and
-    each script runs as a real process elsewhere (convert_to_hf_llama.py in the `lora_run`
-    fixture, merge_lora.py and eval.py with a LoRA model in test_training_lora_use.py)."""
+    each script runs as a real process elsewhere (convert_to_hf_llama.py in
+    tests/models/test_models_cli.py, merge_lora.py and eval.py with a LoRA model in
+    test_training_lora_use.py)."""
     import warnings
 
     from peft import PeftModel

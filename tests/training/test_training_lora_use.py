@@ -17,7 +17,7 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def neox(tiny, tt, cli, tmp_path_factory):
+def neox(tiny, tt, tmp_path_factory):
     """The tiny GPT-NeoX's HF base, and `neox["run"](bias)`: a 2-step LoRA run with that
     --lora-bias (made once, on first use), its adapter exported by tools/export_lora.py.
 
