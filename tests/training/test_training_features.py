@@ -1,6 +1,11 @@
 """Single-process trainer runs checking one feature each: fp16 loss scale, 8-bit Adam, the log
 backends (print, loguru, wandb offline), evaluation, tidy profiling, retention, resume, gradient
-accumulation."""
+accumulation.
+
+The wandb run (and its resume) runs as a user runs it, as a subprocess: wandb starts its own
+service and reads its variables at start. The others call the trainer's main in this process
+(`train_here`, tests/training/conftest.py): what they check is what the run writes and logs.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +19,12 @@ def _records(ckpt, kind="train"):
     return [r for r in map(json.loads, lines) if r.get("kind") == kind]
 
 
-def test_fp16_overflow_skips_the_step_and_halves_the_scale(tiny, tt, tmp_path):
+def test_fp16_overflow_skips_the_step_and_halves_the_scale(tiny, tt, tmp_path, train_here):
     ckpt = tmp_path / "ckpt"
     args = tt.train_args(
         tiny, "llama", ckpt, fp16=True, initial_loss_scale=1e30, total_steps=2, checkpoint_steps=0
     )
-    r = tt.run_train(args)
+    r = train_here(args)
     assert r.returncode == 0, r.stderr[-3000:]
     records = _records(ckpt)
     assert [x["skipped"] for x in records] == [True, True]
@@ -80,12 +85,12 @@ def test_8bit_adam_fp16_wandb_eval_profile_retention_and_resume(tiny, tt, tmp_pa
     assert [x["step"] for x in _records(ckpt)][-2:] == [5, 6]
 
 
-def test_loguru_backend_bf16(tiny, tt, tmp_path):
+def test_loguru_backend_bf16(tiny, tt, tmp_path, train_here):
     ckpt = tmp_path / "ckpt"
     args = tt.train_args(
         tiny, "gpt_neox", ckpt, train_log_backend="loguru", bf16=True, total_steps=2
     )
-    r = tt.run_train(args)
+    r = train_here(args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 1/2 | loss" in r.stderr and "step 1/2" not in r.stdout
     assert len(_records(ckpt)) == 2
@@ -93,12 +98,12 @@ def test_loguru_backend_bf16(tiny, tt, tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in weights.values())
 
 
-def test_gradient_accumulation_equals_one_big_batch(tiny, tt, reference, tmp_path):
+def test_gradient_accumulation_equals_one_big_batch(tiny, tt, reference, tmp_path, train_here):
     """2 accumulation passes of 2 sequences == 1 pass of 4: losses are averaged over tokens of
     the whole step, not summed per pass."""
     ckpt = tmp_path / "ckpt"
     args = tt.train_args(tiny, "llama", ckpt, batch_size=2, gradient_accumulate_step=2)
-    r = tt.run_train(args)
+    r = train_here(args)
     assert r.returncode == 0, r.stderr[-3000:]
     got, ref = tt.train_losses(ckpt), tt.train_losses(reference["llama"])
     for step in ref:

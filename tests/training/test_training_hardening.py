@@ -83,11 +83,14 @@ def test_find_latest_skips_damaged_checkpoints_newest_first(tmp_path):
         ckpt.find_latest(tmp_path)
 
 
-def test_a_truncated_latest_checkpoint_falls_back_and_ends_bit_identical(tiny, tt, tmp_path):
+def test_a_truncated_latest_checkpoint_falls_back_and_ends_bit_identical(
+    tiny, tt, tmp_path, train_here
+):
     """Checkpoints at steps 2 and 4; step 4's optimizer file is truncated; the rerun warns once,
-    resumes from step 2, and its step-4 weights equal the uninterrupted run's."""
+    resumes from step 2, and its step-4 weights equal the uninterrupted run's. The first run
+    calls the trainer's main in this process (`train_here`); the rerun is a real process."""
     run = tmp_path / "run"
-    r = tt.run_train(tt.train_args(tiny, "llama", run))
+    r = train_here(tt.train_args(tiny, "llama", run))
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((run / "checkpoint_4" / "meta.json").read_text())
     assert meta["files"]["optimizer/stage_000.pt"]["size"] > 0

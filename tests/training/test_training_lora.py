@@ -16,15 +16,19 @@ LORA = dict(lora_r=4, lora_dropout=0.0)
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny, tt, cli, tmp_path_factory):
-    """A 4-step LoRA run of the tiny tied Llama (checkpoints at 2 and 4) and its HF base."""
+def lora_run(tiny, tt, tmp_path_factory):
+    """A 4-step LoRA run of the tiny tied Llama (checkpoints at 2 and 4), run as a user runs
+    it, and its HF base (convert_to_hf_llama.py's main in this process, `tt.main_here`: its
+    real process is tested in tests/models/test_models_cli.py)."""
     root = tmp_path_factory.mktemp("lora")
     ckpt = root / "ckpt"
     r = tt.run_train(tt.train_args(tiny, "llama", ckpt, **LORA))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainable (LoRA r=4)" in r.stderr
     hf = root / "hf"
-    r = cli.run("tools/convert_to_hf_llama.py", "--ckpt-path", tiny["llama"], "--save-path", hf)
+    r = tt.main_here(
+        "tools/convert_to_hf_llama.py", "--ckpt-path", tiny["llama"], "--save-path", hf
+    )
     assert r.returncode == 0, r.stderr
     return {"ckpt": ckpt, "hf": hf, "root": root}
 
@@ -38,7 +42,9 @@ def _adapters(folder):
     return out
 
 
-def test_checkpoint_holds_only_adapters_and_resumes_exactly(tiny, tt, lora_run, tmp_path):
+def test_checkpoint_holds_only_adapters_and_resumes_exactly(
+    tiny, tt, lora_run, tmp_path, train_here
+):
     final = lora_run["ckpt"] / "checkpoint_4"
     names = {p.name for p in final.iterdir()}
     assert {"adapter_stage_0.safetensors", "adapter.json", "meta.json"} <= names
@@ -47,11 +53,12 @@ def test_checkpoint_holds_only_adapters_and_resumes_exactly(tiny, tt, lora_run, 
     assert adapters and all(".lora_" in k for k in adapters)
     base_bytes = sum(f.stat().st_size for f in tiny["llama"].glob("*.safetensors"))
     assert (final / "adapter_stage_0.safetensors").stat().st_size < base_bytes / 5
-    # Stop after 2 steps, resume to 4: the same adapters bit for bit.
+    # Stop after 2 steps, resume to 4: the same adapters bit for bit (in this process; the
+    # resume by a real process is the pp=2 -> one process run below).
     ckpt = tmp_path / "resumed"
-    r = tt.run_train(tt.train_args(tiny, "llama", ckpt, stop_after_steps=2, **LORA))
+    r = train_here(tt.train_args(tiny, "llama", ckpt, stop_after_steps=2, **LORA))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = tt.run_train(tt.train_args(tiny, "llama", ckpt, **LORA))
+    r = train_here(tt.train_args(tiny, "llama", ckpt, **LORA))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
     resumed = _adapters(ckpt / "checkpoint_4")
@@ -61,10 +68,12 @@ def test_checkpoint_holds_only_adapters_and_resumes_exactly(tiny, tt, lora_run, 
     assert tt.train_losses(ckpt) == tt.train_losses(lora_run["ckpt"])
 
 
-def test_resume_under_another_layout_and_with_dropout(tiny, tt, lora_run, tmp_path):
+def test_resume_under_another_layout_and_with_dropout(tiny, tt, lora_run, tmp_path, train_here):
     """Stop a pp=2 run after 2 steps, resume it in one process: the straight one-process run's
     losses and adapters (within float rounding of the layouts). With dropout on, a stopped and
-    resumed run equals the straight run bit for bit (the dropout RNG state is restored)."""
+    resumed run equals the straight run bit for bit (the dropout RNG state is restored). The
+    layout change runs as a user runs it (launch.py, then the script); the dropout runs call
+    the trainer's main in this process (`train_here`)."""
     ckpt = tmp_path / "pp2-then-pp1"
     pp2 = dict(LORA, pipeline_group_size=2, stop_after_steps=2)
     r = tt.run_train(tt.train_args(tiny, "llama", ckpt, **pp2), nproc=2)
@@ -82,7 +91,7 @@ def test_resume_under_another_layout_and_with_dropout(tiny, tt, lora_run, tmp_pa
     for name, stops in (("straight", [None]), ("resumed", [2, None])):
         for stop in stops:
             args = tt.train_args(tiny, "llama", tmp_path / name, stop_after_steps=stop, **drop)
-            r = tt.run_train(args)
+            r = train_here(args)
             assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = tt.train_losses(tmp_path / name)
     assert runs["resumed"] == runs["straight"]
@@ -151,7 +160,12 @@ def _trainer_logits(base, ckpt, ids):
         return stage(ids)
 
 
-def test_export_loads_in_peft_and_merge_equals_base_plus_adapter(tiny, cli, lora_run):
+def test_export_loads_in_peft_and_merge_equals_base_plus_adapter(tiny, cli, lora_run, in_process):
+    """The export runs as a user runs it; the merges and the evaluation call their scripts'
+    main(argv) in this process (`in_process`): what is checked here is what they write, and
+    each script runs as a real process elsewhere (convert_to_hf_llama.py in
+    tests/models/test_models_cli.py, merge_lora.py and eval.py with a LoRA model in
+    test_training_lora_use.py)."""
     import warnings
 
     from peft import PeftModel
@@ -180,13 +194,13 @@ def test_export_loads_in_peft_and_merge_equals_base_plus_adapter(tiny, cli, lora
     assert (theirs - plain).abs().max() > 1e-4  # the adapter changes the model
     # Merged (both ways) equals base + adapter.
     merged_tool = lora_run["root"] / "merged-tool"
-    r = cli.run(
+    r = in_process(
         "tools/merge_lora.py", "--base", lora_run["hf"], "--adapter", adapter,
         "--save-path", merged_tool,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     merged_ckpt = lora_run["root"] / "merged-ckpt"
-    r = cli.run(
+    r = in_process(
         "tools/convert_to_hf_llama.py", "--ckpt-path", lora_run["ckpt"], "--merge-lora",
         "--save-path", merged_ckpt,
     )  # fmt: skip
@@ -197,11 +211,10 @@ def test_export_loads_in_peft_and_merge_equals_base_plus_adapter(tiny, cli, lora
             torch.testing.assert_close(model(ids).logits, theirs, rtol=1e-5, atol=1e-5)
     # Evaluation with --adapter: base + adapter against the base, side by side.
     out = lora_run["root"] / "eval"
-    r = cli.run(
+    r = in_process(
         "evaluation/eval.py", "--model", lora_run["hf"], "--adapter", adapter,
         "--compare", lora_run["hf"], "--tasks", "perplexity", "--data", tiny["valid"],
-        "--limit", 5, "--output", out, "--device", "cpu",
-        env=cli.user_env(HF_HUB_OFFLINE="1"),
+        "--limit", 5, "--output", out, "--device", "cpu", env={"HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     import json

@@ -17,12 +17,16 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def neox(tiny, tt, cli, tmp_path_factory):
+def neox(tiny, tt, tmp_path_factory):
     """The tiny GPT-NeoX's HF base, and `neox["run"](bias)`: a 2-step LoRA run with that
-    --lora-bias (made once, on first use), its adapter exported by tools/export_lora.py."""
+    --lora-bias (made once, on first use), its adapter exported by tools/export_lora.py.
+
+    These inputs are made by the scripts' main(argv) in this process (`tt.main_here`): the
+    trainer, the export and the converters run as real processes in test_training_lora.py
+    (and tests/models/test_models_cli.py), merge_lora.py and eval.py below."""
     root = tmp_path_factory.mktemp("lora-neox")
     hf = root / "hf"
-    r = cli.run(
+    r = tt.main_here(
         "tools/convert_to_hf_gptneox.py", "--ckpt-path", tiny["gpt_neox"], "--save-path", hf
     )
     assert r.returncode == 0, r.stderr
@@ -32,10 +36,10 @@ def neox(tiny, tt, cli, tmp_path_factory):
         if bias not in runs:
             ckpt = root / f"run-{bias}"
             flags = dict(lora_r=4, lora_dropout=0.0, lora_bias=bias, total_steps=2, lr=1e-2)
-            r = tt.run_train(tt.train_args(tiny, "gpt_neox", ckpt, **flags))
+            r = tt.main_here(tt.TRAIN, *tt.train_args(tiny, "gpt_neox", ckpt, **flags))
             assert r.returncode == 0, r.stderr[-3000:]
             adapter = root / f"adapter-{bias}"
-            r = cli.run("tools/export_lora.py", "--ckpt-path", ckpt, "--save-path", adapter)
+            r = tt.main_here("tools/export_lora.py", "--ckpt-path", ckpt, "--save-path", adapter)
             assert r.returncode == 0, r.stderr
             runs[bias] = ckpt, adapter
         return runs[bias]
@@ -117,8 +121,10 @@ def _files(*folders):
     }
 
 
-def test_eval_takes_lora_checkpoint_as_model(tiny, cli, neox):
-    """--model CKPT (base + adapters in memory) equals --model HF_BASE --adapter EXPORTED."""
+def test_eval_takes_lora_checkpoint_as_model(tiny, cli, neox, in_process):
+    """--model CKPT (base + adapters in memory) equals --model HF_BASE --adapter EXPORTED. The
+    first runs as a user runs it; the second, its reference, calls eval.py's main(argv) in this
+    process (`in_process`)."""
     ckpt, adapter = neox["run"]("all")
     env = cli.user_env(HF_HUB_OFFLINE="1")
     common = ["--tasks", "perplexity", "--data", tiny["valid"], "--limit", 5, "--device", "cpu"]
@@ -129,8 +135,8 @@ def test_eval_takes_lora_checkpoint_as_model(tiny, cli, neox):
     assert r.returncode == 0, r.stderr
     assert _files(ckpt, tiny["gpt_neox"]) == before
     exported = neox["root"] / "eval-exported"
-    r = cli.run("evaluation/eval.py", "--model", neox["hf"], "--adapter", adapter,
-                "--output", exported, *common, env=env)  # fmt: skip
+    r = in_process("evaluation/eval.py", "--model", neox["hf"], "--adapter", adapter,
+                   "--output", exported, *common, env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert r.returncode == 0, r.stderr
     a = json.loads((direct / "results.json").read_text())
     base = json.loads((direct / "results_2.json").read_text())
@@ -143,14 +149,16 @@ def test_eval_takes_lora_checkpoint_as_model(tiny, cli, neox):
     assert f"gpt_neox + adapter {ckpt.name}/checkpoint_2" in (direct / "report.md").read_text()
 
 
-def test_eval_lora_checkpoint_bad_base(tiny, cli, neox, tmp_path):
+def test_eval_lora_checkpoint_bad_base(tiny, cli, neox, tmp_path, in_process):
+    """Bad input, refused in one line: eval.py's main(argv) in this process (`in_process`); the
+    subprocess table in tests/test_bad_input.py proves the contract for the real process."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(neox["run"]("all")[0], ckpt)
     other = tmp_path / "base-copy"
     shutil.copytree(tiny["gpt_neox"], other)
     meta_path = ckpt / "checkpoint_2" / "adapter.json"
     meta = json.loads(meta_path.read_text())
-    env = cli.user_env(HF_HUB_OFFLINE="1")
+    env = {"HF_HUB_OFFLINE": "1"}
     args = ["--tasks", "perplexity", "--data", tiny["valid"], "--limit", 2, "--device", "cpu",
             "--output", tmp_path / "out"]  # fmt: skip
     # The base changed since training (same shapes, other weights).
@@ -163,18 +171,18 @@ def test_eval_lora_checkpoint_bad_base(tiny, cli, neox, tmp_path):
     record = json.loads((ckpt / "checkpoint_2" / "meta.json").read_text())
     record["files"]["adapter.json"] = {"size": meta_path.stat().st_size}
     (ckpt / "checkpoint_2" / "meta.json").write_text(json.dumps(record))
-    r = cli.run("evaluation/eval.py", "--model", ckpt, *args, env=env)
+    r = in_process("evaluation/eval.py", "--model", ckpt, *args, env=env)
     cli.assert_one_line_error(r, f"--model {ckpt}", "trained on", str(other), "fingerprint")
     # The base is gone.
     shutil.rmtree(other)
-    r = cli.run("evaluation/eval.py", "--model", ckpt, *args, env=env)
+    r = in_process("evaluation/eval.py", "--model", ckpt, *args, env=env)
     cli.assert_one_line_error(r, f"--model {ckpt}", str(other), "does not exist")
     # A LoRA checkpoint brings its adapters: --adapter on top is refused.
     fake = tmp_path / "adapter"
     fake.mkdir()
     (fake / "adapter_config.json").write_text("{}")
-    r = cli.run("evaluation/eval.py", "--model", neox["run"]("all")[0], "--adapter", fake, *args,
-                env=env)  # fmt: skip
+    r = in_process("evaluation/eval.py", "--model", neox["run"]("all")[0], "--adapter", fake,
+                   *args, env=env)  # fmt: skip
     cli.assert_one_line_error(r, "--adapter", "brings its own adapters")
     assert not (tmp_path / "out").exists()
 

@@ -83,14 +83,18 @@ def test_trace_has_forward_backward_and_communication(parallel_runs):
                 assert e["dur"] >= 0 and e["pid"] == rank
 
 
-def test_checkpoint_resumes_under_another_layout(parallel_runs, reference, tiny, tt, tmp_path):
-    """A checkpoint written by pp=2 x dp=2 continues in one process on the same trajectory."""
+def test_checkpoint_resumes_under_another_layout(
+    parallel_runs, reference, tiny, tt, tmp_path, train_here
+):
+    """A checkpoint written by pp=2 x dp=2 continues in one process on the same trajectory. The
+    one process is the trainer's main called here (`train_here`); a real process resuming
+    another layout's checkpoint: test_training_lora.py (pp=2 -> one process)."""
     src = parallel_runs("gpt_neox", 2, 2, "gpipe")
     ckpt = tmp_path / "resumed"
     ckpt.mkdir()
     shutil.copytree(src / "checkpoint_2", ckpt / "checkpoint_2")
     (ckpt / "latest").write_text("checkpoint_2\n")
-    r = tt.run_train(tt.train_args(tiny, "gpt_neox", ckpt))
+    r = train_here(tt.train_args(tiny, "gpt_neox", ckpt))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
     got, ref = tt.train_losses(ckpt), tt.train_losses(reference["gpt_neox"])

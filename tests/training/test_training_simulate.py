@@ -127,9 +127,12 @@ def test_a_host_tensor_planted_in_the_loss_is_named(tiny, monkeypatch):
         ),
     ],
 )
-def test_bad_input_gets_the_trainers_one_line_refusals(cli, tiny, args, needles):
+def test_bad_input_gets_the_trainers_one_line_refusals(cli, tiny, args, needles, in_process):
+    """simulate.py's main(argv) in this process (`in_process`, through run_main as its __main__
+    does); the subprocess table in tests/test_bad_input.py proves the one-line contract for
+    the real process (its --recipe row)."""
     args = [a.replace("{tiny}", str(tiny["gpt_neox"])) for a in args]
-    proc = cli.run(REPO / "training" / "simulate.py", *args, timeout=120)
+    proc = in_process("training/simulate.py", *args)
     cli.assert_one_line_error(proc, *needles)
 
 
