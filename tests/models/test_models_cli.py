@@ -1,7 +1,5 @@
-"""The conversion and prepare scripts: round trips run as a user runs them, a trainer checkpoint
-(the `latest` pointer, --fp16) through the converter's main(argv) in this process (the same code
-path as a folder's; tools/convert_to_hf_llama.py on a trainer's run folder runs as a real process
-in tests/training/test_training_lora.py), and every bad input (one line on stderr, exit 2,
+"""The conversion and prepare scripts: round trips and a trainer checkpoint (the `latest` pointer,
+--fp16) run as a user runs them, and every bad input (one line on stderr, exit 2,
 nothing written), most through the script's main(argv) in this process (the `in_process`
 fixture; tests/test_bad_input.py runs such cases as subprocesses)."""
 
@@ -88,9 +86,7 @@ def test_cli_round_trip_is_exact_and_overwrite_needs_the_flag(
     assert tok("w5 w7")["input_ids"] == [5, 7]
 
 
-def test_trainer_checkpoint_with_latest_gets_the_openchatkit_template(
-    tmp_path, tiny_llama, in_process
-):
+def test_trainer_checkpoint_with_latest_gets_the_openchatkit_template(tmp_path, tiny_llama, cli):
     from transformers import AutoTokenizer
 
     _, sharded = tiny_llama
@@ -102,7 +98,7 @@ def test_trainer_checkpoint_with_latest_gets_the_openchatkit_template(
     torch.save({"state": {}}, ckpt / "optimizer" / "stage_000.pt")
     (ckpt / "meta.json").write_text(json.dumps({"step": 5, "chat_format": "openchatkit"}))
     (root / "latest").write_text("checkpoint_5\n")
-    proc = in_process(
+    proc = cli.run(
         "tools/convert_to_hf_llama.py",
         "--ckpt-path",
         root,
