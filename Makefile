@@ -56,7 +56,7 @@ $(VENV)/.installed-base: pyproject.toml requirements-models.txt
 LLAMA_CPP_STAMP := $(VENV)/.installed-llama-cpp-$(LLAMA_CPP_KEY)
 $(LLAMA_CPP_STAMP): $(VENV)/.installed-base
 	rm -f $(VENV)/.installed-llama-cpp-*
-	if [ -n "$(LLAMA_CPP_WHEEL)" ]; then $(PIP) install -q --force-reinstall --no-deps "$(LLAMA_CPP_WHEEL)" 2>&1 | $(QUIET); \
+	if [ -n "$(LLAMA_CPP_WHEEL)" ]; then wheel="$(LLAMA_CPP_WHEEL)"; \
 	else \
 		if ! ls $(LLAMA_CPP_WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 			echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) for every x86-64 CPU level (long: see README)"; \
@@ -66,8 +66,10 @@ $(LLAMA_CPP_STAMP): $(VENV)/.installed-base
 				-w $(LLAMA_CPP_WHEELHOUSE).tmp llama-cpp-python==$(LLAMA_CPP_VERSION) 2>&1 | $(QUIET); \
 			rm -rf $(LLAMA_CPP_WHEELHOUSE) && mv $(LLAMA_CPP_WHEELHOUSE).tmp $(LLAMA_CPP_WHEELHOUSE); \
 		fi; \
-		$(PIP) install -q --force-reinstall --no-deps $(LLAMA_CPP_WHEELHOUSE)/llama_cpp_python-*.whl 2>&1 | $(QUIET); \
-	fi
+		wheel=$$(ls $(LLAMA_CPP_WHEELHOUSE)/llama_cpp_python-*.whl); \
+	fi; \
+	$(PIP) install -q --force-reinstall --no-deps "$$wheel" 2>&1 | $(QUIET); \
+	$(PIP) install -q "$$wheel" 2>&1 | $(QUIET)  # its dependencies (diskcache, ...)
 	# The binding loads and finds a CPU backend this machine runs.
 	$(PY) -c "from openchatkit.inference.llamacpp import cpu_backend_variant as v; print('llama.cpp CPU backend:', v() or 'linked in')"
 	touch $@
