@@ -7,8 +7,9 @@ ignored on every side so each produces exactly 128), alternating, median of --re
 - llama.cpp (the file the bot runs by default for the embedded model: its f16 export cached by
   openchatkit/inference/embedded_gguf.py, written on first use; or --gguf FILE): the bot's loop on
   the llama.cpp backend vs a raw loop over the binding's `llama_decode` with an argmax (no Python
-  tokenizer or stop-string work) vs the bot's torch backend (fp32), same prompt and thread count
-  (--threads; torch gets as many), alternating; the ratios against the issue's goals
+  tokenizer or stop-string work) vs the bot's torch backend in fp32 and in bf16 (its default
+  on CPUs with native bf16), same prompt and thread count (--threads; torch gets as many),
+  alternating; the ratios against the issue's goals
   (bot >= 0.9x raw, >= 5x torch);
 - multi-turn: time to first token at turn 1 and turn 10 of a chat session on both backends
   (the KV cache of the conversation is reused).
@@ -214,7 +215,11 @@ def bench_llamacpp(args, threads: int) -> None:
     ids = tok(_chat_prompt(tok), add_special_tokens=False, return_tensors="pt")["input_ids"]
     n = args.new_tokens
     settings = GenerationSettings(max_tokens=n, sample=False)
-    loaded = load_chat_model(None, device="cpu", dtype="float32") if not args.gguf else None
+    # The torch backend in fp32 and in bf16, its default on a CPU with native bf16 ("auto").
+    torch_models = {}
+    if not args.gguf:
+        for dtype in ("float32", "bfloat16"):
+            torch_models[dtype] = load_chat_model(None, device="cpu", dtype=dtype)
 
     def bot():
         cpp.reset()  # a fresh conversation: the whole prompt is evaluated, as by the raw loop
@@ -229,14 +234,19 @@ def bench_llamacpp(args, threads: int) -> None:
         total, first, out = raw_decode_loop(cpp, ids[0].tolist(), n)
         return total, first, tok.decode(out, skip_special_tokens=True)
 
-    def torch_side():
-        stats = GenerationStats()
-        text = "".join(stream_text(loaded.model, loaded.tokenizer, ids, settings, [], [], stats))
-        return stats.total_s, stats.first_token_s, text
+    def torch_side(loaded):
+        def run():
+            stats = GenerationStats()
+            pieces = stream_text(loaded.model, loaded.tokenizer, ids, settings, [], [], stats)
+            text = "".join(pieces)
+            return stats.total_s, stats.first_token_s, text
+
+        return run
 
     sides = {"bot llama.cpp": bot, "raw llama.cpp": raw}
-    if loaded is not None:
-        sides["bot torch fp32"] = torch_side
+    for dtype, loaded in torch_models.items():
+        short = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+        sides[f"bot torch {short}"] = torch_side(loaded)
     for f in sides.values():
         f()  # warm-up
     runs: dict[str, list] = {k: [] for k in sides}
@@ -255,9 +265,9 @@ def bench_llamacpp(args, threads: int) -> None:
         ttft = statistics.median(r[1] for r in v) * 1000
         print(f"  {k:<15} {med[k]:>7.1f} tok/s  (runs {speeds})  TTFT {ttft:.0f} ms")
     print(f"  bot/raw: {med['bot llama.cpp'] / med['raw llama.cpp']:.2f}x (goal >= 0.9)")
-    if "bot torch fp32" in med:
-        ratio = med["bot llama.cpp"] / med["bot torch fp32"]
-        print(f"  bot llama.cpp / bot torch: {ratio:.2f}x (goal >= 5)")
+    for k in [k for k in med if k.startswith("bot torch")]:
+        ratio = med["bot llama.cpp"] / med[k]
+        print(f"  bot llama.cpp / {k}: {ratio:.2f}x (goal >= 5)")
     same = runs["bot llama.cpp"][0][2].strip() == runs["raw llama.cpp"][0][2].strip()
     print(f"  bot and raw text equal: {same}")
     cpp.close()
