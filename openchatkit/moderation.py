@@ -78,6 +78,12 @@ class Classification:
     probability: float
     probabilities: dict[str, float]
 
+    @classmethod
+    def from_row(cls, row: Sequence[float]) -> Classification:
+        """The result for one row of five probabilities, in LABELS order."""
+        best = max(range(len(LABELS)), key=row.__getitem__)
+        return cls(LABELS[best], row[best], dict(zip(LABELS, row, strict=True)))
+
 
 def refuses(probabilities: dict[str, float], threshold: float | None = None) -> bool:
     """The bot's policy: refuse a message when p(needs intervention) >= threshold (None:

@@ -150,13 +150,7 @@ class EncoderModerator:
 
     def classify_many(self, texts: Sequence[str]) -> list[Classification]:
         """Classify many texts, `batch_size` per forward pass."""
-        results = []
-        for row in self.probabilities(texts).tolist():
-            best = max(range(len(LABELS)), key=row.__getitem__)
-            results.append(
-                Classification(LABELS[best], row[best], dict(zip(LABELS, row, strict=True)))
-            )
-        return results
+        return [Classification.from_row(row) for row in self.probabilities(texts).tolist()]
 
     def classify(self, text: str) -> tuple[str, dict[str, float]]:
         """(most likely label, {label: probability}) for one text."""

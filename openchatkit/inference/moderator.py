@@ -227,13 +227,7 @@ class Moderator:
 
         scores = self.log_likelihoods(texts)
         probs = torch.softmax(scores.double(), dim=-1)
-        results = []
-        for row in probs.tolist():
-            best = max(range(len(LABELS)), key=row.__getitem__)
-            results.append(
-                Classification(LABELS[best], row[best], dict(zip(LABELS, row, strict=True)))
-            )
-        return results
+        return [Classification.from_row(row) for row in probs.tolist()]
 
     def classify(self, text: str) -> tuple[str, dict[str, float]]:
         """(most likely label, {label: probability}) for one text."""
