@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from openchatkit.cli import run_main
+from openchatkit.inference.backends import BACKENDS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--backend",
-        choices=["auto", "torch", "llama.cpp"],
+        choices=BACKENDS,
         default="auto",
         help="auto (default): llama.cpp for GGUF files and the embedded model when the "
         "llama-cpp-python binding is installed, else torch",

@@ -23,6 +23,7 @@ import sys
 
 from openchatkit.cli import run_main
 from openchatkit.errors import UserError
+from openchatkit.inference.backends import BACKENDS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter on top of --model")
     p.add_argument(
         "--backend",
-        choices=["auto", "torch", "llama.cpp"],
+        choices=BACKENDS,
         default="auto",
         help="auto (default): the bot's choice (inference/bot.py --help); llama.cpp runs GGUF "
         "files and the embedded model as parallel sequences",
