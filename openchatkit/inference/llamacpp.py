@@ -55,12 +55,12 @@ def _lib():
 
         _log_callback = L.llama_log_callback(drop_below_errors)
         L.llama_log_set(_log_callback, ctypes.c_void_p(0))
-        _load_cpu_backend()
+        _load_cpu_backend(Path(L._base_path))  # the folder libllama was loaded from
         L.llama_backend_init()
     return L
 
 
-def _load_cpu_backend() -> None:
+def _load_cpu_backend(lib_dir: Path) -> None:
     """Load ggml's CPU backend when the binding was built with dynamic backends.
 
     `make install` builds llama.cpp with GGML_BACKEND_DL and GGML_CPU_ALL_VARIANTS: one CPU
@@ -70,20 +70,18 @@ def _load_cpu_backend() -> None:
     and in the working directory, so a library planted in the folder a user chats from would run.
     A binding built the other way has its CPU backend linked in (registered at load): no-op.
     """
-    from llama_cpp import _ggml
-
-    # The libggml libllama loaded, found by its soname. Not `_ggml.libggml`: that opens the
-    # wheel's libggml.so, a separate copy of libggml.so.0 (wheels hold no symlinks), whose
+    # The libggml libllama loaded, found by its soname. Not the wheel's libggml.so (what
+    # `llama_cpp._ggml` opens): a separate copy of libggml.so.0 (wheels hold no symlinks), whose
     # backend registry libllama never sees.
     lib = ctypes.CDLL("libggml.so.0")
     lib.ggml_backend_reg_count.restype = ctypes.c_size_t
     if lib.ggml_backend_reg_count() > 0:
         return
     lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-    lib.ggml_backend_load_all_from_path(str(_ggml.libggml_base_path).encode())
+    lib.ggml_backend_load_all_from_path(str(lib_dir).encode())
     if lib.ggml_backend_reg_count() == 0:
         raise UserError(
-            f"the llama.cpp binding has no CPU backend this CPU can run in {_ggml.libggml_base_path} "
+            f"the llama.cpp binding has no CPU backend this CPU can run in {lib_dir} "
             "(reinstall it: `make install`)"
         )
 

@@ -42,9 +42,9 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_the_best_cpu_variant_this_machine_runs_is_loaded(tmp_path):
     """The binding holds every variant; the one loaded uses this CPU's widest vectors."""
-    from llama_cpp import _ggml
+    import llama_cpp.llama_cpp as L
 
-    libs = sorted(p.name for p in Path(_ggml.libggml_base_path).glob("libggml-cpu-*.so"))
+    libs = sorted(p.name for p in Path(L._base_path).glob("libggml-cpu-*.so"))
     assert {"libggml-cpu-x64.so", "libggml-cpu-haswell.so", "libggml-cpu-icelake.so"} <= set(
         libs
     ), f"the binding was not built with GGML_CPU_ALL_VARIANTS (make install): {libs}"
