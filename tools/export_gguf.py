@@ -8,6 +8,8 @@ GPT-NeoX; GPT-J is refused (llama.cpp has no GPT-J graph).
         --out gguf/smollm2-demo.q8_0.gguf --outtype q8_0
     python tools/export_gguf.py --model model_ckpts/smollm2-lora --out gguf/lora.gguf
     python tools/export_gguf.py --model embedded --out gguf/smollm2.f16.gguf --outtype f16
+    python tools/export_gguf.py --model huggingface_models/my-7b --out gguf/my-7b.q4_k_m.gguf \
+        --outtype q4_k_m        # Ollama's usual type, by llama.cpp's own quantiser
 Then:
     python inference/bot.py --model gguf/smollm2-demo.q8_0.gguf
     ollama create smollm2-demo -f gguf/smollm2-demo.q8_0.Modelfile
@@ -22,7 +24,9 @@ import sys
 
 from openchatkit.cli import run_main
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+# openchatkit/export/gguf.py's OUTTYPES, then its LLAMACPP_OUTTYPES (made by llama.cpp's own
+# quantiser, so they need the binding); written out here so a typo is refused without imports.
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q6_k", "q5_k_m", "q4_k_m")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,8 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--out", required=True, metavar="FILE.gguf", help="output GGUF file")
     p.add_argument(
-        "--outtype", default="f16", choices=OUTTYPES, help="weight type of 2-D tensors (f16)"
-    )
+        "--outtype", default="f16", choices=OUTTYPES,
+        help="weight type of 2-D tensors (f16); q6_k, q5_k_m and q4_k_m are llama.cpp's k-quant "
+        "mixtures, made by its own quantiser (needs the llama.cpp binding)",
+    )  # fmt: skip
     p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter merged in first")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p.parse_args(argv)

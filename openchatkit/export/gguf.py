@@ -9,6 +9,10 @@ tensor is read, laid out (openchatkit/export/gguf_arch.py), quantised with `gguf
 written before the next is read. Peak memory is about one tensor (the embedding matrix, for small
 models the largest) above the imports, whatever the model's size.
 
+The k-quant mixtures (`q6_k`, `q5_k_m`, `q4_k_m`: LLAMACPP_OUTTYPES) are llama.cpp's own: the f16
+file is written first, beside the output, and llama.cpp's quantiser (through the binding) makes
+the output from it, also tensor by tensor.
+
 The file is written under a temporary name beside the output and renamed when complete.
 """
 
@@ -50,6 +54,13 @@ OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
     "q4_1": (Q.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
 }
+# --outtype -> llama.cpp's own file type (LLAMA_FTYPE_MOSTLY_*): the k-quant mixtures people run
+# in llama.cpp and Ollama (Q4_K_M is what Ollama's library and Unsloth's save_pretrained_gguf
+# default to). `gguf.quants` has no k-quant quantiser, so these are made from an f16 export by
+# llama.cpp's quantiser through the binding (`make install`). f16, not bf16, as the source: it keeps
+# the small weight changes of a short fine-tune (benchmarks/RESULTS.md: the demo model's perplexity
+# +0.07 % in f16, +6.9 % in bf16).
+LLAMACPP_OUTTYPES = {"q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q4_k_m": "Q4_K_M"}
 # With 4-bit weights the embedding and output matrices stay 8-bit: they hold most of a small
 # model's error budget (llama.cpp's quantize keeps them higher too).
 KEEP_8BIT = ("token_embd.weight", "output.weight")
@@ -194,6 +205,32 @@ def write_gguf(hf_dir: Path, out: Path, outtype: str, name: str | None = None) -
     return template
 
 
+def write_llamacpp_quant(hf_dir: Path, out: Path, outtype: str, name: str) -> str:
+    """Write `hf_dir` as GGUF `out` in one of LLAMACPP_OUTTYPES: an f16 export beside the output
+    (disk: about 2 bytes per parameter more, for the length of the call), quantised by llama.cpp
+    into a temporary name, renamed when complete. Returns the chat template written."""
+    from openchatkit.inference.llamacpp import quantize_file
+
+    temps = []
+    for suffix in (".f16", ""):
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out), suffix=suffix, dir=out.parent)
+        os.close(fd)
+        temps.append(Path(tmp))
+    f16, tmp = temps
+    try:
+        template = write_gguf(hf_dir, f16, "f16", name=name)
+        try:
+            quantize_file(f16, tmp, LLAMACPP_OUTTYPES[outtype])
+        except RuntimeError as err:
+            raise OutputError(f"cannot write {out}: {err}") from None
+        apply_umask(tmp)
+        os.replace(tmp, out)
+    finally:
+        for path in temps:
+            path.unlink(missing_ok=True)
+    return template
+
+
 # ---- sources ----------------------------------------------------------------------------------
 
 
@@ -312,14 +349,26 @@ def export_gguf(
 ) -> Path:
     """Export `model` (see the module doc) to GGUF file `out` and its Modelfile; returns `out`."""
     out = Path(out).expanduser()
-    if outtype not in OUTTYPES:
-        raise UserError(f"--outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
+    if outtype not in OUTTYPES and outtype not in LLAMACPP_OUTTYPES:
+        choices = ", ".join([*OUTTYPES, *LLAMACPP_OUTTYPES])
+        raise UserError(f"--outtype {outtype!r}: use one of {choices}")
     check_output(out, overwrite)
+    if outtype in LLAMACPP_OUTTYPES:
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise UserError(
+                f"--outtype {outtype} is made by llama.cpp's own quantiser: install the llama.cpp "
+                "binding (`make install`), or use one of " + ", ".join(OUTTYPES)
+            )
     with hf_source(model, adapter, out.parent) as hf_dir:
         from openchatkit.models.embedded import EMBEDDED_MODEL_NAME, is_embedded_name
 
         name = EMBEDDED_MODEL_NAME if is_embedded_name(model) else Path(str(model)).name
-        template = write_gguf(hf_dir, out, outtype, name=name)
+        if outtype in LLAMACPP_OUTTYPES:
+            template = write_llamacpp_quant(hf_dir, out, outtype, name)
+        else:
+            template = write_gguf(hf_dir, out, outtype, name=name)
     from openchatkit.fileio import atomic_file
 
     with atomic_file(modelfile_path(out)) as f:

@@ -34,6 +34,7 @@ from openchatkit.errors import UserError
 # ggml log levels: 4 = error. Lower levels (model metadata dumps) are dropped.
 _LOG_ERROR = 4
 _log_callback = None  # kept referenced: llama.cpp holds the raw pointer
+_collected: list[str] | None = None  # while not None, llama.cpp's errors go here, not to stderr
 
 
 def _lib():
@@ -51,7 +52,10 @@ def _lib():
 
         def drop_below_errors(level, text, user_data):
             if level == _LOG_ERROR and text:
-                os.write(2, text)
+                if _collected is not None:
+                    _collected.append(text.decode("utf-8", "replace").strip())
+                else:
+                    os.write(2, text)
 
         _log_callback = L.llama_log_callback(drop_below_errors)
         L.llama_log_set(_log_callback, ctypes.c_void_p(0))
@@ -111,6 +115,29 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def quantize_file(src: Path, dst: Path, ftype: str, threads: int | None = None) -> None:
+    """Quantise GGUF file `src` into `dst` with llama.cpp's own quantiser (`llama_model_quantize`,
+    what its `llama-quantize` tool runs). `ftype` names one of its file types (`Q4_K_M`: the
+    LLAMA_FTYPE_MOSTLY_ suffix). Its k-quant mixtures keep the tensors that cost most when
+    quantised (attention values, some feed-forward down projections, the output) at more bits.
+    Tensor by tensor, memory-mapped: peak memory about one tensor. Raises RuntimeError with
+    llama.cpp's own reason when it fails (a full disk, an unsupported tensor)."""
+    global _collected
+    L = _lib()
+    params = L.llama_model_quantize_default_params()
+    params.ftype = getattr(L, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    params.nthread = threads or default_threads()
+    _collected = []
+    try:
+        rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        errors = _collected
+    finally:
+        _collected = None
+    if rc != 0:
+        reason = "; ".join(e for e in errors if e) or f"error {rc}"
+        raise RuntimeError(f"llama.cpp's quantiser failed: {reason}")
 
 
 def _meta(L, model, key: str) -> str | None:
