@@ -16,6 +16,8 @@ ignored on every side so each produces exactly 128), alternating, median of --re
 Run:
     OMP_NUM_THREADS=2 python benchmarks/bench_bot.py [--repeats 3] [--skip-cold] [--threads 2]
     OMP_NUM_THREADS=2 python benchmarks/bench_bot.py --sections llama.cpp turns --repeats 5
+    OMP_NUM_THREADS=2 python benchmarks/bench_bot.py --sections llama.cpp --skip-cold \
+        --also-gguf SmolLM2-135M-Instruct.Q4_1.gguf smollm2.q6_k.gguf  # other files, same run
     python benchmarks/bench_bot.py --sections llama.cpp turns --skip-cold
 """
 
@@ -42,6 +44,11 @@ def parse_args():
     p.add_argument(
         "--gguf", default=None, help="GGUF file (default: the embedded model's cached f16 export)"
     )
+    p.add_argument(
+        "--also-gguf", nargs="+", default=[], metavar="FILE",
+        help="more GGUF files of the same model (other quantisations): a bot side each, "
+        "alternating with the rest",
+    )  # fmt: skip
     p.add_argument("--turns", type=int, default=10)
     return p.parse_args()
 
@@ -221,14 +228,23 @@ def bench_llamacpp(args, threads: int) -> None:
         for dtype in ("float32", "bfloat16"):
             torch_models[dtype] = load_chat_model(None, device="cpu", dtype=dtype)
 
-    def bot():
-        cpp.reset()  # a fresh conversation: the whole prompt is evaluated, as by the raw loop
-        stats = GenerationStats()
-        ids_out = []
-        for piece in stream_text(cpp, tok, ids, settings, [], [], stats):
-            ids_out.append(piece)
-        assert stats.generated_tokens == n
-        return stats.total_s, stats.first_token_s, "".join(ids_out)
+    def bot_on(cpp, tok):
+        def bot():
+            cpp.reset()  # a fresh conversation: the whole prompt is evaluated, as by the raw loop
+            stats = GenerationStats()
+            ids_out = []
+            for piece in stream_text(cpp, tok, ids, settings, [], [], stats):
+                ids_out.append(piece)
+            assert stats.generated_tokens == n
+            return stats.total_s, stats.first_token_s, "".join(ids_out)
+
+        return bot
+
+    bot = bot_on(cpp, tok)
+    others = {}
+    for other in args.also_gguf:
+        o_cpp = LlamaCppModel(other, n_ctx=1024, n_threads=threads)
+        others[f"bot {Path(other).stem}"] = bot_on(o_cpp, LlamaCppTokenizer(o_cpp))
 
     def raw():
         total, first, out = raw_decode_loop(cpp, ids[0].tolist(), n)
@@ -243,7 +259,7 @@ def bench_llamacpp(args, threads: int) -> None:
 
         return run
 
-    sides = {"bot llama.cpp": bot, "raw llama.cpp": raw}
+    sides = {"bot llama.cpp": bot, "raw llama.cpp": raw, **others}
     for dtype, loaded in torch_models.items():
         short = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
         sides[f"bot torch {short}"] = torch_side(loaded)
@@ -264,10 +280,12 @@ def bench_llamacpp(args, threads: int) -> None:
         speeds = ", ".join(f"{n / r[0]:.1f}" for r in v)
         ttft = statistics.median(r[1] for r in v) * 1000
         print(f"  {k:<15} {med[k]:>7.1f} tok/s  (runs {speeds})  TTFT {ttft:.0f} ms")
+        if k in others:
+            print(f"    text: {v[0][2][:60]!r}")
     print(f"  bot/raw: {med['bot llama.cpp'] / med['raw llama.cpp']:.2f}x (goal >= 0.9)")
     for k in [k for k in med if k.startswith("bot torch")]:
-        ratio = med["bot llama.cpp"] / med[k]
-        print(f"  bot llama.cpp / {k}: {ratio:.2f}x (goal >= 5)")
+        for mine in ["bot llama.cpp", *others]:
+            print(f"  {mine} / {k}: {med[mine] / med[k]:.2f}x (goal >= 5)")
     same = runs["bot llama.cpp"][0][2].strip() == runs["raw llama.cpp"][0][2].strip()
     print(f"  bot and raw text equal: {same}")
     cpp.close()

@@ -13,6 +13,14 @@ give torch's figure to about 1e-4.
         --data data/OIG-sample/valid.jsonl --outtypes f32 f16 q8_0 q4_1 --threads 2
 
 (`make demo` writes huggingface_models/SmolLM2-135M-OIG-demo.) Deterministic: one run is enough.
+
+With `--base MODEL` (the model the fine-tune started from; `embedded` for the demo) each file also
+gets the share of the fine-tune's weight change it keeps: for the 2-D weights of the transformer
+blocks, <q - base, tuned - base> / |tuned - base|^2 over all of them (q: the file's weights
+dequantised; 1 = every change kept, 0 = the base's weights back).
+
+    python benchmarks/gguf_quant_perplexity.py --base embedded \
+        --outtypes f16 bf16 q8_0 q6_k q5_k_m q4_k_m q4_0 q4_1
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ def main() -> None:
     p.add_argument("--outtypes", nargs="+", default=["f32", "q8_0", "q4_1"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-length", type=int, default=512, help="window length (tokens)")
+    p.add_argument("--base", help="the fine-tune's base model: also report the change kept")
     args = p.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,6 +94,11 @@ def main() -> None:
     print(f"{'fp32 (torch)':<22} {base['token_perplexity']:>10.4f} {'':>9} "
           f"{base['bits_per_byte']:>10.4f} {'':>8}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="gguf-ppl-") as tmp:
+        change = None
+        if args.base:  # the weights as llama.cpp lays them out, base and fine-tune, in f32
+            base_file = export_gguf(args.base, Path(tmp) / "base.f32.gguf", "f32")
+            tuned_file = export_gguf(args.model, Path(tmp) / "tuned.f32.gguf", "f32")
+            change = (block_weights(base_file), block_weights(tuned_file))
         for outtype in args.outtypes:
             out = Path(tmp) / f"model.{outtype}.gguf"
             t0 = time.perf_counter()
@@ -97,10 +111,32 @@ def main() -> None:
             print(
                 f"{outtype + ' (llama.cpp)':<22} {m['token_perplexity']:>10.4f} {rel:>+8.2%} "
                 f"{m['bits_per_byte']:>10.4f} {out.stat().st_size / 1e6:>8.0f}"
-                f"   (export {export_s:.0f} s)",
+                f"   (export {export_s:.0f} s)"
+                + (f", change kept {kept_share(out, *change):.2f}" if change else ""),
                 flush=True,
             )
             out.unlink()
+
+
+def block_weights(path: Path) -> dict[str, np.ndarray]:
+    """The 2-D weights of the transformer blocks of a GGUF file, dequantised to float32."""
+    import gguf
+
+    return {
+        t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).ravel()
+        for t in gguf.GGUFReader(path).tensors
+        if t.name.startswith("blk.") and len(t.shape) == 2
+    }
+
+
+def kept_share(path: Path, base: dict, tuned: dict) -> float:
+    """<q - base, tuned - base> / |tuned - base|^2 over the block weights of `path`."""
+    num = den = 0.0
+    for name, q in block_weights(path).items():
+        delta = (tuned[name] - base[name]).astype(np.float64)
+        num += float(((q - base[name]) * delta).sum())
+        den += float((delta * delta).sum())
+    return num / den
 
 
 if __name__ == "__main__":

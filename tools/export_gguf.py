@@ -50,10 +50,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from openchatkit.export.gguf import export_gguf, modelfile_path
+    from openchatkit.export.gguf import LLAMACPP_OUTTYPES, export_gguf, modelfile_path, weight_types
 
     out = export_gguf(args.model, args.out, args.outtype, args.adapter, args.overwrite)
-    print(f"{args.model} -> GGUF {args.outtype}; Ollama: {modelfile_path(out)}", file=sys.stderr)
+    types = weight_types(out)
+    tally = ", ".join(f"{n} {name}" for name, n in types.items())
+    note = ""
+    if args.outtype in LLAMACPP_OUTTYPES and any(not t.endswith("_K") for t in types):
+        note = "; llama.cpp used a legacy type where rows are not whole 256-weight k-quant blocks"
+    print(
+        f"{args.model} -> GGUF {args.outtype} (2-D weights: {tally}{note}); "
+        f"Ollama: {modelfile_path(out)}",
+        file=sys.stderr,
+    )
     print(out)
     return 0
 

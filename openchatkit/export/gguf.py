@@ -231,6 +231,16 @@ def write_llamacpp_quant(hf_dir: Path, out: Path, outtype: str, name: str) -> st
     return template
 
 
+def weight_types(path: Path) -> dict[str, int]:
+    """How many 2-D tensors of the GGUF file `path` have each type, most first ({"Q8_0": 181,
+    "Q6_K": 30}): llama.cpp's quantiser gives a k-quant only to tensors whose rows are whole
+    256-weight blocks, and falls back to a legacy type (q5_0, q5_1, q8_0) for the others."""
+    from collections import Counter
+
+    types = Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2)
+    return dict(types.most_common())
+
+
 # ---- sources ----------------------------------------------------------------------------------
 
 

@@ -36,8 +36,7 @@ PER_PRODUCT = {"q4_k_m": 1 / 15 + 1 / 254, "q6_k": 1 / 32 + 1 / 254}
 RMS = {gguf.GGMLQuantizationType.Q4_K: 0.1, gguf.GGMLQuantizationType.Q6_K: 0.03}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
+def make_tiny_llama(folder: Path, hidden: int = 256, ffn: int = 512) -> Path:
     """A tiny random Llama (weights N(0, STD), norms around 1) with the embedded model's tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -45,11 +44,11 @@ def tiny(tmp_path_factory) -> Path:
 
     config = LlamaConfig(
         vocab_size=49152,
-        hidden_size=256,
+        hidden_size=hidden,
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=512,
+        intermediate_size=ffn,
         max_position_embeddings=256,
         tie_word_embeddings=True,
     )
@@ -61,10 +60,14 @@ def tiny(tmp_path_factory) -> Path:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, STD)
-    folder = tmp_path_factory.mktemp("kquant") / "hf"
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(ensure_embedded_model()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("kquant") / "hf")
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +199,17 @@ def test_quantiser_failure_leaves_nothing(tiny, tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=r"cannot write .*o\.gguf: .*No space left"):
         export_gguf(str(tiny), tmp_path / "o.gguf", "q6_k")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_names_the_types_and_says_when_llama_cpp_fell_back(tiny, tmp_path, in_process):
+    """The script's summary line tallies the 2-D weight types; rows that are not whole 256-weight
+    blocks (hidden 320 here, 576 in SmolLM2-135M) get a legacy type, and it says so."""
+    script = "tools/export_gguf.py"
+    proc = in_process(script, "--model", tiny, "--out", tmp_path / "a.gguf", "--outtype", "q6_k")
+    assert proc.returncode == 0, proc.stderr
+    assert "(2-D weights: 15 Q6_K)" in proc.stderr and "legacy" not in proc.stderr
+    odd = make_tiny_llama(tmp_path / "odd", hidden=320, ffn=512)
+    proc = in_process(script, "--model", odd, "--out", tmp_path / "b.gguf", "--outtype", "q6_k")
+    assert proc.returncode == 0, proc.stderr
+    assert "Q8_0" in proc.stderr and "Q6_K" in proc.stderr  # ffn_down's rows are 512: Q6_K
+    assert "legacy type where rows are not whole 256-weight k-quant blocks" in proc.stderr
