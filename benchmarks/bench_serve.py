@@ -6,6 +6,8 @@ Run:
     python benchmarks/bench_serve.py --repeats 1 --requests 1 --max-tokens 16   # a quick look
     python benchmarks/bench_serve.py --only ours             # skip the peer
     python benchmarks/bench_serve.py --backend llama.cpp     # ours on llama.cpp (the GGUF)
+    python benchmarks/bench_serve.py --dtype bfloat16        # both in bf16 (default: both fp32)
+    python benchmarks/bench_serve.py --dtype auto            # each server's own default dtype
 
 Each repeat runs both servers one after the other (order alternating between repeats), each
 started fresh, warmed up with one request, then loaded by C concurrent streaming clients that each
