@@ -63,10 +63,15 @@ def assert_one_line_error(
 
 @pytest.fixture(scope="session")
 def cli() -> types.SimpleNamespace:
-    """cli.REPO, cli.user_env(**extra), cli.run(script, *args, env=, stdin=, timeout=) and
-    cli.assert_one_line_error(proc, *needles, usage_first=False)."""
+    """cli.REPO, cli.user_env(**extra), cli.run(script, *args, env=, stdin=, timeout=),
+    cli.run_here(script, *args, ...) (below) and cli.assert_one_line_error(proc, *needles,
+    usage_first=False)."""
     return types.SimpleNamespace(
-        REPO=REPO, user_env=user_env, run=run, assert_one_line_error=assert_one_line_error
+        REPO=REPO,
+        user_env=user_env,
+        run=run,
+        run_here=run_here,
+        assert_one_line_error=assert_one_line_error,
     )
 
 
@@ -92,43 +97,86 @@ def load_script(script: str | Path) -> types.ModuleType:
     return _SCRIPTS[path]
 
 
-@pytest.fixture
-def in_process(capsys, monkeypatch):
-    """in_process(script, *args, env=None, unset=(), log_level="INFO") runs `script`'s `main(argv)` in this
-    process the way its `__main__` block does (through `openchatkit.cli.run_main`, from the
-    repository root) and returns a CompletedProcess with the exit code and the captured
-    stdout and stderr, for `assert_one_line_error`. `env` sets variables, `unset` removes
-    them, for this call only; `log_level` is the one the script gives run_main. A bad-input check then costs no interpreter start; the
-    subprocess table in tests/test_bad_input.py proves the contract for the real process."""
+def run_here(
+    script: str | Path,
+    *args: object,
+    env: dict[str, str] | None = None,
+    unset: tuple[str, ...] = (),
+    base_env: dict[str, str] | None = None,
+    log_level: str = "INFO",
+) -> subprocess.CompletedProcess:
+    """`script`'s `main(argv)` in this process, the way its `__main__` block runs it (through
+    `openchatkit.cli.run_main`, from the repository root), stdout and stderr captured: a
+    CompletedProcess, as `run` gives for a real process. It saves the interpreter start (~3
+    CPU-s importing torch and transformers, ~8 for a trainer run). Use it where a script's
+    process is not what a test checks: each test file keeps real processes for the CLI
+    behaviour it promises, and tests/test_bad_input.py runs every refusal as a process.
+
+    The call's environment: `base_env` (default: this process's) with `env` set and `unset`
+    removed; OMP_NUM_THREADS in it sets torch's thread count, as in a new process. Afterwards the
+    environment, working directory and loguru's sink are given back, and, when torch or numpy
+    was loaded, torch's thread count and the random states of torch, numpy and Python, so later
+    tests see no change. argparse's exits become the exit code; `log_level` is the one the script
+    gives run_main. A process group left open fails the call (it would leak into the rest of the
+    session). Nothing is imported here that the script would not import: a refusal made before
+    torch is imported can be checked as such (tests/test_refusals_before_torch.py)."""
+    import contextlib
+    import io
+    import random
+
     from openchatkit.cli import run_main
 
-    def call(script, *args, env=None, unset=(), log_level="INFO"):
-        for key in unset:
-            monkeypatch.delenv(key, raising=False)
-        for key, value in (env or {}).items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.chdir(REPO)
-        module = load_script(script)
-        argv = [str(a) for a in args]
-        capsys.readouterr()
-        try:
-            code = run_main(lambda: module.main(argv), Path(script).name, log_level)
-        except SystemExit as exit_:  # argparse (--help, usage errors) and sys.exit(...)
-            if exit_.code is None or isinstance(exit_.code, int):
-                code = exit_.code or 0
-            else:  # sys.exit("message"): the interpreter prints it and exits 1
-                print(exit_.code, file=sys.stderr)
-                code = 1
-        finally:
-            _reset_loguru()
-        out, err = capsys.readouterr()
-        dist = sys.modules.get("torch.distributed")  # not imported: no group can exist
-        if dist is not None and dist.is_available() and dist.is_initialized():  # got too far
-            dist.destroy_process_group()  # for this process (the rest of the session)
-            raise AssertionError(f"{script} {argv} started a process group in-process:\n{err}")
-        return subprocess.CompletedProcess([str(script), *argv], code, out, err)
+    module = load_script(script)
+    argv = [str(a) for a in args]
+    call_env = dict(os.environ if base_env is None else base_env)
+    call_env.update(env or {})
+    for key in unset:
+        call_env.pop(key, None)
+    saved_env, cwd = dict(os.environ), os.getcwd()
+    torch, np = sys.modules.get("torch"), sys.modules.get("numpy")
+    py_state = random.getstate()
+    torch_state = (torch.get_num_threads(), torch.get_rng_state()) if torch else None
+    np_state = np.random.get_state() if np else None
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(call_env)
+        os.chdir(REPO)
+        threads = call_env.get("OMP_NUM_THREADS", "")
+        if torch is not None and threads.isdigit() and int(threads) > 0:
+            torch.set_num_threads(int(threads))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = run_main(lambda: module.main(argv), Path(script).name, log_level)
+            except SystemExit as exit_:  # argparse (--help, usage errors) and sys.exit(...)
+                if exit_.code is None or isinstance(exit_.code, int):
+                    code = exit_.code or 0
+                else:  # sys.exit("message"): the interpreter prints it and exits 1
+                    print(exit_.code, file=sys.stderr)
+                    code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(cwd)
+        random.setstate(py_state)
+        if torch_state is not None:
+            torch.set_num_threads(torch_state[0])
+            torch.set_rng_state(torch_state[1])
+        if np_state is not None:
+            np.random.set_state(np_state)
+        _reset_loguru()
+    dist = sys.modules.get("torch.distributed")  # not imported: no group can exist
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # for this process (the rest of the session)
+        raise AssertionError(f"{script} {argv} left a process group:\n{err.getvalue()}")
+    return subprocess.CompletedProcess([str(script), *argv], code, out.getvalue(), err.getvalue())
 
-    return call
+
+@pytest.fixture(scope="session")
+def in_process():
+    """`run_here` (above) for test modules: in_process(script, *args, env=, unset=, base_env=,
+    log_level=)."""
+    return run_here
 
 
 def _reset_loguru() -> None:

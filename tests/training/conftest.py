@@ -6,6 +6,7 @@ or a script's main(argv) in this process where the process itself is not what a 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -193,103 +194,39 @@ class _OnFirstUse(dict):
 
 
 @pytest.fixture(scope="session")
-def reference(tiny, tmp_path_factory) -> dict[str, Path]:
+def reference(tiny, tmp_path_factory, train_here) -> dict[str, Path]:
     """Single-process (pp=1 x dp=1) runs of the tiny models, {"llama"|"gpt_neox": checkpoint
     folder}: the ground truth. Each is run on first use (a test session that needs only one
-    pays for one), in this process (`train_in_this_process`: a single-process run; the same
-    weights and losses as the script started by a user)."""
+    pays for one), in this process (`train_here`: a single-process run; the same weights and
+    losses as the script started by a user)."""
     root = tmp_path_factory.mktemp("reference")
 
     def make(arch: str) -> Path:
         ckpt = root / arch
-        r = train_in_this_process(train_args(tiny, arch, ckpt))
+        r = train_here(train_args(tiny, arch, ckpt))
         assert r.returncode == 0, r.stderr[-3000:]
         return ckpt
 
     return _OnFirstUse(make)
 
 
-_SCRIPT_MODULES: dict[Path, object] = {}  # scripts imported once each, for their main(argv)
-
-
-def main_in_this_process(
-    script: str | Path, *args: object, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """`script`'s `main(argv)` in this process, as a user's shell runs it (through
-    `openchatkit.cli.run_main`, from the repository root, in `env`, default `clean_env()`: no
-    torchrun variables, one BLAS thread, wandb offline), stdout and stderr captured: a
-    CompletedProcess. Unlike the `in_process` fixture of tests/conftest.py it needs no test's
-    capture, so module and session fixtures can use it.
-
-    It saves the ~8 CPU-s of an interpreter start importing torch and transformers. A
-    single-process trainer run starts no process group, and its losses and weights equal a
-    subprocess run's bit for bit. The environment, working directory, torch's thread count
-    and the global random states are given back afterwards, so later tests in this process
-    see no change. Use it where a script's process contract is not what a test checks: each
-    test file keeps real subprocesses for the CLI behaviour it promises. An argparse error
-    raises SystemExit here (the `in_process` fixture is the one for bad-input cases)."""
-    import contextlib
-    import importlib.util
-    import io
-    import random
-
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    from loguru import logger
-
-    from openchatkit.cli import run_main
-
-    path = (REPO / script).resolve()
-    saved_env, cwd = dict(os.environ), os.getcwd()
-    threads = torch.get_num_threads()
-    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    out, err = io.StringIO(), io.StringIO()
-    argv = [str(a) for a in args]
-    try:
-        if path not in _SCRIPT_MODULES:  # its import-time environment changes are undone below
-            spec = importlib.util.spec_from_file_location(f"_main_here_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            _SCRIPT_MODULES[path] = module
-        os.environ.clear()
-        os.environ.update(clean_env() if env is None else env)
-        os.chdir(REPO)
-        torch.set_num_threads(1)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = run_main(lambda: _SCRIPT_MODULES[path].main(argv), path.name)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        os.chdir(cwd)
-        torch.set_num_threads(threads)
-        torch.set_rng_state(states[0])
-        random.setstate(states[1])
-        np.random.set_state(states[2])
-        # run_main pointed loguru at the StringIO; give it a sink that follows sys.stderr.
-        logger.remove()
-        logger.add(lambda message: sys.stderr.write(message))
-    # One process: no group may be left (it would leak into the rest of the session).
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        raise AssertionError(f"{path.name} {argv} left a process group:\n{err.getvalue()}")
-    return subprocess.CompletedProcess([str(path), *argv], code, out.getvalue(), err.getvalue())
-
-
-def train_in_this_process(args: list[str]) -> subprocess.CompletedProcess:
-    """The trainer's main(argv) in this process (`main_in_this_process`), as `run_train(args)`
-    runs it in one process."""
-    return main_in_this_process(TRAIN, *args)
-
-
-@pytest.fixture
-def train_here():
-    """train_in_this_process (above), as a fixture for test modules."""
-    return train_in_this_process
+def main_in_this_process(cli, script: str | Path, *args: object, env=None):
+    """`script`'s main(argv) in this process (`cli.run_here`, tests/conftest.py) in the
+    environment `run_train` gives a process: `env`, default `clean_env()` (no torchrun
+    variables, one BLAS thread, wandb offline). A single-process trainer run starts no process
+    group, and its losses and weights equal a subprocess run's bit for bit."""
+    return cli.run_here(script, *args, base_env=clean_env() if env is None else env)
 
 
 @pytest.fixture(scope="session")
-def tt():
+def train_here(cli):
+    """train_here(args): the trainer's main(argv) in this process, as `run_train(args)` runs it
+    in one process (`main_in_this_process`)."""
+    return lambda args: main_in_this_process(cli, TRAIN, *args)
+
+
+@pytest.fixture(scope="session")
+def tt(cli):
     """The helpers above, for test modules (conftest is not importable under importlib mode)."""
     import types
 
@@ -304,5 +241,5 @@ def tt():
         checkpoint_tensors=checkpoint_tensors,
         max_weight_diff=max_weight_diff,
         free_port=_free_port,
-        main_here=main_in_this_process,
+        main_here=functools.partial(main_in_this_process, cli),
     )
