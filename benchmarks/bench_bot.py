@@ -241,9 +241,10 @@ def bench_llamacpp(args, threads: int) -> None:
         return bot
 
     bot = bot_on(cpp, tok)
-    others = {}
+    others, opened = {}, [cpp]
     for other in args.also_gguf:
         o_cpp = LlamaCppModel(other, n_ctx=1024, n_threads=threads)
+        opened.append(o_cpp)
         others[f"bot {Path(other).stem}"] = bot_on(o_cpp, LlamaCppTokenizer(o_cpp))
 
     def raw():
@@ -288,7 +289,8 @@ def bench_llamacpp(args, threads: int) -> None:
             print(f"  {mine} / {k}: {med[mine] / med[k]:.2f}x (goal >= 5)")
     same = runs["bot llama.cpp"][0][2].strip() == runs["raw llama.cpp"][0][2].strip()
     print(f"  bot and raw text equal: {same}")
-    cpp.close()
+    for model in opened:
+        model.close()
 
 
 def bench_turns(args, threads: int) -> None:

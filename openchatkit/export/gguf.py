@@ -38,6 +38,7 @@ from openchatkit.fileio import (
     apply_umask,
     check_writable_dir,
     describe_os_error,
+    remove_stale_temps,
     temp_prefix,
 )
 
@@ -150,9 +151,12 @@ def plan_tensors(weights, config, spec: GGUFArch, outtype: str) -> list[Planned]
     return plan
 
 
-def write_gguf(hf_dir: Path, out: Path, outtype: str, name: str | None = None) -> str:
+def write_gguf(
+    hf_dir: Path, out: Path, outtype: str, name: str | None = None, into: Path | None = None
+) -> str:
     """Write the HF folder `hf_dir` as GGUF file `out` (replacing it); returns the chat template
-    written. Raises UserError for what cannot be exported."""
+    written. Raises UserError for what cannot be exported. `into`: write into that file instead
+    (a temporary name the caller made and removes) and rename nothing; errors still name `out`."""
     from transformers import AutoTokenizer
 
     from openchatkit.models.convert import _load_config
@@ -168,39 +172,43 @@ def write_gguf(hf_dir: Path, out: Path, outtype: str, name: str | None = None) -
     weights = HFWeights(hf_dir)
     plan = plan_tensors(weights, config, spec, outtype)
 
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out), dir=out.parent)
-    os.close(fd)
-    writer = gguf.GGUFWriter(tmp, spec.name)
+    tmp = into
     try:
-        writer.add_name(name or hf_dir.name)
-        writer.add_type(gguf.GGUFType.MODEL)
-        for key, value in spec.hparams(config):
-            getattr(writer, f"add_{key}")(value)
-        writer.add_vocab_size(int(config.vocab_size))
-        writer.add_file_type(OUTTYPES[outtype][1])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        template = add_tokenizer(writer, hf_dir, tokenizer, int(config.vocab_size))
-        for t in plan:
-            writer.add_tensor_info(
-                t.gguf_name, t.shape, np.dtype(np.float32), nbytes_of(t.shape, t.qtype), t.qtype
-            )
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in plan:  # one tensor in memory at a time
-            w = spec.transform(t.hf_key, weights.get(t.hf_key), config)
-            writer.write_tensor_data(encode(w, t.qtype))
-            del w
-        writer.close()
-        apply_umask(tmp)  # mkstemp makes it 0600; the user's umask decides, as for any file
-        os.replace(tmp, out)
-    except OSError as err:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {out}: {describe_os_error(err)}") from None
-    except BaseException:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is None:
+            fd, name_of_tmp = tempfile.mkstemp(prefix=temp_prefix(out), dir=out.parent)
+            os.close(fd)
+            tmp = Path(name_of_tmp)
+        writer = gguf.GGUFWriter(tmp, spec.name)
+        try:
+            writer.add_name(name or hf_dir.name)
+            writer.add_type(gguf.GGUFType.MODEL)
+            for key, value in spec.hparams(config):
+                getattr(writer, f"add_{key}")(value)
+            writer.add_vocab_size(int(config.vocab_size))
+            writer.add_file_type(OUTTYPES[outtype][1])
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            template = add_tokenizer(writer, hf_dir, tokenizer, int(config.vocab_size))
+            for t in plan:
+                writer.add_tensor_info(
+                    t.gguf_name, t.shape, np.dtype(np.float32), nbytes_of(t.shape, t.qtype), t.qtype
+                )
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t in plan:  # one tensor in memory at a time
+                w = spec.transform(t.hf_key, weights.get(t.hf_key), config)
+                writer.write_tensor_data(encode(w, t.qtype))
+                del w
+        finally:
+            writer.close()
+        if into is None:
+            apply_umask(tmp)  # mkstemp makes it 0600; the user's umask decides, as for any file
+            os.replace(tmp, out)
+    except BaseException as err:
+        if into is None and tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, UserError):
+            raise OutputError(f"cannot write {out}: {describe_os_error(err)}") from None
         raise
     return template
 
@@ -208,23 +216,34 @@ def write_gguf(hf_dir: Path, out: Path, outtype: str, name: str | None = None) -
 def write_llamacpp_quant(hf_dir: Path, out: Path, outtype: str, name: str) -> str:
     """Write `hf_dir` as GGUF `out` in one of LLAMACPP_OUTTYPES: an f16 export beside the output
     (disk: about 2 bytes per parameter more, for the length of the call), quantised by llama.cpp
-    into a temporary name, renamed when complete. Returns the chat template written."""
-    from openchatkit.inference.llamacpp import quantize_file
+    in a child process (openchatkit/export/gguf_quantize.py: Ctrl-C stops it) into a temporary
+    name, renamed when complete. Both temporary files are removed whatever happens; a killed
+    export's are removed by the next one (`remove_stale_temps`). Returns the chat template."""
+    from openchatkit.export.gguf_quantize import quantize_gguf
 
-    temps = []
-    for suffix in (".f16", ""):
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out), suffix=suffix, dir=out.parent)
-        os.close(fd)
-        temps.append(Path(tmp))
-    f16, tmp = temps
+    temps: list[Path] = []
     try:
-        template = write_gguf(hf_dir, f16, "f16", name=name)
+        for suffix in (".f16", ""):
+            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out), suffix=suffix, dir=out.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+        f16, tmp = temps
+        template = write_gguf(hf_dir, out, "f16", name=name, into=f16)
         try:
-            quantize_file(f16, tmp, LLAMACPP_OUTTYPES[outtype])
+            quantize_gguf(f16, tmp, LLAMACPP_OUTTYPES[outtype])
         except RuntimeError as err:
+            # llama.cpp reports a full disk as "basic_ios::clear: iostream error": look.
+            if shutil.disk_usage(out.parent).free < 16 << 20:
+                raise OutputError(
+                    f"cannot write {out}: no space left on its device ({err})"
+                ) from None
             raise OutputError(f"cannot write {out}: {err}") from None
         apply_umask(tmp)
         os.replace(tmp, out)
+    except OSError as err:
+        if isinstance(err, UserError):
+            raise
+        raise OutputError(f"cannot write {out}: {describe_os_error(err)}") from None
     finally:
         for path in temps:
             path.unlink(missing_ok=True)
@@ -371,6 +390,10 @@ def export_gguf(
                 f"--outtype {outtype} is made by llama.cpp's own quantiser: install the llama.cpp "
                 "binding (`make install`), or use one of " + ", ".join(OUTTYPES)
             )
+        from openchatkit.inference.llamacpp import load_binding
+
+        load_binding()  # a binding that does not load is refused now, not after the f16 export
+    remove_stale_temps(out)  # what a killed export left beside the output
     with hf_source(model, adapter, out.parent) as hf_dir:
         from openchatkit.models.embedded import EMBEDDED_MODEL_NAME, is_embedded_name
 

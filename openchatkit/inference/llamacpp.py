@@ -24,12 +24,14 @@ import ctypes
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from openchatkit.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the quantiser's child process needs none
+    import torch
 
 # ggml log levels: 4 = error. Lower levels (model metadata dumps) are dropped.
 _LOG_ERROR = 4
@@ -37,7 +39,9 @@ _log_callback = None  # kept referenced: llama.cpp holds the raw pointer
 _collected: list[str] | None = None  # while not None, llama.cpp's errors go here, not to stderr
 
 
-def _lib():
+def load_binding():
+    """llama-cpp-python's ctypes layer (`llama_cpp.llama_cpp`), loaded once with its CPU backend
+    and llama.cpp's log filtered to errors; UserError when it is missing or does not load."""
     try:
         import llama_cpp.llama_cpp as L
     except ImportError as err:
@@ -93,7 +97,7 @@ def _load_cpu_backend(lib_dir: Path) -> None:
 def cpu_backend_variant() -> str | None:
     """The CPU backend module this process loaded ('zen4', 'haswell', ...), None when the CPU
     backend is linked into libggml (a binding built without dynamic backends). Linux only."""
-    _lib()
+    load_binding()
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
@@ -119,20 +123,24 @@ def default_threads() -> int:
 
 def quantize_file(src: Path, dst: Path, ftype: str, threads: int | None = None) -> None:
     """Quantise GGUF file `src` into `dst` with llama.cpp's own quantiser (`llama_model_quantize`,
-    what its `llama-quantize` tool runs). `ftype` names one of its file types (`Q4_K_M`: the
-    LLAMA_FTYPE_MOSTLY_ suffix). Its k-quant mixtures keep the tensors that cost most when
-    quantised (attention values, some feed-forward down projections, the output) at more bits.
-    Tensor by tensor, memory-mapped: peak memory about one tensor. Raises RuntimeError with
-    llama.cpp's own reason when it fails (a full disk, an unsupported tensor)."""
+    what its `llama-quantize` tool runs), in this process. `ftype` names one of its file types
+    (`Q4_K_M`: the LLAMA_FTYPE_MOSTLY_ suffix). Its k-quant mixtures keep the tensors that cost
+    most when quantised (attention values, some feed-forward down projections, the output) at
+    more bits. Tensor by tensor, memory-mapped: peak memory about one tensor. Raises RuntimeError
+    with llama.cpp's own reason when it fails.
+
+    Ctrl-C cannot stop it: llama.cpp calls back into Python for each log line, and ctypes drops
+    a KeyboardInterrupt raised there. The exporter runs it in a child process it can kill
+    (openchatkit/export/gguf_quantize.py)."""
     global _collected
-    L = _lib()
+    L = load_binding()
     params = L.llama_model_quantize_default_params()
     params.ftype = getattr(L, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
     params.nthread = threads or default_threads()
-    _collected = []
+    errors: list[str] = []
+    _collected = errors
     try:
-        rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-        errors = _collected
+        rc = L.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
     finally:
         _collected = None
     if rc != 0:
@@ -166,7 +174,7 @@ class LlamaCppModel:
         n_threads: int | None = None,
         n_batch: int = 512,
     ):
-        L = self.L = _lib()
+        L = self.L = load_binding()
         path = Path(path)
         if not path.is_file():
             raise UserError(f"--model {path}: no such GGUF file")
@@ -244,6 +252,8 @@ class LlamaCppModel:
 
     def logits(self) -> torch.Tensor:
         """The last evaluated position's logits (vocab,), a view valid until the next step."""
+        import torch
+
         ptr = self.L.llama_get_logits_ith(self.ctx, -1)
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
 
@@ -327,7 +337,11 @@ class LlamaCppTokenizer:
 
     def __call__(self, text: str, add_special_tokens: bool = True, return_tensors=None, **_):
         ids = self.encode(text, add_special_tokens)
-        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+        if return_tensors == "pt":
+            import torch
+
+            return {"input_ids": torch.tensor([ids])}
+        return {"input_ids": ids}
 
     def _piece(self, token: int, special: bool) -> bytes:
         key = (token, special)
