@@ -7,9 +7,9 @@ ignored on every side so each produces exactly 128), alternating, median of --re
 - llama.cpp (the file the bot runs by default for the embedded model: its f16 export cached by
   openchatkit/inference/embedded_gguf.py, written on first use; or --gguf FILE): the bot's loop on
   the llama.cpp backend vs a raw loop over the binding's `llama_decode` with an argmax (no Python
-  tokenizer or stop-string work) vs the bot's torch backend in fp32 and in bf16 (its default
-  on CPUs with native bf16), same prompt and thread count (--threads; torch gets as many),
-  alternating; the ratios against the issue's goals
+  tokenizer or stop-string work) vs the bot's torch backend in fp32 (its default for the
+  embedded model's fp32 folder) and in bf16 (faster on CPUs with native bf16), same prompt and
+  thread count (--threads; torch gets as many), alternating; the ratios against the issue's goals
   (bot >= 0.9x raw, >= 5x torch);
 - multi-turn: time to first token at turn 1 and turn 10 of a chat session on both backends
   (the KV cache of the conversation is reused).
@@ -222,7 +222,8 @@ def bench_llamacpp(args, threads: int) -> None:
     ids = tok(_chat_prompt(tok), add_special_tokens=False, return_tensors="pt")["input_ids"]
     n = args.new_tokens
     settings = GenerationSettings(max_tokens=n, sample=False)
-    # The torch backend in fp32 and in bf16, its default on a CPU with native bf16 ("auto").
+    # The torch backend in fp32 (its `auto` for this fp32 folder) and in bf16 (`--dtype bfloat16`,
+    # faster on a CPU with native bf16; `auto` before 2026-12-07's third session).
     torch_models = {}
     if not args.gguf:
         for dtype in ("float32", "bfloat16"):

@@ -5,6 +5,7 @@ layer-sharded folders and trainer or LoRA checkpoints in memory."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -114,7 +115,11 @@ def pick_device(device: str, gpu_id: int) -> str:
     return "cpu"
 
 
-def pick_dtype(dtype: str, device: str):
+def pick_dtype(dtype: str, device: str, declared: str | None = None):
+    """The torch dtype for `--dtype`. `auto`: on a GPU its half type; on a CPU the weights' own
+    precision (`declared`, what the model's config says it stores, as transformers' "auto"
+    reads it), except that half-precision weights run in bf16 where the CPU has native bf16
+    and in fp32 elsewhere (half arithmetic is emulated there, and slower)."""
     import torch
 
     if dtype == "auto":
@@ -123,11 +128,39 @@ def pick_dtype(dtype: str, device: str):
             # (GPU 0) and counts emulated bf16, which pre-Ampere GPUs run far slower than fp16.
             index = int(device.split(":")[1]) if ":" in device else 0
             return cuda_half_dtype(torch.cuda.get_device_capability(index))
-        # On CPUs with native bf16 instructions (AVX512-BF16 or AMX) bf16 decodes ~1.5x faster
-        # than fp32 with the same greedy text (benchmarks/bench_bot.py: 26.1 vs 17.1 tokens/s on
-        # a 2-core EPYC); elsewhere bf16 is emulated and slower, so fp32 stays.
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        # fp32 weights stay fp32 on a CPU, though bf16 decodes 1.3-1.7x faster where native
+        # (benchmarks/bench_bot.py): a short fp32 fine-tune's changes are finer than bf16 holds
+        # for many weights (`make demo`'s model: perplexity 4.57 in fp32, 4.95 in bf16), and the
+        # kit evaluates in fp32, so the bot would chat with another model than the one measured.
+        if declared in ("bfloat16", "float16") and cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
     return getattr(torch, dtype)
+
+
+def declared_dtype(source: str) -> str | None:
+    """The dtype an HF model's config says its weights are stored in ("float32", "bfloat16",
+    ...): `dtype` (transformers 5) or `torch_dtype`; None when it says none or the config is
+    not on this machine (a hub model's is read from the local cache only)."""
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+        except Exception:  # not a repo id the cache can look up
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if isinstance(value, str) else None
 
 
 def cuda_half_dtype(capability: tuple[int, int]):
@@ -205,7 +238,7 @@ def load_chat_model(
             "slow); on CPU use --dtype bfloat16 to halve memory"
         )
     check_weight_headers(source, display)
-    torch_dtype = pick_dtype(dtype, dev)
+    torch_dtype = pick_dtype(dtype, dev, declared_dtype(source))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
