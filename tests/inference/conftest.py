@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -67,3 +68,69 @@ def make_char_tokenizer_fixture():
 @pytest.fixture(name="scripted_model")
 def scripted_model_fixture():
     return ScriptedModel
+
+
+def make_tiny_gguf_source(
+    folder: Path,
+    kind: str = "llama",
+    layers: int = 2,
+    hidden: int = 64,
+    ffn: int = 128,
+    std: float = 0.1,
+) -> Path:
+    """A tiny random Llama (grouped-query, tied embeddings) or GPT-NeoX (partial rotary, untied)
+    saved as an HF folder with the embedded model's tokenizer (49152 tokens, so llama.cpp loads
+    a real vocabulary), for the GGUF export tests: weights N(0, std), norm weights around 1,
+    biases random, so that logits are peaked and distinct. Seeded: the same folder every time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, LlamaConfig
+
+    from openchatkit.models.embedded import ensure_embedded_model
+
+    common = dict(
+        vocab_size=49152,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=ffn,
+        max_position_embeddings=256,
+    )
+    if kind == "llama":
+        config = LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True)
+    else:  # rotary_pct becomes rope_parameters.partial_rotary_factor in transformers 5
+        config = GPTNeoXConfig(**common, rotary_pct=0.5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ensure_embedded_model()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", name="make_tiny_gguf_source")
+def make_tiny_gguf_source_fixture():
+    return make_tiny_gguf_source
+
+
+def gguf_exports(folder: Path, base: Path, stem: str):
+    """get(outtype) -> `folder` exported to `base/<stem>.<outtype>.gguf`, once per outtype: the
+    tests that read one file share it (none writes to it)."""
+    from openchatkit.export.gguf import export_gguf
+
+    files: dict[str, Path] = {}
+
+    def get(outtype: str) -> Path:
+        if outtype not in files:
+            files[outtype] = export_gguf(str(folder), base / f"{stem}.{outtype}.gguf", outtype)
+        return files[outtype]
+
+    return get
+
+
+@pytest.fixture(scope="session", name="gguf_exports")
+def gguf_exports_fixture():
+    return gguf_exports

@@ -34,65 +34,18 @@ BOUNDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir() -> Path:
-    from openchatkit.models.embedded import ensure_embedded_model
-
-    return ensure_embedded_model()
-
-
-def make_tiny(folder: Path, kind: str, tokenizer_dir: Path) -> Path:
-    """A random model of `kind` whose weights give peaked, distinct logits (std 0.1; norm
-    weights around 1; biases random), saved with the embedded model's tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, LlamaConfig
-
-    common = dict(
-        vocab_size=49152,
-        hidden_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=256,
-    )
-    if kind == "llama":
-        config = LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True)
-    else:  # rotary_pct becomes rope_parameters.partial_rotary_factor in transformers 5
-        config = GPTNeoXConfig(**common, rotary_pct=0.5, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module", params=["llama", "gpt_neox"])
-def tiny(request, tmp_path_factory, tokenizer_dir):
-    folder = tmp_path_factory.mktemp(request.param)
-    return request.param, make_tiny(folder / "hf", request.param, tokenizer_dir)
+def tiny(request, tmp_path_factory, make_tiny_gguf_source):
+    folder = tmp_path_factory.mktemp(request.param) / "hf"
+    return request.param, make_tiny_gguf_source(folder, request.param, layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
+def exported(tiny, tmp_path_factory, gguf_exports):
     """exported(outtype) -> the tiny model's GGUF in `outtype`, written once per module: the
     logit test and the read-back test check the same file (neither writes to it)."""
-    from openchatkit.export.gguf import export_gguf
-
     kind, folder = tiny
-    base = tmp_path_factory.mktemp(f"gguf-{kind}")
-    files: dict[str, Path] = {}
-
-    def get(outtype: str) -> Path:
-        if outtype not in files:
-            files[outtype] = export_gguf(str(folder), base / f"{kind}.{outtype}.gguf", outtype)
-        return files[outtype]
-
-    return get
+    return gguf_exports(folder, tmp_path_factory.mktemp(f"gguf-{kind}"), kind)
 
 
 def torch_steps(folder: Path, ids: list[int], steps: int):

@@ -44,53 +44,16 @@ PER_PRODUCT = {"q4_k_m": 1 / 15 + 1 / 254, "q6_k": 1 / 32 + 1 / 254}
 RMS = {gguf.GGMLQuantizationType.Q4_K: 0.1, gguf.GGMLQuantizationType.Q6_K: 0.03}
 
 
-def make_tiny_llama(folder: Path, hidden: int = 256, ffn: int = 512) -> Path:
-    """A tiny random Llama (weights N(0, STD), norms around 1) with the embedded model's tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from openchatkit.models.embedded import ensure_embedded_model
-
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=hidden,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=ffn,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, STD)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(ensure_embedded_model()).save_pretrained(folder)
-    return folder
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, make_tiny_gguf_source) -> Path:
+    """A tiny random Llama, weights N(0, STD), with the embedded model's tokenizer."""
+    folder = tmp_path_factory.mktemp("kquant") / "hf"
+    return make_tiny_gguf_source(folder, layers=LAYERS, hidden=256, ffn=512, std=STD)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("kquant") / "hf")
-
-
-@pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
-    from openchatkit.export.gguf import export_gguf
-
-    base = tmp_path_factory.mktemp("kquant-out")
-    files: dict[str, Path] = {}
-
-    def get(outtype: str) -> Path:
-        if outtype not in files:
-            files[outtype] = export_gguf(str(tiny), base / f"tiny.{outtype}.gguf", outtype)
-        return files[outtype]
-
-    return get
+def exported(tiny, tmp_path_factory, gguf_exports):
+    return gguf_exports(tiny, tmp_path_factory.mktemp("kquant-out"), "tiny")
 
 
 @pytest.mark.parametrize("outtype", ["q4_k_m", "q6_k"])
@@ -287,14 +250,16 @@ def test_quantiser_child_runs_llama_cpp_and_reports_its_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_cli_names_the_types_and_says_when_llama_cpp_fell_back(tiny, tmp_path, in_process):
+def test_cli_names_the_types_and_says_when_llama_cpp_fell_back(
+    tiny, tmp_path, in_process, make_tiny_gguf_source
+):
     """The script's summary line tallies the 2-D weight types; rows that are not whole 256-weight
     blocks (hidden 320 here, 576 in SmolLM2-135M) get a legacy type, and it says so."""
     script = "tools/export_gguf.py"
     proc = in_process(script, "--model", tiny, "--out", tmp_path / "a.gguf", "--outtype", "q6_k")
     assert proc.returncode == 0, proc.stderr
     assert "(2-D weights: 15 Q6_K)" in proc.stderr and "legacy" not in proc.stderr
-    odd = make_tiny_llama(tmp_path / "odd", hidden=320, ffn=512)
+    odd = make_tiny_gguf_source(tmp_path / "odd", layers=LAYERS, hidden=320, ffn=512, std=STD)
     proc = in_process(script, "--model", odd, "--out", tmp_path / "b.gguf", "--outtype", "q6_k")
     assert proc.returncode == 0, proc.stderr
     assert "Q8_0" in proc.stderr and "Q6_K" in proc.stderr  # ffn_down's rows are 512: Q6_K
