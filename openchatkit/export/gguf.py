@@ -207,7 +207,7 @@ def write_gguf(
     except BaseException as err:
         if into is None and tmp is not None:
             tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and not isinstance(err, UserError):
+        if isinstance(err, OSError):
             raise OutputError(f"cannot write {out}: {describe_os_error(err)}") from None
         raise
     return template
@@ -240,9 +240,7 @@ def write_llamacpp_quant(hf_dir: Path, out: Path, outtype: str, name: str) -> st
             raise OutputError(f"cannot write {out}: {err}") from None
         apply_umask(tmp)
         os.replace(tmp, out)
-    except OSError as err:
-        if isinstance(err, UserError):
-            raise
+    except OSError as err:  # making the temporary names, the rename
         raise OutputError(f"cannot write {out}: {describe_os_error(err)}") from None
     finally:
         for path in temps:

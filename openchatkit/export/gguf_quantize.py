@@ -34,11 +34,9 @@ def quantize_gguf(src: Path, dst: Path, ftype: str, threads: int | None = None) 
 
     cmd = child_command(src, dst, ftype, threads or default_threads())
     proc = subprocess.run(cmd, cwd=PACKAGE_PARENT, capture_output=True, text=True, errors="replace")
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        raise RuntimeError(
-            lines[-1] if lines else f"llama.cpp's quantiser exited {proc.returncode}"
-        )
+    if proc.returncode != 0:  # stderr: llama.cpp's reason, then quantize_file's own line
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        raise RuntimeError("; ".join(lines) or f"llama.cpp's quantiser exited {proc.returncode}")
 
 
 def main(argv: list[str]) -> int:

@@ -36,7 +36,6 @@ if TYPE_CHECKING:  # torch is imported where it is used: the quantiser's child p
 # ggml log levels: 4 = error. Lower levels (model metadata dumps) are dropped.
 _LOG_ERROR = 4
 _log_callback = None  # kept referenced: llama.cpp holds the raw pointer
-_collected: list[str] | None = None  # while not None, llama.cpp's errors go here, not to stderr
 
 
 def load_binding():
@@ -56,10 +55,7 @@ def load_binding():
 
         def drop_below_errors(level, text, user_data):
             if level == _LOG_ERROR and text:
-                if _collected is not None:
-                    _collected.append(text.decode("utf-8", "replace").strip())
-                else:
-                    os.write(2, text)
+                os.write(2, text)
 
         _log_callback = L.llama_log_callback(drop_below_errors)
         L.llama_log_set(_log_callback, ctypes.c_void_p(0))
@@ -126,26 +122,19 @@ def quantize_file(src: Path, dst: Path, ftype: str, threads: int | None = None) 
     what its `llama-quantize` tool runs), in this process. `ftype` names one of its file types
     (`Q4_K_M`: the LLAMA_FTYPE_MOSTLY_ suffix). Its k-quant mixtures keep the tensors that cost
     most when quantised (attention values, some feed-forward down projections, the output) at
-    more bits. Tensor by tensor, memory-mapped: peak memory about one tensor. Raises RuntimeError
-    with llama.cpp's own reason when it fails.
+    more bits. Tensor by tensor, memory-mapped: peak memory about one tensor. When it fails,
+    llama.cpp has written its reason to stderr, and RuntimeError is raised.
 
     Ctrl-C cannot stop it: llama.cpp calls back into Python for each log line, and ctypes drops
     a KeyboardInterrupt raised there. The exporter runs it in a child process it can kill
     (openchatkit/export/gguf_quantize.py)."""
-    global _collected
     L = load_binding()
     params = L.llama_model_quantize_default_params()
     params.ftype = getattr(L, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
     params.nthread = threads or default_threads()
-    errors: list[str] = []
-    _collected = errors
-    try:
-        rc = L.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
-    finally:
-        _collected = None
+    rc = L.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
     if rc != 0:
-        reason = "; ".join(e for e in errors if e) or f"error {rc}"
-        raise RuntimeError(f"llama.cpp's quantiser failed: {reason}")
+        raise RuntimeError(f"llama.cpp's quantiser failed (error {rc})")
 
 
 def _meta(L, model, key: str) -> str | None:
