@@ -1,0 +1,76 @@
+"""Linear layers with oneDNN-packed weights, for fp32 inference on an x86-64 CPU.
+
+PyTorch runs a float32 `nn.Linear` on the CPU through MKL's sgemm. The chat and serving paths
+multiply a few rows at a time (1 row per decode step in the bot, 8 in a server step with 8
+clients) by weights that do not fit in the caches, and there MKL reads the weights far below the
+machine's memory bandwidth; on AMD CPUs MKL also runs only its AVX2 code. oneDNN with the weight
+reordered once into its blocked layout (what inductor's freezing pass and Intel's extension for
+PyTorch do) ran the embedded SmolLM2-135M's 210 layer matrices plus its head 1.4-2.7x faster
+for 1-8 rows on an AMD EPYC (benchmarks/RESULTS.md, 2026-12-07 fourth session), with the same
+greedy tokens. bfloat16 already runs through oneDNN (+2 % packed: not done).
+
+`pack_linears(model)` swaps every plain `nn.Linear` of a float32 model on the CPU for a
+`PackedLinear` and returns how many it swapped (0 where it does not apply: another device or
+dtype, not x86-64, no oneDNN, or a PEFT adapter on top, whose layers read their base layer's
+`.weight`). The packed model is for inference only: it has no gradients, its state dict lacks
+the packed weights, and it cannot be moved to another device. A head tied to the input
+embeddings gets its own packed copy (vocabulary x hidden x 4 bytes more: 113 MB for SmolLM2).
+Results equal `nn.Linear`'s up to the order of the fp32 sums (relative 1e-6).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+from torch import nn
+
+X86_64 = {"x86_64", "amd64", "x64"}
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W held in oneDNN's blocked layout (float32, CPU, no autograd)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        # Plain attributes, not parameters or buffers: an opaque oneDNN tensor has no place in a
+        # state dict or in `.to()`.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [..., in_features] -> [..., out_features]; oneDNN takes any leading shape.
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
+
+
+def can_pack(model: nn.Module) -> bool:
+    """True where `pack_linears` swaps layers: float32 on the CPU of an x86-64 machine with
+    oneDNN, and no PEFT adapter on the model."""
+    first = next(model.parameters(), None)
+    if first is None or first.device.type != "cpu" or first.dtype != torch.float32:
+        return False
+    if platform.machine().lower() not in X86_64:
+        return False  # measured on x86-64 only
+    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
+        return False
+    return not any(type(m).__module__.startswith("peft") for m in model.modules())
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap the float32 `nn.Linear` layers of a CPU inference model for `PackedLinear`; returns
+    how many were swapped."""
+    if not can_pack(model):
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            # Exact type: subclasses (bitsandbytes' int8 layers, PEFT's) compute otherwise.
+            if type(child) is nn.Linear and child.weight.dtype == torch.float32:
+                setattr(parent, name, PackedLinear(child))
+                swapped += 1
+    return swapped

@@ -1,0 +1,119 @@
+"""oneDNN-packed linear layers (openchatkit/models/packed_linear.py): the same products as
+nn.Linear up to fp32 summation order, swapped only where they apply, and the bot's and server's
+torch loader uses them."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+from torch import nn
+
+from openchatkit.models.packed_linear import PackedLinear, can_pack, pack_linears
+
+pytestmark = pytest.mark.skipif(
+    platform.machine().lower() not in {"x86_64", "amd64"}, reason="packing is for x86-64 CPUs"
+)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_packed_equals_linear(bias, rows):
+    torch.manual_seed(rows)
+    lin = nn.Linear(576, 192, bias=bias)
+    packed = PackedLinear(lin)
+    x = torch.randn(rows, 576)
+    with torch.no_grad():
+        want = lin(x)
+        # fp32 sums of 576 products in another order: relative error ~1e-7 per sum.
+        assert rel_err(packed(x), want) < 1e-5
+        x3 = torch.randn(2, rows, 576)  # [batch, seq, hidden]
+        assert packed(x3).shape == (2, rows, 192)
+        assert rel_err(packed(x3), lin(x3)) < 1e-5
+        xt = torch.randn(576, rows).T  # not contiguous
+        assert rel_err(packed(xt), lin(xt)) < 1e-5
+
+
+def tiny_llama(make_config, tied=False):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config("llama", tied=tied)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pack_llama_same_logits_and_greedy_text(make_config, tied):
+    import copy
+
+    plain = tiny_llama(make_config, tied)
+    packed = copy.deepcopy(plain)
+    linears = sum(type(m) is nn.Linear for m in plain.modules())
+    assert linears == 4 * 7 + 1  # q k v o gate up down per layer, and the head
+    assert pack_linears(packed) == linears
+    assert not any(type(m) is nn.Linear for m in packed.modules())
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(packed(ids).logits, plain(ids).logits) < 1e-5
+        kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+        assert torch.equal(packed.generate(ids, **kw), plain.generate(ids, **kw))
+    if tied:  # the embedding keeps its dense weight; the head got a packed copy of it
+        assert torch.equal(packed.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+
+
+def test_pack_not_applied(make_config):
+    bf16 = tiny_llama(make_config).to(torch.bfloat16)
+    assert not can_pack(bf16) and pack_linears(bf16) == 0
+    assert sum(type(m) is nn.Linear for m in bf16.modules()) == 29
+
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(tiny_llama(make_config), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert pack_linears(adapted) == 0  # PEFT's layers read their base layer's .weight
+    assert not any(isinstance(m, PackedLinear) for m in adapted.modules())
+
+
+def test_torch_chat_loader_packs_fp32_only(tmp_path, make_tiny, add_tokenizer):
+    from openchatkit.inference.backends import load_torch_chat_model
+
+    folder = add_tokenizer(make_tiny(tmp_path / "m", "llama"))
+    fp32 = load_torch_chat_model(str(folder), device="cpu", dtype="float32").model
+    assert sum(isinstance(m, PackedLinear) for m in fp32.modules()) == 29
+    bf16 = load_torch_chat_model(str(folder), device="cpu", dtype="bfloat16").model
+    assert not any(isinstance(m, PackedLinear) for m in bf16.modules())
+
+
+def test_continuous_batching_same_tokens(make_config):
+    """The server's engine (transformers' continuous batching manager) on a packed model."""
+    import copy
+
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    plain = tiny_llama(make_config)
+    packed = copy.deepcopy(plain)
+    pack_linears(packed)
+    prompts = [[(7 * i + j) % 90 + 2 for j in range(5 + i)] for i in range(4)]
+
+    def generate(model):
+        out = model.generate_batch(
+            prompts,
+            generation_config=GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=-1),
+            continuous_batching_config=ContinuousBatchingConfig(
+                page_size=16, num_blocks=32, max_batch_tokens=64, max_requests_per_batch=4
+            ),
+            progress_bar=False,
+        )
+        return [list(out[k].generated_tokens) for k in sorted(out)]
+
+    want = generate(plain)
+    assert all(len(t) == 12 for t in want)
+    assert generate(packed) == want
