@@ -92,7 +92,7 @@ def main() -> None:
                 use(packed)
                 tps, texts[packed] = fn()
                 speeds[packed].append(tps)
-        ratios = [a / b for a, b in zip(speeds[True], speeds[False])]
+        ratios = [a / b for a, b in zip(speeds[True], speeds[False], strict=True)]
         print(
             f"{name}: plain {statistics.median(speeds[False]):.1f} tok/s "
             f"{[round(s, 1) for s in speeds[False]]}, packed {statistics.median(speeds[True]):.1f} "
