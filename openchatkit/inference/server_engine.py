@@ -17,6 +17,7 @@ import asyncio
 import functools
 import itertools
 import math
+import os
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
@@ -136,6 +137,10 @@ def _fast_greedy_class():
     return FastGreedyRows
 
 
+GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+_UNSET = object()
+
+
 class TorchBackend:
     """transformers' continuous batching manager on the chat model (CPU or one GPU).
 
@@ -163,6 +168,7 @@ class TorchBackend:
         self.manager = None
         self.in_flight = 0
         self._ids = itertools.count()
+        self._gqa_env: str | None | object = _UNSET  # GQA_ENV's value before start()
 
     def start(self) -> None:
         from transformers import GenerationConfig
@@ -195,12 +201,26 @@ class TorchBackend:
         )
         if self.model.device.type == "cpu":
             fast_greedy_rows(self.manager.logit_processor)
+            # Grouped-query attention inside SDPA (`enable_gqa`) instead of transformers copying
+            # each KV head for its query heads (`repeat_kv`), which it does whenever a mask is
+            # given, as the manager's batches always have: on a CPU those copies took a fifth
+            # of a decode step of the embedded model at 8 requests. Same tokens; 1.07-1.19x
+            # there (benchmarks/RESULTS.md, 2026-12-07 fourth session). transformers' own
+            # switch, read at every attention call; put back at stop().
+            self._gqa_env = os.environ.get(GQA_ENV)
+            os.environ[GQA_ENV] = "1"
         self.manager.start()
 
     def stop(self) -> None:
         if self.manager is not None:
             self.manager.stop(block=True, timeout=30)
             self.manager = None
+        if self._gqa_env is not _UNSET:
+            if self._gqa_env is None:
+                os.environ.pop(GQA_ENV, None)
+            else:
+                os.environ[GQA_ENV] = self._gqa_env
+            self._gqa_env = _UNSET
 
     def _top_k(self, top_k: int) -> int:
         """top_k 0 means no top-k filter (the bot's meaning): every token of the vocabulary."""

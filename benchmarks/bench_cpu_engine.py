@@ -1,24 +1,30 @@
-"""Benchmark oneDNN-packed linear layers (openchatkit/models/packed_linear.py) against plain
-nn.Linear on the embedded SmolLM2-135M-Instruct in float32, side by side on one model object.
+"""Benchmark the torch backend's two CPU levers against plain transformers on the embedded
+SmolLM2-135M-Instruct in float32, side by side on one model object: oneDNN-packed linear layers
+(openchatkit/models/packed_linear.py, the bot and the server) and grouped-query attention inside
+SDPA (the server's TorchBackend sets transformers' TRANSFORMERS_SDPA_FORCE_GQA on a CPU).
 
-Two loads, alternating packed and plain, median of --repeats:
+Two loads, the variants alternating, median of --repeats:
 - server: transformers' continuous batching manager (the server's torch engine,
-  `generate_batch`), 8 chat prompts x --new-tokens, greedy;
-- chat: one prompt through `model.generate` with its KV cache (a bot turn), greedy.
-Prints tokens/s, the ratio packed / plain with its range, and whether the tokens are the same.
+  `generate_batch`), 8 chat prompts x --new-tokens, greedy: plain, packed, packed + GQA;
+- chat: one prompt through `model.generate` with its KV cache (a bot turn), greedy: plain,
+  packed (a single unpadded sequence has no mask, so transformers already runs GQA in SDPA).
+Prints tokens/s, each variant's ratio to plain (median and range of the per-repeat ratios) and
+whether its tokens equal plain's.
 Run:
-    OMP_NUM_THREADS=2 python benchmarks/bench_packed_linear.py [--repeats 3] [--new-tokens 48]
+    OMP_NUM_THREADS=2 python benchmarks/bench_cpu_engine.py [--repeats 3] [--new-tokens 48]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 from torch import nn
 
+from openchatkit.inference.server_engine import GQA_ENV
 from openchatkit.models.loading import load_chat_model
 from openchatkit.models.packed_linear import PackedLinear
 
@@ -40,9 +46,13 @@ def main() -> None:
         if type(child) is nn.Linear
     ]
 
-    def use(packed: bool) -> None:
+    def use(variant: str) -> None:
         for parent, name, plain, pk in swaps:
-            setattr(parent, name, pk if packed else plain)
+            setattr(parent, name, plain if variant == "plain" else pk)
+        if variant == "packed + GQA":
+            os.environ[GQA_ENV] = "1"
+        else:
+            os.environ.pop(GQA_ENV, None)
 
     prompts = []
     for i, topic in enumerate(TOPICS):
@@ -80,26 +90,33 @@ def main() -> None:
         seconds = time.perf_counter() - start
         return args.new_tokens / seconds, out[0, ids.shape[1] :].tolist()
 
-    for name, fn in (("server, 8 prompts", server), ("chat, 1 prompt", chat)):
-        use(False)
-        fn()  # warm-up: allocator, oneDNN kernels
-        use(True)
-        fn()
-        speeds: dict[bool, list[float]] = {False: [], True: []}
-        texts: dict[bool, list] = {}
+    sections = (
+        ("server, 8 prompts", server, ("plain", "packed", "packed + GQA")),
+        ("chat, 1 prompt", chat, ("plain", "packed")),
+    )
+    for title, fn, variants in sections:
+        for variant in variants:  # warm-up: allocator, oneDNN kernels
+            use(variant)
+            fn()
+        speeds: dict[str, list[float]] = {v: [] for v in variants}
+        tokens: dict[str, list] = {}
         for _ in range(args.repeats):
-            for packed in (False, True):
-                use(packed)
-                tps, texts[packed] = fn()
-                speeds[packed].append(tps)
-        ratios = [a / b for a, b in zip(speeds[True], speeds[False], strict=True)]
-        print(
-            f"{name}: plain {statistics.median(speeds[False]):.1f} tok/s "
-            f"{[round(s, 1) for s in speeds[False]]}, packed {statistics.median(speeds[True]):.1f} "
-            f"{[round(s, 1) for s in speeds[True]]}; packed / plain "
-            f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f}); "
-            f"same tokens: {texts[True] == texts[False]}"
-        )
+            for variant in variants:
+                use(variant)
+                tps, tokens[variant] = fn()
+                speeds[variant].append(tps)
+        print(f"{title}: tokens/s, median [each run]")
+        for i, variant in enumerate(variants):
+            line = f"  {variant}: {statistics.median(speeds[variant]):.1f} "
+            line += str([round(s, 1) for s in speeds[variant]])
+            # Against plain, and against the variant before it (what this lever adds).
+            for base in sorted({"plain", variants[max(i - 1, 0)]} - {variant}):
+                ratios = [a / b for a, b in zip(speeds[variant], speeds[base], strict=True)]
+                line += f"; / {base} {statistics.median(ratios):.2f}x "
+                line += f"({min(ratios):.2f}..{max(ratios):.2f})"
+            if i:
+                line += f"; same tokens as plain: {tokens[variant] == tokens['plain']}"
+            print(line)
 
 
 if __name__ == "__main__":
