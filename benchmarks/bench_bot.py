@@ -3,12 +3,14 @@ against a raw llama.cpp decode loop, side by side.
 
 Same model (the embedded SmolLM2-135M-Instruct), same chat prompt, greedy, 128 new tokens (EOS
 ignored on every side so each produces exactly 128), alternating, median of --repeats:
-- torch: the bot's decode loop vs `model.generate`, in float32 and bfloat16;
+- torch: the bot's decode loop on the model as the bot loads it (fp32: oneDNN-packed linear
+  layers, openchatkit/models/packed_linear.py) vs `model.generate` on transformers' model as
+  `from_pretrained` gives it, in float32 and bfloat16;
 - llama.cpp (the file the bot runs by default for the embedded model: its f16 export cached by
   openchatkit/inference/embedded_gguf.py, written on first use; or --gguf FILE): the bot's loop on
   the llama.cpp backend vs a raw loop over the binding's `llama_decode` with an argmax (no Python
-  tokenizer or stop-string work) vs the bot's torch backend in fp32 (its default for the
-  embedded model's fp32 folder) and in bf16 (faster on CPUs with native bf16), same prompt and
+  tokenizer or stop-string work) vs the bot's torch backend as the bot loads it, in fp32 (its
+  default for the embedded model's fp32 folder) and in bf16 (faster on CPUs with native bf16), same prompt and
   thread count (--threads; torch gets as many), alternating; the ratios against the issue's goals
   (bot >= 0.9x raw, >= 5x torch);
 - multi-turn: time to first token at turn 1 and turn 10 of a chat session on both backends
@@ -71,6 +73,7 @@ def bench_torch(args) -> None:
     from transformers.generation.streamers import BaseStreamer
 
     from openchatkit.conversation import PromptFormat
+    from openchatkit.inference.backends import load_torch_chat_model
     from openchatkit.inference.generation import GenerationSettings, GenerationStats, stream_text
     from openchatkit.models.embedded import embedded_gguf_path, ensure_embedded_model
     from openchatkit.models.loading import load_chat_model
@@ -109,9 +112,12 @@ def bench_torch(args) -> None:
 
     rows = []
     for dtype in args.dtypes:
+        # Ours: the model as the bot loads it (fp32: oneDNN-packed linear layers); the peer:
+        # transformers' model as from_pretrained gives it.
         model = loaded.model.to(getattr(torch, dtype))
+        bot_model = load_torch_chat_model(None, device="cpu", dtype=dtype).model
 
-        def ours(model=model):  # bound now: the closure is used in this iteration only
+        def ours(model=bot_model):  # bound now: the closure is used in this iteration only
             stats = GenerationStats()
             text = "".join(stream_text(model, loaded.tokenizer, ids, settings, [], [], stats))
             assert stats.generated_tokens == n
@@ -206,6 +212,7 @@ def _chat_prompt(tokenizer) -> str:
 def bench_llamacpp(args, threads: int) -> None:
     import torch
 
+    from openchatkit.inference.backends import load_torch_chat_model
     from openchatkit.inference.embedded_gguf import embedded_llamacpp_file
     from openchatkit.inference.generation import GenerationSettings, GenerationStats, stream_text
     from openchatkit.inference.llamacpp import (
@@ -213,7 +220,6 @@ def bench_llamacpp(args, threads: int) -> None:
         LlamaCppTokenizer,
         cpu_backend_variant,
     )
-    from openchatkit.models.loading import load_chat_model
 
     torch.set_num_threads(threads)  # the same thread count on every side
     path = args.gguf or embedded_llamacpp_file()
@@ -227,7 +233,7 @@ def bench_llamacpp(args, threads: int) -> None:
     torch_models = {}
     if not args.gguf:
         for dtype in ("float32", "bfloat16"):
-            torch_models[dtype] = load_chat_model(None, device="cpu", dtype=dtype)
+            torch_models[dtype] = load_torch_chat_model(None, device="cpu", dtype=dtype)
 
     def bot_on(cpp, tok):
         def bot():
@@ -298,10 +304,9 @@ def bench_turns(args, threads: int) -> None:
     """Time to first token per turn of one conversation, on both backends."""
     import io
 
-    from openchatkit.inference.backends import load_llamacpp_chat_model
+    from openchatkit.inference.backends import load_llamacpp_chat_model, load_torch_chat_model
     from openchatkit.inference.generation import GenerationSettings, chat_backend
     from openchatkit.inference.session import ChatSession
-    from openchatkit.models.loading import load_chat_model
 
     questions = [
         "Hello! Who are you?",
@@ -317,7 +322,7 @@ def bench_turns(args, threads: int) -> None:
     ]
     backends = {
         "llama.cpp": lambda: load_llamacpp_chat_model(args.gguf, n_ctx=4096, threads=threads),
-        "torch fp32": lambda: load_chat_model(None, device="cpu", dtype="float32"),
+        "torch fp32": lambda: load_torch_chat_model(None, device="cpu", dtype="float32"),
     }
     print("\nmulti-turn: time to first token per turn (max 32 new tokens, greedy)")
     for name, load in backends.items():

@@ -1,6 +1,6 @@
 """Benchmark the torch backend's two CPU levers against plain transformers on the embedded
-SmolLM2-135M-Instruct in float32, side by side on one model object: oneDNN-packed linear layers
-(openchatkit/models/packed_linear.py, the bot and the server) and grouped-query attention inside
+SmolLM2-135M-Instruct in float32 (or --dtype bfloat16), side by side on one model object:
+oneDNN-packed linear layers (openchatkit/models/packed_linear.py, the bot and the server) and grouped-query attention inside
 SDPA (the server's TorchBackend sets transformers' TRANSFORMERS_SDPA_FORCE_GQA on a CPU).
 
 Two loads, the variants alternating, median of --repeats:
@@ -12,6 +12,7 @@ Prints tokens/s, each variant's ratio to plain (median and range of the per-repe
 whether its tokens equal plain's.
 Run:
     OMP_NUM_THREADS=2 python benchmarks/bench_cpu_engine.py [--repeats 3] [--new-tokens 48]
+    OMP_NUM_THREADS=2 python benchmarks/bench_cpu_engine.py --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = p.parse_args()
 
-    loaded = load_chat_model(None, device="cpu", dtype="float32")  # plain nn.Linear
+    loaded = load_chat_model(None, device="cpu", dtype=args.dtype)  # plain nn.Linear
     model, tok = loaded.model, loaded.tokenizer
     swaps = [
         (parent, name, child, PackedLinear(child))

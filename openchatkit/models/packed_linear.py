@@ -1,4 +1,4 @@
-"""Linear layers with oneDNN-packed weights, for fp32 inference on an x86-64 CPU.
+"""Linear layers with oneDNN-packed weights, for fp32 and bf16 inference on an x86-64 CPU.
 
 PyTorch runs a float32 `nn.Linear` on the CPU through MKL's sgemm. The chat and serving paths
 multiply a few rows at a time (1 row per decode step in the bot, 8 in a server step with 8
@@ -7,15 +7,17 @@ machine's memory bandwidth; on AMD CPUs MKL also runs only its AVX2 code. oneDNN
 reordered once into its blocked layout (what inductor's freezing pass and Intel's extension for
 PyTorch do) ran the embedded SmolLM2-135M's 210 layer matrices plus its head 1.4-2.7x faster
 for 1-8 rows on an AMD EPYC (benchmarks/RESULTS.md, 2026-12-07 fourth session), with the same
-greedy tokens. bfloat16 already runs through oneDNN (+2 % packed: not done).
+greedy tokens. bfloat16 already runs through oneDNN, with the weight in its plain layout:
+packed, 1.09x in the server's engine and 1.22x per bot turn (same tokens).
 
-`pack_linears(model)` swaps every plain `nn.Linear` of a float32 model on the CPU for a
-`PackedLinear` and returns how many it swapped (0 where it does not apply: another device or
-dtype, not x86-64, no oneDNN, or a PEFT adapter on top, whose layers read their base layer's
-`.weight`). The packed model is for inference only: it has no gradients, its state dict lacks
-the packed weights, and it cannot be moved to another device. A head tied to the input
-embeddings gets its own packed copy (vocabulary x hidden x 4 bytes more: 113 MB for SmolLM2).
-Results equal `nn.Linear`'s up to the order of the fp32 sums (relative 1e-6).
+`pack_linears(model)` swaps every plain `nn.Linear` of a float32 or bfloat16 model on the CPU
+for a `PackedLinear` and returns how many it swapped (0 where it does not apply: another device
+or dtype, bf16 where oneDNN has no bf16 kernels for this CPU, not x86-64, or a PEFT adapter on
+top, whose layers read their base layer's `.weight`). The packed model is for inference only:
+it has no gradients, its state dict lacks the packed weights, and it cannot be moved to another
+device. A head tied to the input embeddings gets its own packed copy (vocabulary x hidden x 4
+bytes more in fp32: 113 MB for SmolLM2). Results equal `nn.Linear`'s up to the order of the
+fp32 sums (relative 1e-6; bf16 products are summed in fp32 either way).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import torch
 from torch import nn
 
 X86_64 = {"x86_64", "amd64", "x64"}
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W held in oneDNN's blocked layout (float32, CPU, no autograd)."""
+    """y = x W^T + b with W held in oneDNN's blocked layout (fp32 or bf16, CPU, no autograd)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -49,10 +52,12 @@ class PackedLinear(nn.Module):
 
 
 def can_pack(model: nn.Module) -> bool:
-    """True where `pack_linears` swaps layers: float32 on the CPU of an x86-64 machine with
-    oneDNN, and no PEFT adapter on the model."""
+    """True where `pack_linears` swaps layers: float32 or bfloat16 on the CPU of an x86-64
+    machine with oneDNN (and its bf16 kernels for bf16), and no PEFT adapter on the model."""
     first = next(model.parameters(), None)
-    if first is None or first.device.type != "cpu" or first.dtype != torch.float32:
+    if first is None or first.device.type != "cpu" or first.dtype not in PACKED_DTYPES:
+        return False
+    if first.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
     if platform.machine().lower() not in X86_64:
         return False  # measured on x86-64 only
@@ -62,15 +67,15 @@ def can_pack(model: nn.Module) -> bool:
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Swap the float32 `nn.Linear` layers of a CPU inference model for `PackedLinear`; returns
-    how many were swapped."""
+    """Swap the `nn.Linear` layers of a float32 or bfloat16 CPU inference model for
+    `PackedLinear`; returns how many were swapped."""
     if not can_pack(model):
         return 0
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             # Exact type: subclasses (bitsandbytes' int8 layers, PEFT's) compute otherwise.
-            if type(child) is nn.Linear and child.weight.dtype == torch.float32:
+            if type(child) is nn.Linear and child.weight.dtype in PACKED_DTYPES:
                 setattr(parent, name, PackedLinear(child))
                 swapped += 1
     return swapped

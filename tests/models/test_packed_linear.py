@@ -69,11 +69,20 @@ def test_pack_llama_same_logits_and_greedy_text(make_config, tied):
         assert torch.equal(packed.model.embed_tokens.weight, plain.model.embed_tokens.weight)
 
 
-def test_pack_not_applied(make_config):
-    bf16 = tiny_llama(make_config).to(torch.bfloat16)
-    assert not can_pack(bf16) and pack_linears(bf16) == 0
-    assert sum(type(m) is nn.Linear for m in bf16.modules()) == 29
+def test_pack_bf16_and_not_fp16(make_config):
+    plain = tiny_llama(make_config).to(torch.bfloat16)
+    packed = tiny_llama(make_config).to(torch.bfloat16)
+    assert can_pack(packed) and pack_linears(packed) == 29
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # bf16 outputs: products summed in fp32 on both sides, then rounded
+        assert rel_err(packed(ids).logits.float(), plain(ids).logits.float()) < 2e-2
 
+    fp16 = tiny_llama(make_config).to(torch.float16)
+    assert not can_pack(fp16) and pack_linears(fp16) == 0
+    assert sum(type(m) is nn.Linear for m in fp16.modules()) == 29
+
+
+def test_pack_not_with_a_peft_adapter(make_config):
     from peft import LoraConfig, get_peft_model
 
     adapted = get_peft_model(tiny_llama(make_config), LoraConfig(r=2, target_modules=["q_proj"]))
@@ -81,14 +90,13 @@ def test_pack_not_applied(make_config):
     assert not any(isinstance(m, PackedLinear) for m in adapted.modules())
 
 
-def test_torch_chat_loader_packs_fp32_only(tmp_path, make_tiny, add_tokenizer):
+def test_torch_chat_loader_packs(tmp_path, make_tiny, add_tokenizer):
     from openchatkit.inference.backends import load_torch_chat_model
 
     folder = add_tokenizer(make_tiny(tmp_path / "m", "llama"))
-    fp32 = load_torch_chat_model(str(folder), device="cpu", dtype="float32").model
-    assert sum(isinstance(m, PackedLinear) for m in fp32.modules()) == 29
-    bf16 = load_torch_chat_model(str(folder), device="cpu", dtype="bfloat16").model
-    assert not any(isinstance(m, PackedLinear) for m in bf16.modules())
+    for dtype in ("float32", "bfloat16"):
+        model = load_torch_chat_model(str(folder), device="cpu", dtype=dtype).model
+        assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 29
 
 
 def test_continuous_batching_same_tokens(make_config):
