@@ -112,9 +112,10 @@ def bench_torch(args) -> None:
 
     rows = []
     for dtype in args.dtypes:
-        # Ours: the model as the bot loads it (fp32: oneDNN-packed linear layers); the peer:
-        # transformers' model as from_pretrained gives it.
-        model = loaded.model.to(getattr(torch, dtype))
+        # Ours: the model as the bot loads it (oneDNN-packed linear layers on this CPU); the
+        # peer: transformers' model as from_pretrained gives it in that dtype (not `.to(dtype)`,
+        # which would also round the rotary inv_freq buffer to bf16 and change the text).
+        model = load_chat_model(None, device="cpu", dtype=dtype).model
         bot_model = load_torch_chat_model(None, device="cpu", dtype=dtype).model
 
         def ours(model=bot_model):  # bound now: the closure is used in this iteration only
