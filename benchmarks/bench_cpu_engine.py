@@ -27,7 +27,7 @@ from torch import nn
 
 from openchatkit.inference.server_engine import GQA_ENV
 from openchatkit.models.loading import load_chat_model
-from openchatkit.models.packed_linear import PackedLinear
+from openchatkit.models.packed_linear import PackedLinear, can_pack
 
 TOPICS = "moon volcanoes bread bees chess rivers glass clocks".split()
 
@@ -41,6 +41,8 @@ def main() -> None:
 
     loaded = load_chat_model(None, device="cpu", dtype=args.dtype)  # plain nn.Linear
     model, tok = loaded.model, loaded.tokenizer
+    if not can_pack(model):
+        raise SystemExit(f"bench_cpu_engine.py: this CPU or torch cannot pack {args.dtype} layers")
     swaps = [
         (parent, name, child, PackedLinear(child))
         for parent in list(model.modules())
@@ -101,11 +103,12 @@ def main() -> None:
             use(variant)
             fn()
         speeds: dict[str, list[float]] = {v: [] for v in variants}
-        tokens: dict[str, list] = {}
+        tokens: dict[str, list] = {v: [] for v in variants}  # every run's
         for _ in range(args.repeats):
             for variant in variants:
                 use(variant)
-                tps, tokens[variant] = fn()
+                tps, out = fn()
+                tokens[variant].append(out)
                 speeds[variant].append(tps)
         print(f"{title}: tokens/s, median [each run]")
         for i, variant in enumerate(variants):
@@ -117,7 +120,8 @@ def main() -> None:
                 line += f"; / {base} {statistics.median(ratios):.2f}x "
                 line += f"({min(ratios):.2f}..{max(ratios):.2f})"
             if i:
-                line += f"; same tokens as plain: {tokens[variant] == tokens['plain']}"
+                same = all(t == tokens["plain"][0] for t in tokens["plain"] + tokens[variant])
+                line += f"; same tokens as plain, every run: {same}"
             print(line)
 
 

@@ -75,8 +75,9 @@ def load_torch_chat_model(
     """The torch backend's model for `--model`: a GGUF file dequantised by transformers, else
     any MODEL form (HF folder, hub id, embedded, layer-sharded folder, trainer or LoRA
     checkpoint) through models/any_model.py, which finds a bad --model before importing torch.
-    A float32 model on an x86-64 CPU gets oneDNN-packed linear layers (models/packed_linear.py:
-    1.4-2.7x faster matrix products at the few rows a chat or server step multiplies)."""
+    A float32 or bfloat16 model on an x86-64 CPU gets oneDNN-packed linear layers
+    (models/packed_linear.py: 1.2-2.7x faster matrix products at the few rows a chat or server
+    step multiplies)."""
     if is_gguf_path(model):
         loaded = load_gguf_with_transformers(model, device, dtype)
     else:

@@ -18,6 +18,7 @@ import functools
 import itertools
 import math
 import os
+import threading
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
@@ -138,7 +139,45 @@ def _fast_greedy_class():
 
 
 GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
-_UNSET = object()
+
+
+class GqaSwitch:
+    """transformers' switch for grouped-query attention inside SDPA (`enable_gqa`), on while a
+    torch backend runs on a CPU.
+
+    Without it transformers copies each KV head for every query head sharing it (`repeat_kv`)
+    whenever an attention mask is given, as the manager's batches always have: at every layer of
+    every step. On a CPU those copies took 17 ms of a decode step of the embedded model at 8
+    requests; with the switch, same tokens and a median +6 % (1.05-1.17x) over packed linear
+    layers alone in fp32, +1 % in bf16 (benchmarks/RESULTS.md, 2026-12-07 fourth session). The
+    variable is read at every attention call, so it covers the process (the server's moderator
+    model too); it is counted so that backends started and stopped in any order leave it as it
+    was before the first.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._before: str | None = None
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._before = os.environ.get(GQA_ENV)
+                os.environ[GQA_ENV] = "1"
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                if self._before is None:
+                    os.environ.pop(GQA_ENV, None)
+                else:
+                    os.environ[GQA_ENV] = self._before
+
+
+GQA_SWITCH = GqaSwitch()
 
 
 class TorchBackend:
@@ -168,7 +207,7 @@ class TorchBackend:
         self.manager = None
         self.in_flight = 0
         self._ids = itertools.count()
-        self._gqa_env: str | None | object = _UNSET  # GQA_ENV's value before start()
+        self._gqa = False  # holds GQA_SWITCH
 
     def start(self) -> None:
         from transformers import GenerationConfig
@@ -201,26 +240,18 @@ class TorchBackend:
         )
         if self.model.device.type == "cpu":
             fast_greedy_rows(self.manager.logit_processor)
-            # Grouped-query attention inside SDPA (`enable_gqa`) instead of transformers copying
-            # each KV head for its query heads (`repeat_kv`), which it does whenever a mask is
-            # given, as the manager's batches always have: on a CPU those copies took a fifth
-            # of a decode step of the embedded model at 8 requests. Same tokens; 1.07-1.19x
-            # there (benchmarks/RESULTS.md, 2026-12-07 fourth session). transformers' own
-            # switch, read at every attention call; put back at stop().
-            self._gqa_env = os.environ.get(GQA_ENV)
-            os.environ[GQA_ENV] = "1"
         self.manager.start()
+        if self.model.device.type == "cpu":
+            GQA_SWITCH.acquire()
+            self._gqa = True
 
     def stop(self) -> None:
         if self.manager is not None:
             self.manager.stop(block=True, timeout=30)
             self.manager = None
-        if self._gqa_env is not _UNSET:
-            if self._gqa_env is None:
-                os.environ.pop(GQA_ENV, None)
-            else:
-                os.environ[GQA_ENV] = self._gqa_env
-            self._gqa_env = _UNSET
+        if self._gqa:
+            GQA_SWITCH.release()
+            self._gqa = False
 
     def _top_k(self, top_k: int) -> int:
         """top_k 0 means no top-k filter (the bot's meaning): every token of the vocabulary."""

@@ -13,7 +13,12 @@ from torch import nn
 from openchatkit.models.packed_linear import PackedLinear, can_pack, pack_linears
 
 pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in {"x86_64", "amd64"}, reason="packing is for x86-64 CPUs"
+    platform.machine().lower() not in {"x86_64", "amd64"}
+    or not torch.backends.mkldnn.is_available(),
+    reason="packing is for x86-64 CPUs with oneDNN",
+)
+needs_bf16 = pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 kernels on this CPU"
 )
 
 
@@ -35,29 +40,41 @@ def test_packed_equals_linear(bias, rows):
         x3 = torch.randn(2, rows, 576)  # [batch, seq, hidden]
         assert packed(x3).shape == (2, rows, 192)
         assert rel_err(packed(x3), lin(x3)) < 1e-5
-        xt = torch.randn(576, rows).T  # not contiguous
-        assert rel_err(packed(xt), lin(xt)) < 1e-5
+        xs = torch.randn(rows, 1152)[:, ::2]  # strided rows: not contiguous
+        assert not xs.is_contiguous()
+        assert rel_err(packed(xs), lin(xs)) < 1e-5
 
 
-def tiny_llama(make_config, tied=False):
+def tiny_model(make_config, kind="llama", tied=False):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(make_config("llama", tied=tied)).eval()
+    model = AutoModelForCausalLM.from_config(make_config(kind, tied=tied)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
     return model
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_pack_llama_same_logits_and_greedy_text(make_config, tied):
+def tiny_llama(make_config, tied=False):
+    return tiny_model(make_config, "llama", tied)
+
+
+@pytest.mark.parametrize(
+    "kind,tied,linears",
+    [
+        ("llama", False, 4 * 7 + 1),  # q k v o gate up down per layer, and the head
+        ("llama", True, 4 * 7 + 1),
+        ("gpt_neox", False, 4 * 4 + 1),  # qkv dense, h_to_4h 4h_to_h
+        ("gptj", False, 4 * 6 + 1),  # q k v out, fc_in fc_out
+    ],
+)
+def test_pack_same_logits_and_greedy_text(make_config, kind, tied, linears):
     import copy
 
-    plain = tiny_llama(make_config, tied)
+    plain = tiny_model(make_config, kind, tied)
     packed = copy.deepcopy(plain)
-    linears = sum(type(m) is nn.Linear for m in plain.modules())
-    assert linears == 4 * 7 + 1  # q k v o gate up down per layer, and the head
+    assert sum(type(m) is nn.Linear for m in plain.modules()) == linears
     assert pack_linears(packed) == linears
     assert not any(type(m) is nn.Linear for m in packed.modules())
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -65,11 +82,41 @@ def test_pack_llama_same_logits_and_greedy_text(make_config, tied):
         assert rel_err(packed(ids).logits, plain(ids).logits) < 1e-5
         kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
         assert torch.equal(packed.generate(ids, **kw), plain.generate(ids, **kw))
-    if tied:  # the embedding keeps its dense weight; the head got a packed copy of it
-        assert torch.equal(packed.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+    if tied:  # the head got a packed copy; the embedding keeps its dense weight
+        assert isinstance(packed.get_output_embeddings(), PackedLinear)
+        assert isinstance(packed.get_input_embeddings().weight, nn.Parameter)
 
 
-def test_pack_bf16_and_not_fp16(make_config):
+def test_old_weights_freed_as_packed(make_config):
+    import gc
+    import weakref
+
+    model = tiny_llama(make_config)
+    old = [weakref.ref(m) for m in model.modules() if type(m) is nn.Linear]
+    assert pack_linears(model) == len(old) == 29
+    gc.collect()
+    assert all(ref() is None for ref in old)
+
+
+def test_pack_not_applied(make_config, monkeypatch):
+    from openchatkit.models.packed_linear import OPT_OUT_ENV
+
+    model = tiny_llama(make_config)
+    model.config.model_type = "mamba"  # outside the registry: its forward reads .weight
+    assert not can_pack(model) and pack_linears(model) == 0
+    model = tiny_llama(make_config)
+    model.hf_device_map = {"": "cpu"}  # spread by accelerate
+    assert not can_pack(model)
+    monkeypatch.setenv(OPT_OUT_ENV, "0")
+    model = tiny_llama(make_config)
+    assert not can_pack(model) and pack_linears(model) == 0
+    assert sum(type(m) is nn.Linear for m in model.modules()) == 29
+    monkeypatch.setenv(OPT_OUT_ENV, "1")
+    assert can_pack(model)
+
+
+@needs_bf16
+def test_pack_bf16(make_config):
     plain = tiny_llama(make_config).to(torch.bfloat16)
     packed = tiny_llama(make_config).to(torch.bfloat16)
     assert can_pack(packed) and pack_linears(packed) == 29
@@ -77,6 +124,8 @@ def test_pack_bf16_and_not_fp16(make_config):
     with torch.no_grad():  # bf16 outputs: products summed in fp32 on both sides, then rounded
         assert rel_err(packed(ids).logits.float(), plain(ids).logits.float()) < 2e-2
 
+
+def test_not_fp16(make_config):
     fp16 = tiny_llama(make_config).to(torch.float16)
     assert not can_pack(fp16) and pack_linears(fp16) == 0
     assert sum(type(m) is nn.Linear for m in fp16.modules()) == 29
@@ -94,9 +143,30 @@ def test_torch_chat_loader_packs(tmp_path, make_tiny, add_tokenizer):
     from openchatkit.inference.backends import load_torch_chat_model
 
     folder = add_tokenizer(make_tiny(tmp_path / "m", "llama"))
-    for dtype in ("float32", "bfloat16"):
+    dtypes = ["float32"] + ["bfloat16"] * torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    for dtype in dtypes:
         model = load_torch_chat_model(str(folder), device="cpu", dtype=dtype).model
         assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 29
+
+
+def test_torch_chat_loader_keeps_an_adapter_unpacked(tmp_path, make_tiny, add_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from openchatkit.inference.backends import load_torch_chat_model
+
+    folder = add_tokenizer(make_tiny(tmp_path / "m", "llama"))
+    base = load_torch_chat_model(str(folder), device="cpu", dtype="float32").model
+    assert any(isinstance(m, PackedLinear) for m in base.modules())
+    from transformers import AutoModelForCausalLM
+
+    adapted = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    adapted.save_pretrained(tmp_path / "adapter")
+    loaded = load_torch_chat_model(
+        str(folder), device="cpu", dtype="float32", adapter=str(tmp_path / "adapter")
+    )
+    assert not any(isinstance(m, PackedLinear) for m in loaded.model.modules())
 
 
 def test_continuous_batching_same_tokens(make_config):

@@ -180,12 +180,13 @@ class ServerThread:
 
 def build_service(folder: Path, **config):
     """(ChatService, RecordingBackend, moderator, retriever) over the tiny model."""
+    from openchatkit.inference.backends import load_torch_chat_model
     from openchatkit.inference.generation import GenerationSettings
     from openchatkit.inference.server import ChatService, ServerConfig
     from openchatkit.inference.server_engine import TorchBackend
-    from openchatkit.models.loading import load_chat_model
 
-    loaded = load_chat_model(str(folder), device="cpu", dtype="float32")
+    # serve.py's loader: on an x86-64 CPU, the model with packed linear layers.
+    loaded = load_torch_chat_model(str(folder), device="cpu", dtype="float32")
     moderator, retriever = ScriptedModerator(), ScriptedRetriever()
     backend = RecordingBackend(
         TorchBackend(loaded.model, loaded.context_window, max_batch=4, kv_tokens=2048),

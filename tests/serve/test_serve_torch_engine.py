@@ -50,3 +50,23 @@ def test_concurrent_answers_equal_plain_generate(tiny_chat_dir, monkeypatch):
                 pad_token_id=0,
             )  # fmt: skip
         assert tokens == out[0, len(ids) :].tolist()
+
+
+def test_gqa_switch_counts_its_users(monkeypatch):
+    """Backends started and stopped in any order leave the variable as it was before the first
+    (absent, or the user's own value)."""
+    from openchatkit.inference.server_engine import GQA_ENV, GqaSwitch
+
+    for before in (None, "0"):
+        if before is None:
+            monkeypatch.delenv(GQA_ENV, raising=False)
+        else:
+            monkeypatch.setenv(GQA_ENV, before)
+        switch = GqaSwitch()
+        switch.acquire()  # backend A starts
+        switch.acquire()  # backend B starts
+        assert os.environ[GQA_ENV] == "1"
+        switch.release()  # A stops first: B still runs
+        assert os.environ[GQA_ENV] == "1"
+        switch.release()
+        assert os.environ.get(GQA_ENV) == before
