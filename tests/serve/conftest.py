@@ -5,6 +5,7 @@ run as a subprocess."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import socket
@@ -19,6 +20,28 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 CHARS = string.ascii_letters + string.digits + " \n.,:;!?<>/'-_()[]|"
 WINDOW = 256
+
+
+# Prompts of different lengths for the concurrency tests of both backends.
+CONCURRENT_TEXTS = [
+    "hi",
+    "Tell me about the sea and the moon.",
+    "bees",
+    "a b c d e f g",
+    "Why?" * 9,
+]
+
+
+def answers_at_once(backend, prompts: list[list[int]], params) -> list[list[int]]:
+    """Every prompt streamed through a started backend at the same time; each answer's ids."""
+
+    async def answer(ids):
+        return [t async for t in backend.stream(ids, params)]
+
+    async def all_at_once():
+        return await asyncio.gather(*(answer(ids) for ids in prompts))
+
+    return asyncio.run(all_at_once())
 
 
 def make_char_tokenizer():

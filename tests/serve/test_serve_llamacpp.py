@@ -21,6 +21,8 @@ import httpx
 import pytest
 import torch
 
+from tests.serve.conftest import CONCURRENT_TEXTS, answers_at_once
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("llama_cpp")
 
@@ -91,19 +93,11 @@ def test_concurrent_answers_equal_single_sequence_ones(tiny_gguf):
     from openchatkit.inference.server_engine import SamplingParams
 
     loaded, backend = make_backend(tiny_gguf)
-    texts = ["hi", "Tell me about the sea and the moon.", "bees", "a b c d e f g", "Why?" * 9]
-    prompts = [prompt_ids(loaded, t) for t in texts]
+    prompts = [prompt_ids(loaded, t) for t in CONCURRENT_TEXTS]
     params = SamplingParams(max_tokens=12, greedy=True)
-
-    async def answer(ids):
-        return [t async for t in backend.stream(ids, params)]
-
-    async def all_at_once():
-        return await asyncio.gather(*(answer(ids) for ids in prompts))
-
     backend.start()
     try:
-        got = asyncio.run(all_at_once())
+        got = answers_at_once(backend, prompts, params)
     finally:
         backend.stop()
     for ids, tokens in zip(prompts, got, strict=True):

@@ -4,8 +4,9 @@ plain single-sequence `generate` on an unmodified copy of the model does, token 
 
 from __future__ import annotations
 
-import asyncio
 import os
+
+from tests.serve.conftest import CONCURRENT_TEXTS, answers_at_once
 
 
 def test_concurrent_answers_equal_plain_generate(tiny_chat_dir, monkeypatch):
@@ -23,22 +24,13 @@ def test_concurrent_answers_equal_plain_generate(tiny_chat_dir, monkeypatch):
     assert config.num_key_value_heads < config.num_attention_heads  # GQA: the switch matters
     plain = AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
 
-    tok = loaded.tokenizer
-    texts = ["hi", "Tell me about the sea and the moon.", "bees", "a b c d e f g", "Why?" * 9]
-    prompts = [tok(t)["input_ids"] for t in texts]
+    prompts = [loaded.tokenizer(t)["input_ids"] for t in CONCURRENT_TEXTS]
     backend = TorchBackend(loaded.model, context_window=256, max_batch=3, kv_tokens=1024)
     params = SamplingParams(max_tokens=12, greedy=True)
-
-    async def answer(ids):
-        return [t async for t in backend.stream(ids, params)]
-
-    async def all_at_once():
-        return await asyncio.gather(*(answer(ids) for ids in prompts))
-
     backend.start()
     try:
         assert os.environ.get(GQA_ENV) == "1"
-        got = asyncio.run(all_at_once())
+        got = answers_at_once(backend, prompts, params)
     finally:
         backend.stop()
     assert GQA_ENV not in os.environ  # put back as it was
