@@ -238,10 +238,11 @@ class TorchBackend:
         self.manager = self.model.init_continuous_batching(
             generation_config=gen, continuous_batching_config=cb
         )
-        if self.model.device.type == "cpu":
+        on_cpu = self.model.device.type == "cpu"
+        if on_cpu:
             fast_greedy_rows(self.manager.logit_processor)
         self.manager.start()
-        if self.model.device.type == "cpu":
+        if on_cpu:
             GQA_SWITCH.acquire()
             self._gqa = True
 

@@ -5,22 +5,22 @@ multiply a few rows at a time (1 row per decode step in the bot, 8 in a server s
 clients) by weights that do not fit in the caches, and there MKL reads the weights far below the
 machine's memory bandwidth; on AMD CPUs MKL also runs only its AVX2 code. oneDNN with the weight
 reordered once into its blocked layout (what inductor's freezing pass and Intel's extension for
-PyTorch do) ran the embedded SmolLM2-135M's 210 layer matrices 1.2-1.6x and its head
-2.0-2.7x faster for 1-8 rows on an AMD EPYC (benchmarks/RESULTS.md, 2026-12-07 fourth session), with the same
-greedy tokens. bfloat16 already runs through oneDNN, with the weight in its plain layout:
+PyTorch do) ran the embedded SmolLM2-135M's 210 layer matrices 1.2-1.6x and its head 2.0-2.7x
+faster for 1-8 rows on an AMD EPYC (benchmarks/RESULTS.md, 2026-12-07 fourth session), with the
+same greedy tokens. bfloat16 already runs through oneDNN, with the weight in its plain layout:
 packed, 1.09x in the server's engine and 1.22x per bot turn (same tokens).
 
-`pack_linears(model)` swaps every plain `nn.Linear` of a float32 or bfloat16 model on the CPU
-for a `PackedLinear` and returns how many it swapped. 0 where it does not apply: another device
-(or a model spread over devices), another dtype, bf16 where oneDNN has no bf16 kernels for this
-CPU, not x86-64, an architecture outside the kit's registry (some, e.g. Mamba, read a linear
-layer's `.weight` in their forward), a PEFT adapter on top (its layers read their base layer's
-`.weight`), or `OPENCHATKIT_PACKED_LINEAR=0` in the environment (measured on AMD only: the way
-back if another CPU runs it slower). The packed model is for inference only:
-it has no gradients, its state dict lacks the packed weights, and it cannot be moved to another
-device. A head tied to the input embeddings gets its own packed copy (vocabulary x hidden x 4
-bytes more in fp32: 113 MB for SmolLM2). Results equal `nn.Linear`'s up to the order of the
-fp32 sums (relative 1e-6; bf16 products are summed in fp32 either way).
+`pack_linears(model)` swaps every plain `nn.Linear` of a float32 or bfloat16 model on the CPU for a
+`PackedLinear` and returns how many it swapped. 0 where it does not apply: another device (or a
+model spread over devices), another dtype, bf16 where oneDNN has no bf16 kernels for this CPU, not
+x86-64, an architecture outside the kit's registry (some, e.g. Mamba, read a linear layer's
+`.weight` in their forward), a PEFT adapter on top (its layers read their base layer's `.weight`),
+or `OPENCHATKIT_PACKED_LINEAR=0` in the environment (measured on AMD only: the way back if another
+CPU runs it slower). The packed model is for inference only: it has no gradients, its state dict
+lacks the packed weights, and it cannot be moved to another device. A head tied to the input
+embeddings gets its own packed copy (vocabulary x hidden x 4 bytes more in fp32: 113 MB for
+SmolLM2). Results equal `nn.Linear`'s up to the order of the fp32 sums (relative 1e-6; bf16
+products are summed in fp32 either way).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import platform
 
 import torch
 from torch import nn
+
+from openchatkit.models.registry import supported_model_types
 
 X86_64 = {"x86_64", "amd64"}  # platform.machine(): Linux, Windows
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
@@ -58,8 +60,6 @@ class PackedLinear(nn.Module):
 
 def can_pack(model: nn.Module) -> bool:
     """True where `pack_linears` swaps layers (see the module's docstring)."""
-    from openchatkit.models.registry import supported_model_types
-
     if os.environ.get(OPT_OUT_ENV, "1") == "0":
         return False
     first = next(model.parameters(), None)
